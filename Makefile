@@ -1,0 +1,24 @@
+# Two commands: `make demo` (the main job) and `make test` (the test suite, what CI runs).
+# Each creates .venv with Python 3.12 (.python-version makes pyenv's python3 resolve to it) the first time.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint aot-check clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), "pallaskit needs Python >= 3.12; got " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test,engine,plot]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m bench.demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,166 @@
+"""Per-generation hardware facts, and mapping a device (real, compile-only or abstract) to its key.
+
+One table for every chip the library targets. Every figure carries its source. `None` means the
+chip has no such unit (no int8 MXU rate on tpu7x, no fp8 path on v5e, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e", "tpu7x")
+GPU_GENERATIONS = ("h100", "h200")
+GENERATIONS = TPU_GENERATIONS + GPU_GENERATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Facts of one chip generation (per chip unless noted)."""
+
+    name: str
+    kind: str  # "tpu" | "gpu"
+    hbm_bytes: int
+    hbm_bytes_per_s: float
+    bf16_flops: float
+    int8_ops: float | None
+    fp8_flops: float | None
+    vmem_bytes: int  # per TensorCore (TPU); shared memory per SM (GPU)
+    default_scoped_vmem_bytes: int  # the compiler's default scoped VMEM limit (TPU)
+    mxu_shape: tuple[int, int]  # (rows, cols) of one MXU; (0, 0) for GPUs
+    num_mxu: int
+    cores_per_chip: int  # TensorCores (TPU) or SMs (GPU)
+    grid_step_overhead_s: float  # fixed cost of one Pallas grid step
+    dma_overhead_s: float  # fixed cost of issuing + waiting one DMA
+    aot_topology: str | None  # libtpu compile-only topology name
+    sources: tuple[str, ...]
+
+    @property
+    def is_tpu(self) -> bool:
+        return self.kind == "tpu"
+
+    def peak_flops(self, dtype_kind: str) -> float:
+        """Peak rate for "bf16", "int8" or "fp8"; a chip without that unit runs it at the bf16 rate."""
+        rate = {"bf16": self.bf16_flops, "int8": self.int8_ops, "fp8": self.fp8_flops}[dtype_kind]
+        return rate if rate is not None else self.bf16_flops
+
+
+_DATASHEET = "Google Cloud TPU system-architecture pages (per-chip datasheet figures)"
+_JAX_TPU_INFO = "jax._src.pallas.mosaic tpu_info / compiler error messages for VMEM capacity"
+_AOT_SEEN = "libtpu 0.0.51 compile-only runs on this project's CPU host (CompileTimeScopedVmemOom messages)"
+_STEP = "~0.35 us per grid step: libtpu static cycle estimate (+~540 cycles/step on v5e), ../shared/KERNEL-NOTES.md"
+
+CHIPS: dict[str, ChipSpec] = {
+    "v4": ChipSpec(
+        "v4", "tpu", 32 * 10**9, 1.2e12, 275e12, 275e12, None, 16 * MiB, 16 * MiB, (128, 128), 4, 2,
+        0.35e-6, 0.5e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+    "v5e": ChipSpec(
+        "v5e", "tpu", 16 * 10**9, 819e9, 197e12, 394e12, None, 128 * MiB, 16 * MiB, (128, 128), 4, 1,
+        0.35e-6, 0.5e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+    "v5p": ChipSpec(
+        "v5p", "tpu", 95 * 10**9, 2.765e12, 459e12, 918e12, None, 64 * MiB, 16 * MiB, (128, 128), 4, 2,
+        0.35e-6, 0.5e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+    "v6e": ChipSpec(
+        "v6e", "tpu", 32 * 10**9, 1.64e12, 918e12, 1836e12, None, 128 * MiB, 32 * MiB, (256, 256), 2, 1,
+        0.35e-6, 0.5e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+    "tpu7x": ChipSpec(
+        "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 2, 2,
+        0.35e-6, 0.5e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+    "h100": ChipSpec(
+        "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, 228 * 1024, 228 * 1024, (0, 0), 0, 132,
+        3e-6, 0.0, None,
+        ("NVIDIA H100 SXM datasheet (dense rates)",
+         "measured on this project's H100: 2.94 TB/s copy, 789 TFLOP/s XLA bf16 matmul (KERNEL-NOTES 4)",
+         "grid-step overhead: ~3 us kernel launch, estimate")),
+    "h200": ChipSpec(
+        "h200", "gpu", 141 * 10**9, 4.8e12, 989e12, 1979e12, 1979e12, 228 * 1024, 228 * 1024, (0, 0), 0, 132,
+        3e-6, 0.0, None, ("NVIDIA H200 SXM datasheet (dense rates)", "grid-step overhead: ~3 us launch, estimate")),
+}
+
+
+class UnknownChipError(ValueError):
+    """The device (or the name given) is not a generation this library has facts for."""
+
+
+# device_kind strings as reported by jax (real and compile-only devices) and the names users type.
+_ALIASES: tuple[tuple[str, str], ...] = (
+    (r"^(tpu)?[ _-]?v4[a-z]*$", "v4"),
+    (r"^(tpu)?[ _-]?v5[ _-]?(lite|e|litepod)$", "v5e"),
+    (r"^(tpu)?[ _-]?v5[ _-]?p?$", "v5p"),
+    (r"^(tpu)?[ _-]?v6[ _-]?(lite|e)$", "v6e"),
+    (r"^(tpu)?[ _-]?(7x|v7x|v7|ironwood)$", "tpu7x"),
+    (r"^(nvidia[ _-]?)?h100.*$", "h100"),
+    (r"^(nvidia[ _-]?)?gh200.*$", "h200"),
+    (r"^(nvidia[ _-]?)?h200.*$", "h200"),
+)
+
+
+def parse_generation(name: str) -> str:
+    """Normalize a generation name or a jax device_kind ("TPU v5 lite", "v6e", "NVIDIA H100 80GB HBM3").
+
+    Raises UnknownChipError naming the input when it is not a known generation.
+    """
+    if not isinstance(name, str):
+        raise UnknownChipError(f"generation must be a string, got {name!r}")
+    key = name.strip().lower()
+    if key in CHIPS:
+        return key
+    for pattern, gen in _ALIASES:
+        if re.match(pattern, key):
+            return gen
+    raise UnknownChipError(
+        f"unknown chip {name!r}: pallaskit knows {', '.join(GENERATIONS)} "
+        "(pass generation= explicitly to use one of their tables)"
+    )
+
+
+def chip(generation: str) -> ChipSpec:
+    """The ChipSpec of a generation name or device_kind string."""
+    return CHIPS[parse_generation(generation)]
+
+
+def _device_of_abstract_mesh():
+    """The first device of the abstract/concrete mesh in scope, if any (used under AOT compiles)."""
+    try:
+        from jax.sharding import get_abstract_mesh
+
+        mesh = get_abstract_mesh()
+        if mesh.empty:
+            return None
+        return mesh.abstract_device.device_kind
+    except Exception:  # noqa: BLE001 - no abstract mesh in scope, or an older jax without the helper
+        return None
+
+
+def detect(device=None, *, strict: bool = False) -> str | None:
+    """Generation key of `device` (default: the first jax device, or the abstract mesh's device).
+
+    Works for real devices, libtpu compile-only topology devices, and CPU hosts. On a host whose
+    device is not a known chip (the CPU here) it returns None, or raises UnknownChipError when
+    `strict` is set; it warns when the device kind looks like an accelerator it does not know.
+    """
+    import jax
+
+    kind = None
+    if device is not None:
+        kind = getattr(device, "device_kind", device if isinstance(device, str) else None)
+    else:
+        kind = _device_of_abstract_mesh()
+        if kind is None:
+            dev = jax.devices()[0]
+            kind = dev.device_kind if dev.platform != "cpu" else None
+    if kind is None:
+        if strict:
+            raise UnknownChipError("no accelerator attached (the default device is a CPU)")
+        return None
+    try:
+        return parse_generation(kind)
+    except UnknownChipError:
+        if strict:
+            raise
+        warnings.warn(f"pallaskit does not know the chip {kind!r}; using defaults", stacklevel=2)
+        return None

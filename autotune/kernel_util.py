@@ -1,0 +1,93 @@
+"""Small helpers every kernel shares: integer rounding, dtype packing, interpret-mode parameters.
+
+This is the one home of these helpers; kernels import them from here.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+LANES = 128  # last-dim tile width of a TPU vector register
+SUBLANES = 8  # second-to-last dim tile height for 32-bit values
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    """Smallest multiple of b that is >= a."""
+    return cdiv(a, b) * b
+
+
+def next_power_of_2(x: int) -> int:
+    """Smallest power of two >= x (1 for x <= 1)."""
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def prev_power_of_2(x: int) -> int:
+    """Largest power of two <= x (1 for x <= 1)."""
+    return 1 if x <= 1 else 1 << (int(x).bit_length() - 1)
+
+
+def dtype_bits(dtype) -> int:
+    """Bits per element (4 for int4, 8 for float8/int8, ...)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.int4 or dtype == jnp.uint4:
+        return 4
+    return dtype.itemsize * 8
+
+
+def dtype_bytes(dtype) -> float:
+    """Bytes per element (0.5 for 4-bit types)."""
+    return dtype_bits(dtype) / 8
+
+
+def packing(dtype) -> int:
+    """How many values of `dtype` share one 32-bit word (1 for f32, 2 for bf16, 4 for int8/fp8)."""
+    return 32 // dtype_bits(dtype)
+
+
+def sublane_tile(dtype) -> int:
+    """Native second-minor tile height for `dtype` on TPU (8 rows of 32-bit words, times packing)."""
+    return SUBLANES * packing(dtype)
+
+
+def is_float8(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def is_integer(dtype) -> bool:
+    return jnp.issubdtype(jnp.dtype(dtype), jnp.integer)
+
+
+def finfo_max(dtype) -> float:
+    """Largest finite value of a float dtype (ml_dtypes aware)."""
+    return float(jnp.finfo(jnp.dtype(dtype)).max)
+
+
+def interpret_params(interpret):
+    """Map the public `interpret` keyword to what pallas_call takes.
+
+    False -> False (compile for TPU); True -> TPU interpret mode with race detection, NaN-poisoned
+    uninitialized memory and out-of-bounds reads raising (the settings every test uses); an
+    `InterpretParams` instance is passed through unchanged.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    if interpret is False or interpret is None:
+        return False
+    if interpret is True:
+        return pltpu.InterpretParams(
+            detect_races=True, uninitialized_memory="nan", out_of_bounds_reads="raise"
+        )
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    raise ValueError(f"interpret must be a bool or pltpu.InterpretParams, got {interpret!r}")
+
+
+def as_numpy_f64(x) -> np.ndarray:
+    """Host float64 copy of an array of any dtype (bf16/fp8 included)."""
+    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)

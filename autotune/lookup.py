@@ -1,0 +1,128 @@
+"""Block-size table lookup: `lookup(kernel, key, generation=None) -> (block_sizes, match)`.
+
+Tables are JSON data, one schema for every kernel: tuned_configs/<generation>/<kernel>.json
+
+    {"schema_version": 1, "kernel": "rpa", "generation": "v6e",
+     "entries": [{"key": {...}, "block_sizes": {...}, "vmem_limit_bytes": int | null,
+                  "provenance": {"source": "model" | "measured", ...}}]}
+
+A key has static fields (dtypes, head / expert / feature dims, page size: must match exactly) and
+dynamic fields (token budget, model length, M: bucketed). Matching:
+  "exact"   an entry whose key equals the query key;
+  "nearest" the query's dynamic fields are rounded up to powers of two; among entries with equal
+            static fields and every dynamic field <= that bucket, the largest (lexicographic in
+            DYNAMIC_KEYS order) is taken: the nearest entry that is not larger;
+  "default" no entry (or no table, a corrupt table, an unknown or absent generation): the kernel's
+            analytic VMEM-safe heuristic. A miss warns once per (kernel, generation, key).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+from typing import Any
+
+from autotune.hardware import UnknownChipError, detect, parse_generation
+from autotune.kernel_util import next_power_of_2
+from autotune.registry import tuning_module
+from tuned_configs import table_path
+
+SCHEMA_VERSION = 1
+_warned: set[tuple] = set()
+
+
+def _warn_once(token: tuple, message: str) -> None:
+    if token not in _warned:
+        _warned.add(token)
+        warnings.warn(message, stacklevel=3)
+
+
+def _freeze(key: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in key.items()))
+
+
+@functools.cache
+def _load_entries(kernel: str, generation: str) -> tuple[tuple[dict, ...], str | None]:
+    """Entries of one table, and an error message when the file is missing or corrupt."""
+    path = table_path(generation, kernel)
+    if not path.is_file():
+        return (), f"no table {path.name} for {generation}"
+    try:
+        data = json.loads(path.read_text())
+        if data.get("schema_version") != SCHEMA_VERSION or data.get("kernel") != kernel:
+            raise ValueError(f"schema_version/kernel mismatch in {path}")
+        entries = tuple(data["entries"])
+        for e in entries:
+            if not isinstance(e["key"], dict) or not isinstance(e["block_sizes"], dict):
+                raise ValueError("entry without key/block_sizes objects")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return (), f"corrupt table {path}: {err}"
+    return entries, None
+
+
+def load_table(kernel: str, generation: str) -> list[dict]:
+    """All entries of a shipped table (empty when missing or corrupt)."""
+    return list(_load_entries(kernel, parse_generation(generation))[0])
+
+
+def clear_cache() -> None:
+    """Forget loaded tables and issued warnings (tests; after the tuner writes a table)."""
+    _load_entries.cache_clear()
+    _warned.clear()
+
+
+def _nearest(entries, key: dict, static_keys, dynamic_keys):
+    bucket = {d: next_power_of_2(int(key[d])) for d in dynamic_keys if d in key}
+    best, best_rank = None, None
+    for e in entries:
+        ek = e["key"]
+        if any(str(ek.get(s)) != str(key.get(s)) for s in static_keys):
+            continue
+        if any(int(ek.get(d, 0)) > bucket.get(d, 0) for d in dynamic_keys):
+            continue
+        rank = tuple(int(ek.get(d, 0)) for d in dynamic_keys)
+        if best_rank is None or rank > best_rank:
+            best, best_rank = e, rank
+    return best
+
+
+def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> tuple[dict, str]:
+    """Block sizes for `kernel` at `key` on `generation` (default: the detected chip).
+
+    Returns (block_sizes, match) with match "exact" | "nearest" | "default". block_sizes holds
+    "vmem_limit_bytes" too when the entry records one. Never raises for a missing or corrupt table
+    or an unknown generation: it warns and returns the default.
+    """
+    module = tuning_module(kernel)
+    gen = None
+    if generation is None:
+        gen = detect()
+    else:
+        try:
+            gen = parse_generation(generation)
+        except UnknownChipError as err:
+            _warn_once((kernel, generation), f"{err}; {kernel} uses its default block sizes")
+    if gen is None:
+        return dict(module.default_block_sizes(key, None)), "default"
+
+    entries, problem = _load_entries(kernel, gen)
+    if problem is not None and "corrupt" in problem:
+        _warn_once((kernel, gen, "corrupt"), f"{problem}; {kernel} uses its default block sizes")
+    frozen = _freeze(key)
+    for e in entries:
+        if _freeze(e["key"]) == frozen:
+            return _with_vmem(e), "exact"
+    e = _nearest(entries, key, module.STATIC_KEYS, module.DYNAMIC_KEYS)
+    if e is not None:
+        return _with_vmem(e), "nearest"
+    _warn_once((kernel, gen, frozen), f"no {gen} table entry for {kernel} at {key}"
+               f"{' (' + problem + ')' if problem else ''}; using the default heuristic")
+    return dict(module.default_block_sizes(key, gen)), "default"
+
+
+def _with_vmem(entry: dict) -> dict:
+    out = dict(entry["block_sizes"])
+    if entry.get("vmem_limit_bytes"):
+        out["vmem_limit_bytes"] = int(entry["vmem_limit_bytes"])
+    return out
