@@ -10,7 +10,7 @@ from autotune.hardware import (
            detect,
            parse_generation,
 )
-from autotune.lookup import lookup
+from autotune.tables import lookup
 
 __all__ = ["CHIPS", "GENERATIONS", "TPU_GENERATIONS", "ChipSpec", "UnknownChipError", "chip", "detect",
            "lookup", "parse_generation"]

@@ -1,6 +1,6 @@
 """Tuned block-size tables (JSON data) per chip generation: tuned_configs/<generation>/<kernel>.json.
 
-See autotune/lookup.py for the schema. This package holds data and the file locator only.
+See autotune/tables.py for the schema. This package holds data and the file locator only.
 """
 
 from __future__ import annotations
