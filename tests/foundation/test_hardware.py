@@ -3,7 +3,15 @@ import dataclasses
 import pytest
 
 from autotune.aot import abstract_args
-from autotune.hardware import CHIPS, GENERATIONS, TPU_GENERATIONS, UnknownChipError, chip, detect, parse_generation
+from autotune.hardware import (
+    CHIPS,
+    GENERATIONS,
+    TPU_GENERATIONS,
+    UnknownChipError,
+    chip,
+    detect,
+    parse_generation,
+)
 
 
 @pytest.mark.parametrize(("name", "gen"), [

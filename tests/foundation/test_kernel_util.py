@@ -3,7 +3,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from autotune.kernel_util import cdiv, dtype_bits, interpret_params, next_power_of_2, packing, prev_power_of_2, round_up
+from autotune.kernel_util import (
+    cdiv,
+    dtype_bits,
+    interpret_params,
+    next_power_of_2,
+    packing,
+    prev_power_of_2,
+    round_up,
+)
 
 
 @given(st.integers(0, 10**6), st.integers(1, 4096))
@@ -27,7 +35,6 @@ def test_packing(dtype, bits, pack):
 
 
 def test_interpret_params():
-    from jax.experimental.pallas import tpu as pltpu
 
     assert interpret_params(False) is False
     p = interpret_params(True)
