@@ -1,0 +1,227 @@
+"""The block-size tuner: prune by VMEM, compile every candidate for the target, rank, write the table.
+
+A kernel takes part by exporting, in its tuning module (see autotune/registry.py):
+
+    STATIC_KEYS, DYNAMIC_KEYS                      table key fields
+    default_block_sizes(key, generation) -> dict   the analytic heuristic
+    search_space(key, generation) -> list[dict]    candidate block sizes
+    keys_for_preset(preset: dict) -> list[dict]    the table keys a model needs
+    vmem_estimate(key, block_sizes) -> int         bytes of VMEM a candidate needs
+    cost(key, block_sizes, generation) -> autotune.cost_model.Traffic
+    compile_args(key, block_sizes) -> (fn, args)   a jit-able call at the key's shapes (args: ShapeDtypeStructs)
+    example_inputs(key, rng) -> tuple              (optional) real inputs for measured runs
+
+Ranking: measured time when the target device is attached (warm-up, median of many runs over
+rotating input sets), otherwise the cost model (autotune/cost_model.py). Candidates that do not fit
+VMEM or do not compile are recorded as infeasible, never raised. Large spaces are searched with
+optuna's TPE sampler, the study kept in SQLite so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from autotune import cost_model
+from autotune.aot import compile_for
+from autotune.hardware import chip, detect, parse_generation
+from autotune.registry import tuning_module
+from autotune.tables import SCHEMA_VERSION, clear_cache
+from tuned_configs import ROOT as TABLES_ROOT
+
+
+@dataclasses.dataclass
+class Candidate:
+    block_sizes: dict
+    status: str = "pending"  # "ok" | "vmem" | "compile_error"
+    seconds: float | None = None  # the ranking figure (measured or modelled)
+    source: str = "model"  # "model" | "measured"
+    prediction: cost_model.Prediction | None = None
+    vmem_bytes: int | None = None
+    error: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclasses.dataclass
+class TuneResult:
+    kernel: str
+    generation: str
+    key: dict
+    best: Candidate
+    default: Candidate
+    candidates: list[Candidate]
+
+    @property
+    def gain(self) -> float:
+        """Default time over tuned time (>= 1 by construction: the default is always a candidate)."""
+        if self.default.seconds is None or not self.best.seconds:
+            return float("nan")
+        return self.default.seconds / self.best.seconds
+
+
+def _vmem_limit(spec, needed: int) -> int:
+    """A scoped VMEM limit for a candidate: what it needs plus headroom, within the physical VMEM."""
+    return int(min(spec.vmem_bytes, max(spec.default_scoped_vmem_bytes, needed * 5 // 4 + (2 << 20))))
+
+
+def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, compile: bool = True,
+             measure: Callable | None = None) -> Candidate:
+    """Check one candidate: VMEM fit, real compile for `generation`, then time (measured or model)."""
+    module = tuning_module(kernel)
+    spec = chip(generation)
+    cand = Candidate(dict(block_sizes))
+    need = int(module.vmem_estimate(key, block_sizes))
+    cand.vmem_bytes = need
+    if need > spec.vmem_bytes:
+        cand.status, cand.error = "vmem", f"needs {need} B of VMEM, {generation} has {spec.vmem_bytes}"
+        return cand
+    cand.block_sizes.setdefault("vmem_limit_bytes", _vmem_limit(spec, need))
+    if compile and spec.is_tpu:
+        try:
+            fn, args = module.compile_args(key, cand.block_sizes)
+            compile_for(fn, args, generation)
+        except Exception as err:  # noqa: BLE001 - the compiler's verdict on this candidate
+            cand.status, cand.error = "compile_error", str(err).splitlines()[0][:300] if str(err) else repr(err)
+            return cand
+    cand.prediction = cost_model.predict(module.cost(key, cand.block_sizes, generation), spec)
+    if measure is not None:
+        cand.seconds, cand.source = measure(kernel, key, cand.block_sizes), "measured"
+    else:
+        cand.seconds = cand.prediction.seconds
+    cand.status = "ok"
+    return cand
+
+
+def _same(a: dict, b: dict) -> bool:
+    strip = lambda d: {k: v for k, v in d.items() if k != "vmem_limit_bytes"}
+    return strip(a) == strip(b)
+
+
+def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = None, compile: bool = True,
+             measure: Callable | None = None, study_dir: Path | None = None, seed: int = 0,
+             progress: Callable[[int, int], None] | None = None) -> TuneResult:
+    """Tune one table key. `budget` caps the candidates evaluated (optuna TPE when the space is larger)."""
+    generation = parse_generation(generation)
+    module = tuning_module(kernel)
+    default_bs = module.default_block_sizes(key, generation)
+    space = [dict(c) for c in module.search_space(key, generation)]
+    default = evaluate(kernel, key, default_bs, generation, compile=compile, measure=measure)
+    cands = [default]
+    space = [c for c in space if not _same(c, default_bs)]
+    if budget is None or len(space) <= budget:
+        for i, bs in enumerate(space):
+            cands.append(evaluate(kernel, key, bs, generation, compile=compile, measure=measure))
+            if progress:
+                progress(i + 1, len(space))
+    else:
+        cands += _optuna_search(kernel, key, generation, space, budget, compile, measure, study_dir, seed, progress)
+    ok = [c for c in cands if c.feasible]
+    best = min(ok, key=lambda c: c.seconds) if ok else default
+    return TuneResult(kernel, generation, dict(key), best, default, cands)
+
+
+def _optuna_search(kernel, key, generation, space, budget, compile, measure, study_dir, seed, progress):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    names = sorted({n for c in space for n in c})
+    choices = {n: sorted({c.get(n) for c in space}, key=repr) for n in names}
+    index = {tuple(c.get(n) for n in names): c for c in space}
+    storage = None
+    if study_dir is not None:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{study_dir / f'{kernel}_{generation}.db'}"
+    study_name = f"{kernel}|{generation}|{json.dumps(key, sort_keys=True)}"
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                storage=storage, study_name=study_name, load_if_exists=True)
+    seen: dict[tuple, Candidate] = {}
+
+    def objective(trial):
+        combo = tuple(trial.suggest_categorical(n, choices[n]) for n in names)
+        if combo not in index:
+            raise optuna.TrialPruned("not in the search space")
+        if combo not in seen:
+            seen[combo] = evaluate(kernel, key, index[combo], generation, compile=compile, measure=measure)
+        c = seen[combo]
+        if not c.feasible:
+            trial.set_user_attr("infeasible", c.error)
+            raise optuna.TrialPruned(c.error)
+        return c.seconds
+
+    done = 0
+    while len(seen) < budget and done < budget * 4:
+        study.optimize(objective, n_trials=1, catch=())
+        done += 1
+        if progress:
+            progress(min(len(seen), budget), budget)
+    # Trials finished by an earlier, interrupted run come back as candidates too.
+    for t in study.trials:
+        combo = tuple(t.params.get(n) for n in names)
+        if t.state == optuna.trial.TrialState.COMPLETE and combo in index and combo not in seen:
+            seen[combo] = Candidate(dict(index[combo]), "ok", t.value, "model")
+    return list(seen.values())
+
+
+def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODEL_VERSION) -> dict:
+    best = result.best
+    bs = {k: v for k, v in best.block_sizes.items() if k != "vmem_limit_bytes"}
+    today = datetime.date.today().isoformat()
+    if best.source == "measured":
+        provenance = {"source": "measured", "device_kind": detect() or "unknown",
+                      "median_us": round(best.seconds * 1e6, 3), "date": today}
+    else:
+        p = best.prediction
+        provenance = {"source": "model", "predicted_us": round(p.seconds * 1e6, 3), "mbu": round(p.mbu, 4),
+                      "mfu": round(p.mfu, 4), "bound": p.bound, "cost_model_version": model_version,
+                      "default_predicted_us": round(result.default.seconds * 1e6, 3)
+                      if result.default.seconds else None, "date": today}
+    return {"key": result.key, "block_sizes": bs, "vmem_limit_bytes": best.block_sizes.get("vmem_limit_bytes"),
+            "provenance": provenance}
+
+
+def write_table(kernel: str, generation: str, entries: list[dict], out_dir: Path | None = None) -> Path:
+    """Merge `entries` into tuned_configs/<generation>/<kernel>.json (same key: replaced)."""
+    root = Path(out_dir) if out_dir is not None else TABLES_ROOT
+    path = root / generation / f"{kernel}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text()).get("entries", [])
+        except (OSError, ValueError):
+            old = []
+    keyed = {json.dumps(e["key"], sort_keys=True): e for e in old}
+    for e in entries:
+        keyed[json.dumps(e["key"], sort_keys=True)] = e
+    data = {"schema_version": SCHEMA_VERSION, "kernel": kernel, "generation": generation,
+            "entries": [keyed[k] for k in sorted(keyed)]}
+    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    clear_cache()
+    return path
+
+
+def measure_on_device(kernel: str, key: dict, block_sizes: dict, *, runs: int = 20, rotations: int = 4) -> float:
+    """Median seconds of one call on the attached device, over `rotations` input sets (warm-up first)."""
+    import jax
+    import numpy as np
+
+    module = tuning_module(kernel)
+    fn, _ = module.compile_args(key, block_sizes)
+    rng = np.random.default_rng(0)
+    inputs = [module.example_inputs(key, rng) for _ in range(rotations)]
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(*inputs[0]))
+    times = []
+    for i in range(runs):
+        args = inputs[i % rotations]
+        t0 = time.perf_counter()
+        jax.block_until_ready(jitted(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))

@@ -1,0 +1,1 @@
+"""Minimal paged serving engine on pallaskit kernels (see issue: engine)."""
