@@ -122,8 +122,7 @@ def check_entries(gens, kernels, sample: int | None = None, seed: int = 0, root:
                 if e.get("vmem_limit_bytes"):
                     bs["vmem_limit_bytes"] = e["vmem_limit_bytes"]
                 try:
-                    fn, args = module.compile_args(e["key"], bs)
-                    compile_for(fn, args, gen)
+                    compile_for(module.kernel_fn(e["key"], bs), module.input_specs(e["key"]), gen)
                     results.append((gen, kernel, e["key"], None))
                 except Exception as err:  # noqa: BLE001
                     results.append((gen, kernel, e["key"], str(err).splitlines()[0][:300]))

@@ -1,15 +1,6 @@
 """The block-size tuner: prune by VMEM, compile every candidate for the target, rank, write the table.
 
-A kernel takes part by exporting, in its tuning module (see autotune/registry.py):
-
-    STATIC_KEYS, DYNAMIC_KEYS                      table key fields
-    default_block_sizes(key, generation) -> dict   the analytic heuristic
-    search_space(key, generation) -> list[dict]    candidate block sizes
-    keys_for_preset(preset: dict) -> list[dict]    the table keys a model needs
-    vmem_estimate(key, block_sizes) -> int         bytes of VMEM a candidate needs
-    cost(key, block_sizes, generation) -> autotune.cost_model.Traffic
-    compile_args(key, block_sizes) -> (fn, args)   a jit-able call at the key's shapes (args: ShapeDtypeStructs)
-    example_inputs(key, rng) -> tuple              (optional) real inputs for measured runs
+A kernel takes part through the protocol of its tuning module (see autotune/registry.py).
 
 Ranking: measured time when the target device is attached (warm-up, median of many runs over
 rotating input sets), otherwise the cost model (autotune/cost_model.py). Candidates that do not fit
@@ -85,8 +76,7 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
     cand.block_sizes.setdefault("vmem_limit_bytes", _vmem_limit(spec, need))
     if compile and spec.is_tpu:
         try:
-            fn, args = module.compile_args(key, cand.block_sizes)
-            compile_for(fn, args, generation)
+            compile_for(module.kernel_fn(key, cand.block_sizes), module.input_specs(key), generation)
         except Exception as err:  # noqa: BLE001 - the compiler's verdict on this candidate
             cand.status, cand.error = "compile_error", str(err).splitlines()[0][:300] if str(err) else repr(err)
             return cand
@@ -213,7 +203,7 @@ def measure_on_device(kernel: str, key: dict, block_sizes: dict, *, runs: int = 
     import numpy as np
 
     module = tuning_module(kernel)
-    fn, _ = module.compile_args(key, block_sizes)
+    fn = module.kernel_fn(key, block_sizes)
     rng = np.random.default_rng(0)
     inputs = [module.example_inputs(key, rng) for _ in range(rotations)]
     jitted = jax.jit(fn)

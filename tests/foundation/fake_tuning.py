@@ -39,7 +39,11 @@ def cost(key, block_sizes, generation):
                    grid_steps=cdiv(key["num_tokens"], block_sizes["block_q"]), dmas=0)
 
 
-def compile_args(key, block_sizes):
+def input_specs(key):
+    return (jax.ShapeDtypeStruct((key["num_tokens"], key["head_dim"]), jnp.float32),)
+
+
+def kernel_fn(key, block_sizes, interpret=False):
     b = min(block_sizes["block_q"], key["num_tokens"])
     shape = (key["num_tokens"], key["head_dim"])
 
@@ -54,4 +58,4 @@ def compile_args(key, block_sizes):
             compiler_params=pltpu.CompilerParams(vmem_limit_bytes=block_sizes.get("vmem_limit_bytes")),
             name="fake_scale_add")(x)
 
-    return fn, (jax.ShapeDtypeStruct(shape, jnp.float32),)
+    return fn

@@ -35,8 +35,8 @@ def test_compile_errors_are_recorded_not_raised(monkeypatch):
             raise RuntimeError("Mosaic failed to compile this block")
         return orig(key, block_sizes)
 
-    orig = ft.compile_args
-    monkeypatch.setattr(ft, "compile_args", broken)
+    orig = ft.kernel_fn
+    monkeypatch.setattr(ft, "kernel_fn", broken)
     res = tune_key("fake", KEY, "v6e")
     bad = [c for c in res.candidates if c.block_sizes["block_q"] == 32][0]
     assert bad.status == "compile_error" and "Mosaic" in bad.error
