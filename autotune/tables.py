@@ -38,8 +38,9 @@ def _warn_once(token: tuple, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _freeze(key: dict) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in key.items()))
+def _freeze(key: dict, fields) -> tuple:
+    """The key's table identity: its static and dynamic fields (other fields, e.g. a workload, do not count)."""
+    return tuple((k, str(key.get(k))) for k in fields)
 
 
 @functools.cache
@@ -109,9 +110,10 @@ def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> t
     entries, problem = _load_entries(kernel, gen)
     if problem is not None and "corrupt" in problem:
         _warn_once((kernel, gen, "corrupt"), f"{problem}; {kernel} uses its default block sizes")
-    frozen = _freeze(key)
+    fields = tuple(module.STATIC_KEYS) + tuple(module.DYNAMIC_KEYS)
+    frozen = _freeze(key, fields)
     for e in entries:
-        if _freeze(e["key"]) == frozen:
+        if _freeze(e["key"], fields) == frozen:
             return _with_vmem(e), "exact"
     e = _nearest(entries, key, module.STATIC_KEYS, module.DYNAMIC_KEYS)
     if e is not None:
