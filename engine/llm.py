@@ -1,0 +1,294 @@
+"""The engine: LLM(model_dir, ...) loads a Hugging Face checkpoint and serves requests step by step.
+
+    llm = LLM(model_dir, max_model_len=4096, backend="auto")
+    outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
+
+`add_request` / `step` / `abort` are the incremental interface the server drives from its engine thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+import time
+import uuid
+
+import jax
+import jax.numpy as jnp
+
+from engine import weights
+from engine.config import CheckpointError, load_config
+from engine.kv_cache import PageAllocator
+from engine.metrics import Metrics
+from engine.models import spec_for
+from engine.models.decoder import load_params
+from engine.ops import Ops
+from engine.runner import ModelRunner
+from engine.sampler import SamplingParams
+from engine.scheduler import Scheduler, Sequence, Status
+from engine.tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("engine")
+
+KV_CACHE_DTYPES = {"auto": None, "fp8": "float8_e4m3fn", "int8": "int8", "bfloat16": "bfloat16",
+                   "float32": "float32"}
+# Fixed per-tensor KV scales for quantized caches (no calibration pass yet): stored = x / scale.
+KV_SCALES = {"float8_e4m3fn": 1.0, "int8": 1.0 / 8.0}
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None (still running)
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What one step produced for one request (the server streams these)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    delta_text: str
+    finish_reason: str | None
+
+
+class LLM:
+    def __init__(self, model_dir, *, max_model_len: int = 4096, page_size: int | None = None,
+                 num_pages: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 backend: str = "auto", quantization: str | None = None, kv_cache_dtype: str = "auto",
+                 compile_cache_dir=None, dtype: str | None = None, prefix_caching: bool = True,
+                 gpu_memory_utilization: float = 0.85, warmup: bool = True):
+        t_start = time.perf_counter()
+        if compile_cache_dir is not None:
+            enable_compile_cache(compile_cache_dir)
+        self.model_dir = str(model_dir)
+        self.config = cfg = load_config(model_dir)
+        self.ops = Ops(backend)
+        self.tokenizer = Tokenizer(model_dir, cfg)
+        if max_model_len > cfg.max_position_embeddings:
+            log.warning("max_model_len %d > max_position_embeddings %d: using the latter", max_model_len,
+                        cfg.max_position_embeddings)
+            max_model_len = cfg.max_position_embeddings
+        self.max_model_len = max_model_len
+        qdtype = weights.quantization_dtype(quantization)
+        self.dtype = jnp.dtype(dtype or cfg.dtype)
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        kv_dtype = jnp.dtype(KV_CACHE_DTYPES[kv_cache_dtype] or self.dtype)
+        kv_scales = None
+        if kv_dtype.name in KV_SCALES:
+            kv_scales = (KV_SCALES[kv_dtype.name], KV_SCALES[kv_dtype.name])
+        reader = weights.CheckpointReader(model_dir)
+        self.params = load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype)
+        t_loaded = time.perf_counter()
+
+        page_size = page_size or (16 if self.ops.backend == "reference" else 32)
+        pages_per_seq = -(-max_model_len // page_size)
+        if num_pages is None:
+            num_pages = self._default_num_pages(page_size, kv_dtype, pages_per_seq, max_num_seqs,
+                                                gpu_memory_utilization)
+        if num_pages < pages_per_seq:
+            raise ValueError(f"num_pages={num_pages} pages of {page_size} tokens cannot hold one sequence of "
+                             f"max_model_len={max_model_len} ({pages_per_seq} pages needed)")
+        max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
+        self.allocator = PageAllocator(num_pages, page_size, prefix_caching=prefix_caching)
+        self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+        self.runner = ModelRunner(cfg, self.params, self.ops, page_size=page_size, num_pages=num_pages,
+                                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
+                                  kv_scales=kv_scales)
+        self.metrics = Metrics()
+        self.lock = threading.RLock()
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._finished: dict[str, RequestOutput] = {}
+        self._rng = random.Random(0)
+        self.runner.plan_block_sizes()
+        self.warmup_seconds = self.runner.warmup() if warmup else 0.0
+        self.startup_seconds = time.perf_counter() - t_start
+        log.info("engine ready: %s (%s) backend=%s [%s], dtype=%s, quantization=%s, kv cache %s: %d pages x %d "
+                 "tokens; load %.1f s, start-up %.1f s, %d XLA compilations (%d from the persistent cache)",
+                 cfg.architecture, self.model_dir, self.ops.backend,
+                 "; ".join(f"{k}: {v}" for k, v in self.ops.sources.items()), self.dtype.name, qdtype,
+                 kv_dtype.name, num_pages, page_size, t_loaded - t_start, self.startup_seconds,
+                 self.runner.counter.compiles, self.runner.counter.persistent_cache_hits)
+
+    def _default_num_pages(self, page_size, kv_dtype, pages_per_seq, max_num_seqs, utilization):
+        per_page = self.config.num_layers * self.ops.kv_cache_bytes_per_page(
+            page_size, self.config.num_kv_heads, self.config.head_dim, kv_dtype)
+        stats = None
+        try:
+            stats = jax.devices()[0].memory_stats()
+        except Exception:  # noqa: BLE001 - CPU backends may not report memory
+            stats = None
+        if stats and stats.get("bytes_limit"):
+            free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
+            # keep room for activations of the largest step
+            return max(pages_per_seq, int(free // per_page))
+        return pages_per_seq * min(max_num_seqs, 8)
+
+    # ------------------------------------------------------------------ requests
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError("prompt: expected a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt: empty")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens; this engine's max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        return ids
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request (a string or token ids); returns its id. ValueError for a bad request."""
+        params = params or SamplingParams()
+        ids = self._prompt_ids(prompt)
+        rid = request_id or uuid.uuid4().hex
+        with self.lock:
+            if rid in self._seqs:
+                raise ValueError(f"request id {rid!r} already in use")
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+            seq = Sequence(rid, ids, params, seed, arrival=time.monotonic())
+            self._seqs[rid] = seq
+            self._detok[rid] = Detokenizer(self.tokenizer, params.stop)
+            self.scheduler.add(seq)
+            self.metrics.prompt_tokens += len(ids)
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now, freeing its pages; False when it is unknown or already finished."""
+        with self.lock:
+            seq = self._seqs.pop(request_id, None)
+            if seq is None:
+                return False
+            self.scheduler.free(seq)
+            seq.status, seq.finish_reason = Status.FINISHED, "abort"
+            self._detok.pop(request_id, None)
+            self.metrics.requests_aborted += 1
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self.lock:
+            return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[StepOutput]:
+        with self.lock:
+            plan = self.scheduler.schedule()
+            if not plan.scheduled:
+                return []
+            tokens, logprobs = self.runner.execute(plan)
+            now = time.monotonic()
+            outs = []
+            for item, tok, lp in zip(plan.scheduled, tokens.tolist(), logprobs.tolist()):
+                seq = item.seq
+                self.scheduler.advance(item)
+                if not item.samples:
+                    continue
+                seq.output_ids.append(int(tok))
+                seq.output_logprobs.append(float(lp))
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                    self.metrics.ttft.observe(now - seq.arrival)
+                reason = self._finish_reason(seq, int(tok))
+                detok = self._detok[seq.request_id]
+                delta = detok.update(self._visible(seq), final=reason is not None)
+                if detok.stopped and reason is None:
+                    reason = "stop"
+                    delta += detok.update(self._visible(seq), final=True)
+                self.metrics.on_tokens(1)
+                if reason is not None:
+                    self._finish(seq, reason, now)
+                outs.append(StepOutput(seq.request_id, [int(tok)], [float(lp)], delta, reason))
+            return outs
+
+    def _visible(self, seq: Sequence) -> list[int]:
+        """Output ids that make up the text (a final eos / stop token is not shown)."""
+        ids = seq.output_ids
+        if ids and seq.finish_reason is None and self._is_stop_token(seq, ids[-1]):
+            return ids[:-1]
+        return ids
+
+    def _is_stop_token(self, seq: Sequence, tok: int) -> bool:
+        return tok in seq.params.stop_token_ids or (not seq.params.ignore_eos and tok in self.tokenizer.eos_token_ids)
+
+    def _finish_reason(self, seq: Sequence, tok: int) -> str | None:
+        if self._is_stop_token(seq, tok):
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.scheduler.free(seq)
+        n = len(seq.output_ids)
+        if n > 1 and seq.first_token_time is not None:
+            self.metrics.tpot.observe((now - seq.first_token_time) / (n - 1))
+        self.metrics.requests_finished += 1
+        detok = self._detok.pop(seq.request_id)
+        self._seqs.pop(seq.request_id, None)
+        self._finished[seq.request_id] = RequestOutput(
+            seq.request_id, seq.prompt_ids, list(seq.output_ids), detok.text, list(seq.output_logprobs), reason,
+            seq.num_cached_tokens, seq.num_preemptions)
+
+    def pop_finished(self, request_id: str) -> RequestOutput | None:
+        with self.lock:
+            return self._finished.pop(request_id, None)
+
+    # ------------------------------------------------------------------ batch API
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in the prompts' order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        if single:
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return [self.pop_finished(i) for i in ids]
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict:
+        r, s, a = self.runner, self.scheduler, self.allocator
+        return dict(running=len(s.running), waiting=len(s.waiting), kv_pages_in_use=a.num_used,
+                    kv_pages_total=a.num_pages, prefix_cache_hit_rate=s.prefix_hit_rate,
+                    preemptions=s.num_preemptions, chunked_prefills=s.num_chunked, steps=r.steps,
+                    padding_waste=r.padding_waste,
+                    compiles_after_warmup=r.compiles_after_warmup, token_buckets=list(r.buckets),
+                    table_lookups=r.table_summary, startup_seconds=self.startup_seconds,
+                    warmup_seconds=self.warmup_seconds)
+
+
+def enable_compile_cache(path) -> None:
+    """jax's persistent compilation cache in `path` (every executable is cached, however quick)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StepOutput", "CheckpointError"]

@@ -1,0 +1,277 @@
+"""Write a random-weight checkpoint in the real Hugging Face layout (tests, the demo, benchmarks).
+
+    python -m engine.make_tiny_model --arch llama|qwen3|mixtral|qwen3_moe DIR [--dtype float32]
+    python -m engine.make_tiny_model --like llama3-8b DIR        # full size, random bf16 weights
+
+Files: config.json, generation_config.json, model.safetensors (or shards + model.safetensors.index.json),
+tokenizer.json (a small byte-level BPE trained here with `tokenizers`), tokenizer_config.json (special
+tokens and a chat template). Tensor names and shapes ([out, in] linears) are the ones transformers writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+# Special tokens and chat templates per family (the real models' spellings).
+_SPECIAL = {
+    "llama": dict(bos="<|begin_of_text|>", eos="<|eot_id|>",
+                  extra=["<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"],
+                  gen_eos=["<|end_of_text|>", "<|eot_id|>"],
+                  template=("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                            "\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")),
+    "qwen3": dict(bos=None, eos="<|im_end|>", extra=["<|endoftext|>", "<|im_start|>"],
+                  gen_eos=["<|im_end|>", "<|endoftext|>"],
+                  template=("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")),
+    "mixtral": dict(bos="<s>", eos="</s>", extra=["[INST]", "[/INST]"], gen_eos=["</s>"],
+                    template=("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+                              "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+                              "{% endfor %}")),
+}
+_SPECIAL["qwen3_moe"] = _SPECIAL["qwen3"]
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A paged cache keeps keys and values in fixed pages.
+Continuous batching lets new requests join a running batch at every step, and chunked prefill splits
+long prompts under a token budget. Tensor processing units multiply matrices in systolic arrays; the
+compiler tiles loops into blocks that fit in vector memory. Once upon a time there was a small model
+that wrote random words, and the engine served them quickly to every client that asked. Numbers such
+as 1, 2, 3, 10, 42, 128 and 4096 appear in the text too. Hello, world! How are you today? I am fine,
+thank you. What is the capital of France? Paris is the capital of France. The sky is blue and the
+grass is green. Rivers flow to the sea; mountains rise above the clouds; stars shine in the night.
+"""
+
+# Tiny shapes: fast on a CPU, still exercising GQA, explicit head_dim, rope scaling and MoE routing.
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=384,
+            experts=4, top_k=2, moe_intermediate=32)
+
+LIKE = {  # full-size shapes (autotune.presets names) and their families / vocabularies
+    "llama3-8b": ("llama", 128256), "llama3-70b": ("llama", 128256), "qwen3-8b": ("qwen3", 151936),
+    "qwen3-32b": ("qwen3", 151936), "qwen3-30b-a3b": ("qwen3_moe", 151936), "mixtral-8x7b": ("mixtral", 32000),
+}
+
+
+def train_tokenizer(family: str, vocab_size: int):
+    """A byte-level BPE (GPT-2 / Llama-3 style) trained on a short built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    sp = _SPECIAL[family]
+    specials = [t for t in [sp["bos"], sp["eos"], *sp["extra"]] if t]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    if sp["bos"]:
+        bos_id = tok.token_to_id(sp["bos"])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{sp['bos']} $A", pair=f"{sp['bos']} $A {sp['bos']} $B", special_tokens=[(sp["bos"], bos_id)])
+    return tok
+
+
+def _config(family: str, dims: dict, vocab: int, tok, dtype: str) -> dict:
+    sp = _SPECIAL[family]
+    cfg = {
+        "architectures": [ARCHS[family]],
+        "model_type": {"llama": "llama", "qwen3": "qwen3", "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}[family],
+        "vocab_size": vocab,
+        "hidden_size": dims["hidden"],
+        "intermediate_size": dims["intermediate"],
+        "num_hidden_layers": dims["layers"],
+        "num_attention_heads": dims["heads"],
+        "num_key_value_heads": dims["kv_heads"],
+        "head_dim": dims["head_dim"],
+        "hidden_act": "silu",
+        "max_position_embeddings": dims.get("max_pos", 8192),
+        "rms_norm_eps": 1e-5 if family in ("llama", "mixtral") else 1e-6,
+        "rope_theta": dims.get("rope_theta", 10000.0),
+        "tie_word_embeddings": dims.get("tie", False),
+        "attention_bias": False,
+        "torch_dtype": dtype,
+        "bos_token_id": tok.token_to_id(sp["bos"]) if sp["bos"] else None,
+        "eos_token_id": tok.token_to_id(sp["eos"]),
+    }
+    if family == "llama":
+        cfg.update(mlp_bias=False, rope_scaling=dims.get("rope_scaling"))
+    if family == "mixtral":
+        cfg.update(num_local_experts=dims["experts"], num_experts_per_tok=dims["top_k"],
+                   intermediate_size=dims["moe_intermediate"], router_aux_loss_coef=0.02, sliding_window=None)
+    if family == "qwen3_moe":
+        cfg.update(num_experts=dims["experts"], num_experts_per_tok=dims["top_k"],
+                   moe_intermediate_size=dims["moe_intermediate"], norm_topk_prob=True, decoder_sparse_step=1,
+                   mlp_only_layers=dims.get("mlp_only_layers", []), use_sliding_window=False, sliding_window=None)
+    if family == "qwen3":
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    return cfg
+
+
+def _tensor_specs(family: str, cfg: dict):
+    """(name, shape, kind) of every tensor, in the transformers layout; kind: "embed" | "linear" | "norm"."""
+    d, nh, kvh, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    specs = [("model.embed_tokens.weight", (cfg["vocab_size"], d), "embed")]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (d,), "norm"), (p + "post_attention_layernorm.weight", (d,), "norm"),
+                  (p + "self_attn.q_proj.weight", (nh * hd, d), "linear"),
+                  (p + "self_attn.k_proj.weight", (kvh * hd, d), "linear"),
+                  (p + "self_attn.v_proj.weight", (kvh * hd, d), "linear"),
+                  (p + "self_attn.o_proj.weight", (d, nh * hd), "linear")]
+        if family in ("qwen3", "qwen3_moe"):
+            specs += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
+        dense_mlp = family in ("llama", "qwen3") or (family == "qwen3_moe" and i in cfg.get("mlp_only_layers", []))
+        if dense_mlp:
+            f = cfg["intermediate_size"]
+            specs += [(p + "mlp.gate_proj.weight", (f, d), "linear"), (p + "mlp.up_proj.weight", (f, d), "linear"),
+                      (p + "mlp.down_proj.weight", (d, f), "linear")]
+        elif family == "mixtral":
+            e, f = cfg["num_local_experts"], cfg["intermediate_size"]
+            specs.append((p + "block_sparse_moe.gate.weight", (e, d), "router"))
+            for j in range(e):
+                q = f"{p}block_sparse_moe.experts.{j}."
+                specs += [(q + "w1.weight", (f, d), "linear"), (q + "w3.weight", (f, d), "linear"),
+                          (q + "w2.weight", (d, f), "linear")]
+        else:
+            e, f = cfg["num_experts"], cfg["moe_intermediate_size"]
+            specs.append((p + "mlp.gate.weight", (e, d), "router"))
+            for j in range(e):
+                q = f"{p}mlp.experts.{j}."
+                specs += [(q + "gate_proj.weight", (f, d), "linear"), (q + "up_proj.weight", (f, d), "linear"),
+                          (q + "down_proj.weight", (d, f), "linear")]
+    specs.append(("model.norm.weight", (d,), "final_norm"))
+    if not cfg["tie_word_embeddings"]:
+        specs.append(("lm_head.weight", (cfg["vocab_size"], d), "linear"))
+    return specs
+
+
+def _random(rng, shape, kind, np_dtype):
+    if kind == "final_norm":  # spreads the logits: greedy choices are far from ties
+        w = 4.0 + 0.4 * rng.standard_normal(shape, dtype=np.float32)
+    elif kind == "norm":
+        w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    elif kind == "embed":  # small next to the layers' outputs: the next token is not just the last one
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
+    elif kind == "router":
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(2.0 / np.sqrt(shape[-1]))
+    else:  # fan-in scaled: activations keep their size through the layers, logits are well separated
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(shape[-1]))
+    return w.astype(np_dtype)
+
+
+def write_model(out_dir, arch: str = "llama", *, dtype: str = "float32", seed: int = 0, like: str | None = None,
+                shard_bytes: int = 4 << 30, **overrides) -> Path:
+    """Write the checkpoint; returns its directory. `overrides` change TINY's dims (hidden=..., layers=...)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if like is not None:
+        from autotune.presets import preset
+
+        if like not in LIKE:
+            raise ValueError(f"--like {like!r}: known {', '.join(LIKE)}")
+        arch, vocab = LIKE[like]
+        p = preset(like)
+        dims = dict(hidden=p["hidden"], layers=p["layers"], heads=p["num_heads"], kv_heads=p["num_kv_heads"],
+                    head_dim=p["head_dim"], intermediate=p.get("intermediate", p.get("moe_intermediate", 0)),
+                    vocab=vocab, experts=p.get("num_experts", 0), top_k=p.get("top_k", 0),
+                    moe_intermediate=p.get("moe_intermediate", 0), rope_theta=500000.0 if arch == "llama" else 1e6,
+                    max_pos=131072 if arch == "llama" else 40960)
+        if arch == "llama":
+            dims["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        if dtype == "float32":
+            dtype = "bfloat16"
+        tok_vocab = 512
+    else:
+        if arch not in ARCHS:
+            raise ValueError(f"--arch {arch!r}: known {', '.join(ARCHS)}")
+        dims = dict(TINY)
+        if arch == "llama":
+            dims.update(tie=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        if arch == "qwen3":
+            dims.update(head_dim=32)  # head_dim != hidden / heads, as in real Qwen3 models
+        if arch == "qwen3_moe":
+            dims.update(mlp_only_layers=[0])  # one dense layer between MoE layers
+        dims.update(overrides)
+        tok_vocab = dims["vocab"] - 64
+        vocab = None
+    tok = train_tokenizer(arch, tok_vocab)
+    if vocab is None:  # round up like real checkpoints (padding rows nobody decodes)
+        vocab = -(-tok.get_vocab_size() // 64) * 64
+    cfg = _config(arch, dims, vocab, tok, dtype)
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    rng = np.random.default_rng(seed)
+    specs = _tensor_specs(arch, cfg)
+    # Shards are written as they fill (a full-size model never sits in memory whole), then renamed.
+    written, current, size = [], {}, 0  # written: (temp file, tensor names, bytes)
+
+    def flush():
+        nonlocal current, size
+        tmp = out / f".shard-{len(written):05d}.tmp"
+        save_file(current, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(current), size))
+        current, size = {}, 0
+
+    for name, shape, kind in specs:
+        arr = _random(rng, shape, kind, np_dtype)
+        if current and size + arr.nbytes > shard_bytes:
+            flush()
+        current[name] = arr
+        size += arr.nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for k, (tmp, names, _) in enumerate(written):
+            fname = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+            tmp.rename(out / fname)
+            weight_map.update({n: fname for n in names})
+        total = sum(w[2] for w in written)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    sp = _SPECIAL[arch]
+    gen_eos = [tok.token_to_id(t) for t in sp["gen_eos"]]
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg["bos_token_id"], "eos_token_id": gen_eos, "do_sample": False}, indent=2))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": sp["bos"], "eos_token": sp["eos"], "add_bos_token": bool(sp["bos"]),
+         "chat_template": sp["template"], "model_max_length": cfg["max_position_embeddings"],
+         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m engine.make_tiny_model", description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama")
+    ap.add_argument("--like", choices=sorted(LIKE), default=None, help="full-size random-weight checkpoint")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count")
+    args = ap.parse_args(argv)
+    over = {"layers": args.layers} if args.layers else {}
+    if args.like and args.layers:
+        raise SystemExit("--layers applies to tiny models only")
+    path = write_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed, like=args.like, **over)
+    print(f"wrote {ARCHS[args.arch] if not args.like else args.like} checkpoint to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The decoder every supported family shares, written as one serving step over a ragged token batch.
+
+Per layer (as Hugging Face's modeling code): RMSNorm (float32 inside) -> q/k/v projection -> Qwen3's
+per-head q/k RMSNorm -> rotate-half rope -> ragged paged attention (the layer's cache in, updated cache
+out) -> o projection -> residual -> RMSNorm -> SwiGLU MLP or a softmax top-k mixture of experts ->
+residual. Then the final norm and lm_head for each sequence's last new token only.
+Weights are stored [in, out] (Hugging Face's [out, in] transposed) with q/k/v fused into one matrix
+and gate/up fused into one (gate columns first), the layout moe.fused_moe takes for experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.config import CheckpointError, ModelConfig
+from engine.ops import AttentionMeta, Ops
+from engine.weights import CheckpointReader, maybe_quantize
+
+log = logging.getLogger("engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """Tensor names (relative to `model.layers.{i}.`) of one family, and its attention variant."""
+
+    name: str
+    mlp: tuple[str, str, str] | None  # gate, up, down (dense layers)
+    qk_norm: bool = False
+    router: str | None = None  # MoE router linear
+    experts: tuple[str, str, str] | None = None  # gate, up, down of expert {e}
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_params(reader: CheckpointReader, cfg: ModelConfig, spec: ArchSpec, dtype, qdtype: str | None):
+    """Device params pytree from a checkpoint (dense weights quantized when qdtype is set)."""
+    dtype = jnp.dtype(dtype)
+
+    def get(name, shape=None):
+        arr = reader.get(name)
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{reader.dir}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                                  f"config.json implies {tuple(shape)}")
+        return arr
+
+    def dev(arr):
+        return jnp.asarray(np.asarray(arr).astype(np.float32) if arr.dtype != dtype else arr, dtype=dtype)
+
+    def linear_t(names, in_dim, out_dims):
+        """Concatenate Hugging Face [out, in] weights along out, transpose to [in, out]."""
+        parts = [get(n, (o, in_dim)) for n, o in zip(names, out_dims)]
+        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return dev(w).T
+
+    d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    params = {"embed": dev(get("model.embed_tokens.weight", (cfg.vocab_size, d))),
+              "final_norm": dev(get("model.norm.weight", (d,))), "layers": []}
+    if cfg.tie_word_embeddings or not reader.has("lm_head.weight"):
+        if not cfg.tie_word_embeddings:
+            raise CheckpointError(f"{reader.dir}: tensor 'lm_head.weight' is missing (tie_word_embeddings is false)")
+        params["lm_head"] = None
+    else:
+        params["lm_head"] = linear_t(["lm_head.weight"], d, [cfg.vocab_size])
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        layer = {"input_norm": dev(get(p + "input_layernorm.weight", (d,))),
+                 "post_norm": dev(get(p + "post_attention_layernorm.weight", (d,)))}
+        qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        layer["wqkv"] = maybe_quantize(linear_t(qkv, d, [h * hd, kvh * hd, kvh * hd]), qdtype)
+        layer["wo"] = maybe_quantize(linear_t([p + "self_attn.o_proj.weight"], h * hd, [d]), qdtype)
+        if cfg.attention_bias:
+            layer["bqkv"] = dev(np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            if reader.has(p + "self_attn.o_proj.bias"):
+                layer["bo"] = dev(get(p + "self_attn.o_proj.bias"))
+        if spec.qk_norm:
+            layer["q_norm"] = dev(get(p + "self_attn.q_norm.weight", (hd,)))
+            layer["k_norm"] = dev(get(p + "self_attn.k_norm.weight", (hd,)))
+        if cfg.layer_is_moe(i):
+            e, f = cfg.num_experts, cfg.moe_intermediate_size
+            layer["router"] = linear_t([p + spec.router + ".weight"], d, [e])
+            g, u, dn = (p + n + ".weight" for n in spec.experts)
+            gate_up = np.stack([np.concatenate([get(g.format(e=j), (f, d)), get(u.format(e=j), (f, d))]).T
+                                for j in range(e)])  # [E, D, 2F]
+            down = np.stack([get(dn.format(e=j), (d, f)).T for j in range(e)])  # [E, F, D]
+            layer["w_gate_up"], layer["w_down"] = dev(gate_up), dev(down)
+        else:
+            f = cfg.intermediate_size
+            g, u, dn = (p + n + ".weight" for n in spec.mlp)
+            layer["w_gate_up"] = maybe_quantize(linear_t([g, u], d, [f, f]), qdtype)
+            layer["w_down"] = maybe_quantize(linear_t([dn], f, [d]), qdtype)
+            if cfg.mlp_bias:
+                layer["b_gate_up"] = dev(np.concatenate([get(g.replace(".weight", ".bias")),
+                                                         get(u.replace(".weight", ".bias"))]))
+                layer["b_down"] = dev(get(dn.replace(".weight", ".bias")))
+        params["layers"].append(layer)
+    return params
+
+
+# ---------------------------------------------------------------------------------------- forward
+
+
+def rms_norm(x, weight, eps):
+    """Hugging Face's RMSNorm: normalize in float32, cast back, then scale."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [T, heads, D]; rotate-half (Hugging Face's rotate_half) with cos/sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def forward(params, caches, batch, *, cfg: ModelConfig, ops: Ops, inv_freq, kv_scales=None,
+            attn_block_sizes=None, moe_block_sizes=None):
+    """One step: batch holds token_ids [T], positions [T], kv_lens [S], page_indices [S, P], cu_q_lens [S+1],
+    distribution [3], logits_indices [S]. Returns (float32 logits [S, V], updated caches)."""
+    t = batch["token_ids"].shape[0]
+    h, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    dtype = params["embed"].dtype
+    meta = AttentionMeta(batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"], batch["distribution"])
+    x = params["embed"][batch["token_ids"]]
+    cos, sin = rope_cos_sin(batch["positions"], inv_freq, dtype)
+    k_scale, v_scale = kv_scales if kv_scales is not None else (None, None)
+    new_caches = []
+    for i, layer in enumerate(params["layers"]):
+        r = rms_norm(x, layer["input_norm"], eps)
+        qkv = ops.linear(r, layer["wqkv"], layer.get("bqkv"))
+        q = qkv[:, : h * hd].reshape(t, h, hd)
+        k = qkv[:, h * hd: (h + kvh) * hd].reshape(t, kvh, hd)
+        v = qkv[:, (h + kvh) * hd:].reshape(t, kvh, hd)
+        if "q_norm" in layer:
+            q = rms_norm(q, layer["q_norm"], eps)
+            k = rms_norm(k, layer["k_norm"], eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn, cache = ops.attention(q, k, v, caches[i], meta, sm_scale=cfg.sm_scale, k_scale=k_scale,
+                                    v_scale=v_scale, block_sizes=attn_block_sizes)
+        new_caches.append(cache)
+        x = x + ops.linear(attn.reshape(t, h * hd), layer["wo"], layer.get("bo"))
+        r = rms_norm(x, layer["post_norm"], eps)
+        if "router" in layer:
+            router_logits = ops.linear(r, layer["router"])
+            y = ops.moe(r, router_logits, layer["w_gate_up"], layer["w_down"], top_k=cfg.num_experts_per_tok,
+                        renormalize=cfg.norm_topk_prob, block_sizes=moe_block_sizes)
+        else:
+            gu = ops.linear(r, layer["w_gate_up"], layer.get("b_gate_up"))
+            f = gu.shape[-1] // 2
+            y = ops.linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], layer["w_down"], layer.get("b_down"))
+        x = x + y.astype(dtype)
+    last = rms_norm(x[batch["logits_indices"]], params["final_norm"], eps)
+    head = params["lm_head"] if params["lm_head"] is not None else params["embed"].T
+    logits = ops.linear(last, head).astype(jnp.float32)
+    return logits, new_caches

@@ -1,0 +1,388 @@
+"""OpenAI-compatible HTTP server over one LLM: completions, chat completions (streamed over SSE),
+/v1/models, /health and Prometheus /metrics.
+
+The engine runs in one background thread (`AsyncEngine`): it steps while there is work and hands
+each step's outputs to the request handlers' asyncio queues. A streaming client that disconnects
+cancels its handler, which aborts the request: its pages are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+
+from fastapi import Request
+
+from engine.llm import LLM, StepOutput
+from engine.sampler import SamplingParams
+
+log = logging.getLogger("engine.server")
+
+
+class RequestError(ValueError):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.type = status, param, type_
+
+
+class AsyncEngine:
+    """Steps the LLM in a thread; per-request asyncio queues receive StepOutputs (or an exception)."""
+
+    def __init__(self, llm: LLM):
+        self.llm = llm
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.error: BaseException | None = None
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = uuid.uuid4().hex
+        self._queues[rid] = (loop, queue)
+        try:
+            self.llm.add_request(prompt, params, request_id=rid)
+        except ValueError:
+            self._queues.pop(rid, None)
+            raise
+        self._wake.set()
+        return rid, queue
+
+    def abort(self, rid: str) -> None:
+        self._queues.pop(rid, None)
+        self.llm.abort(rid)
+
+    def _deliver(self, rid: str, item) -> None:
+        entry = self._queues.get(rid)
+        if entry is not None:
+            loop, queue = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+            if isinstance(item, StepOutput) and item.finish_reason is not None:
+                self._queues.pop(rid, None)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                if self.llm.has_unfinished():
+                    for out in self.llm.step():
+                        if out.finish_reason is not None and out.request_id in self._queues:
+                            self.llm.pop_finished(out.request_id)
+                        self._deliver(out.request_id, out)
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as err:  # noqa: BLE001 - fail every waiting request, keep the reason
+                log.exception("engine step failed")
+                self.error = err
+                for rid in list(self._queues):
+                    self._deliver(rid, err)
+                    self.llm.abort(rid)
+                return
+
+
+# ------------------------------------------------------------------------------- request parsing
+
+
+def _get(body: dict, name: str, types, default=None, *, check=None, what=""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise RequestError(f"'{name}' must be {what or types}", param=name)
+    if not isinstance(value, types):
+        raise RequestError(f"'{name}' must be {what or getattr(types, '__name__', types)}, got {value!r}", param=name)
+    if check is not None and not check(value):
+        raise RequestError(f"'{name}' is out of range: {value!r} ({what})", param=name)
+    return value
+
+
+def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, dict]:
+    n = _get(body, "n", int, 1)
+    if n != 1:
+        raise RequestError("only n=1 is supported", param="n")
+    if body.get("echo"):
+        raise RequestError("echo is not supported", param="echo")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _get(body, name, (int, float), 0):
+            raise RequestError(f"'{name}' is not supported", param=name)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise RequestError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise RequestError("'stop' must be a string or a list of strings", param="stop")
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_get(body, "temperature", (int, float), 1.0),
+            top_p=_get(body, "top_p", (int, float), 1.0),
+            top_k=_get(body, "top_k", int, 0),
+            seed=_get(body, "seed", int, None),
+            stop=stop,
+            stop_token_ids=_get(body, "stop_token_ids", list, None),
+            ignore_eos=_get(body, "ignore_eos", bool, False),
+        )
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    extras = {"stream": _get(body, "stream", bool, False),
+              "include_usage": bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))}
+    return params, extras
+
+
+# ------------------------------------------------------------------------------- the app
+
+
+def create_app(llm: LLM, model_name: str | None = None):
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    name = model_name or llm.model_dir.rstrip("/").split("/")[-1]
+    engine = AsyncEngine(llm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="pallaskit engine", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.model_name = name
+    created = int(time.time())
+
+    def error(message, status=400, param=None, type_="invalid_request_error"):
+        return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": None}},
+                            status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError):  # noqa: RUF029
+        return error(str(exc), exc.status, exc.param, exc.type)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):  # noqa: RUF029
+        return error(f"invalid request: {exc.errors()}")
+
+    async def read_body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(f"request body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise RequestError("request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != name:
+            raise RequestError(f"the model '{model}' does not exist; this server serves '{name}'", 404, "model",
+                               "NotFoundError")
+        return body
+
+    def submit(prompt, params):
+        if not engine.alive:
+            raise RequestError("the engine is not running", 503, type_="server_error")
+        try:
+            return engine.submit(prompt, params)
+        except ValueError as err:
+            raise RequestError(str(err), param="prompt") from None
+
+    async def collect(rid, queue):
+        toks, lps, text, reason = [], [], "", None
+        try:
+            while reason is None:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise RequestError(f"engine error: {item}", 500, type_="server_error")
+                toks += item.new_token_ids
+                lps += item.new_logprobs
+                text += item.delta_text
+                reason = item.finish_reason
+        finally:
+            if reason is None:
+                engine.abort(rid)
+        return toks, lps, text, reason
+
+    def completion_logprobs(tokens, lps):
+        strs = [llm.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+        offs, at = [], 0
+        for s in strs:
+            offs.append(at)
+            at += len(s)
+        return {"tokens": strs, "token_logprobs": lps, "top_logprobs": None, "text_offset": offs}
+
+    def chat_logprobs(tokens, lps):
+        out = []
+        for t, lp in zip(tokens, lps):
+            s = llm.tokenizer.decode([t], skip_special_tokens=False)
+            out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
+        return {"content": out}
+
+    @app.get("/health")
+    async def health():  # noqa: RUF029
+        if not engine.alive:
+            return error("engine not running", 503, type_="server_error")
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():  # noqa: RUF029
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "pallaskit", "max_model_len": llm.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics():  # noqa: RUF029
+        st = llm.stats()
+        gauges = {
+            "pallaskit_requests_running": (st["running"], "Requests being computed"),
+            "pallaskit_requests_waiting": (st["waiting"], "Requests waiting for admission"),
+            "pallaskit_kv_pages_in_use": (st["kv_pages_in_use"], "KV cache pages referenced by requests"),
+            "pallaskit_kv_pages_total": (st["kv_pages_total"], "KV cache pages"),
+            "pallaskit_prefix_cache_hit_rate": (round(st["prefix_cache_hit_rate"], 6),
+                                                "Prompt tokens served from the prefix cache / prompt tokens"),
+            "pallaskit_tokens_per_second": (round(llm.metrics.tokens_per_second(), 3),
+                                            "Generated tokens per second (last 10 s)"),
+            "pallaskit_compilations_after_warmup": (st["compiles_after_warmup"], "XLA compilations after warm-up"),
+            "pallaskit_padding_waste": (round(st["padding_waste"], 6), "Padding share of computed token slots"),
+            "pallaskit_preemptions": (st["preemptions"], "Requests preempted (recomputed later)"),
+        }
+        return PlainTextResponse(llm.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        params, extras = sampling_from(body, 16)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            raise RequestError("batched prompts are not supported: send one prompt per request", param="prompt")
+        if prompt is None or not isinstance(prompt, (str, list)):
+            raise RequestError("'prompt' must be a string or a list of token ids", param="prompt")
+        want_lp = body.get("logprobs") is not None and body.get("logprobs") is not False
+        cid = f"cmpl-{uuid.uuid4().hex}"
+        rid, queue = submit(prompt, params)
+        n_prompt = len(llm.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
+
+        if extras["stream"]:
+            async def stream():
+                reason, n_out = None, 0
+                try:
+                    while reason is None:
+                        item = await queue.get()
+                        if isinstance(item, BaseException):
+                            yield sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
+                            return
+                        reason = item.finish_reason
+                        n_out += len(item.new_token_ids)
+                        choice = {"index": 0, "text": item.delta_text, "finish_reason": reason,
+                                  "logprobs": completion_logprobs(item.new_token_ids, item.new_logprobs)
+                                  if want_lp else None}
+                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()),
+                                   "model": name, "choices": [choice]})
+                    if extras["include_usage"]:
+                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
+                                   "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                                            "total_tokens": n_prompt + n_out}})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if reason is None:
+                        engine.abort(rid)
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        toks, lps, text, reason = await collect(rid, queue)
+        return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason,
+                             "logprobs": completion_logprobs(toks, lps) if want_lp else None}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(toks),
+                          "total_tokens": n_prompt + len(toks)}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_body(request)
+        params, extras = sampling_from(body, max(1, llm.max_model_len // 2))
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("'messages' must be a non-empty list", param="messages")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise RequestError("each message needs a 'role'", param="messages")
+            if isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
+                parts = m["content"]
+                if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+                    raise RequestError("only text content parts are supported", param="messages")
+                m["content"] = "".join(p.get("text", "") for p in parts)
+            if not isinstance(m.get("content"), str):
+                raise RequestError("each message needs a string 'content'", param="messages")
+        try:
+            text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as err:
+            raise RequestError(str(err), param="messages") from None
+        prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        # a chat reply stops where the model ends its turn: cap max_tokens by the room left
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+            params.max_tokens = max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids) - 1))
+        want_lp = bool(body.get("logprobs"))
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid, queue = submit(prompt_ids, params)
+        n_prompt = len(prompt_ids)
+
+        if extras["stream"]:
+            async def stream():
+                reason, n_out = None, 0
+                head = {"id": cid, "object": "chat.completion.chunk", "model": name}
+                try:
+                    yield sse({**head, "created": int(time.time()),
+                               "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None, "logprobs": None}]})
+                    while reason is None:
+                        item = await queue.get()
+                        if isinstance(item, BaseException):
+                            yield sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
+                            return
+                        reason = item.finish_reason
+                        n_out += len(item.new_token_ids)
+                        delta = {"content": item.delta_text} if item.delta_text else {}
+                        yield sse({**head, "created": int(time.time()),
+                                   "choices": [{"index": 0, "delta": delta, "finish_reason": reason,
+                                                "logprobs": chat_logprobs(item.new_token_ids, item.new_logprobs)
+                                                if want_lp else None}]})
+                    if extras["include_usage"]:
+                        yield sse({**head, "created": int(time.time()), "choices": [],
+                                   "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+                                             "total_tokens": n_prompt + n_out}})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    if reason is None:
+                        engine.abort(rid)
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        toks, lps, text, reason = await collect(rid, queue)
+        return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                             "logprobs": chat_logprobs(toks, lps) if want_lp else None}],
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(toks), "total_tokens": n_prompt + len(toks)}}
+
+    return app
