@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 
@@ -24,11 +23,6 @@ def _vocab(args) -> tuple[int, list[int]]:
     raise SystemExit("bench serve: give --tokenizer (tokenizer.json or a model dir) or --vocab-size")
 
 
-def _served_model(base_url: str) -> str:
-    with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=10) as resp:
-        return json.loads(resp.read())["data"][0]["id"]
-
-
 def cmd_serve(args) -> int:
     from bench import serve
 
@@ -43,14 +37,14 @@ def cmd_serve(args) -> int:
             if args.cold_start:
                 prompt = serve.synthetic_prompts(1, 16, vocab_size, args.seed, special_ids=specials)[0]
                 for label in ("empty compile cache", "warm compile cache"):
-                    cold[label] = serve.cold_start(args.launch, args.model or "", cache_dir, prompt, args.timeout)
+                    cold[label] = serve.cold_start(args.launch, args.model, cache_dir, prompt, args.timeout)
                     print(f"cold start, {label}: {cold[label]:.2f} s", file=sys.stderr)
             server = serve.LaunchedServer(args.launch, cache_dir, args.timeout)
             base_url = server.base_url
         else:
             base_url = args.base_url
         try:
-            model = args.model or _served_model(base_url)
+            model = args.model or serve.served_model(base_url)
             runs = serve.run_benchmark(
                 base_url, model, dataset=args.dataset, num_prompts=args.num_prompts, request_rates=rates,
                 vocab_size=vocab_size, special_ids=specials, burstiness=args.burstiness, seed=args.seed,

@@ -254,10 +254,19 @@ class LaunchedServer:
                 self.proc.wait()
 
 
-def cold_start(template: str, model: str, compile_cache_dir: str, prompt: list[int], timeout: float) -> float:
+def served_model(base_url: str) -> str:
+    """The first model id the server lists under /v1/models."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=10) as resp:
+        return json.loads(resp.read())["data"][0]["id"]
+
+
+def cold_start(template: str, model: str | None, compile_cache_dir: str, prompt: list[int], timeout: float) -> float:
     """Seconds from launching the server to the first streamed token of one request."""
     server = LaunchedServer(template, compile_cache_dir, timeout)
     try:
+        model = model or served_model(server.base_url)
         res = asyncio.run(_run(server.base_url, model, [prompt], 2, np.zeros(1), timeout, None, None))[0][0]
         if not res.ok:
             raise RuntimeError(f"cold-start request failed: {res.error}")

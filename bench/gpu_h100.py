@@ -1,0 +1,505 @@
+"""GPU (Hopper) kernels: correctness on fresh random data, then timing side by side with the peers.
+
+    PYTHONPATH=. python3 bench/gpu_h100.py [--only rpa,gmm,qmm] [--quick] [--out DIR]
+
+Sections (each independent; a failure is recorded and the next section runs):
+  ceil  device ceilings: 2 GiB elementwise copy (read + write), 8192^3 bf16 XLA matmul
+  rpa   paged decode attention, Llama-3-8B GQA (Hq 32, Hkv 8, D 128), page 16, batch 64, ctx 8192:
+        ours (rpa/gpu.py) vs jax's Pallas-GPU paged_attention (Triton) vs XLA gather + softmax
+  gmm   grouped matmul bf16: ours (moe/gpu.py) vs jax.lax.ragged_dot vs jax's Mosaic GPU ragged_dot
+  qmm   decode M 16, 8192 x 8192: ours int8 / int4 weights (quant/gpu.py) vs XLA bf16 and XLA int8
+
+Correctness: relative Frobenius error against a float64 NumPy or float32-HIGHEST XLA reference on
+fresh random inputs, NaN-poisoned caches for RPA. Timing: CUPTI kernel time
+(jax.experimental.mosaic.gpu.profiler.measure; median over iterations), falling back to wall clock
+around pipelined calls. Weight sets rotate where one would fit in L2. Prints a table last and
+writes results JSON to $OUT (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+import numpy as np
+
+RESULTS: dict = {"sections": {}, "errors": {}}
+ROWS: list[tuple] = []  # (section, name, ms, figure, unit, note)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def timeit(f, *args, iters=20):
+    """Median kernel time in ms of f(*args) (CUPTI; wall clock over pipelined calls as fallback)."""
+    import jax
+
+    out = f(*args)
+    jax.block_until_ready(out)
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        _, times = profiler.measure(f, iterations=iters)(*args)
+        times = [t for t in times if t is not None]
+        if times:
+            return float(statistics.median(times)), "cupti"
+    except Exception as e:  # noqa: BLE001
+        RESULTS.setdefault("timing_fallback", str(e)[:200])
+    reps = []
+    for _ in range(5):
+        jax.block_until_ready(f(*args))
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = f(*args)
+        jax.block_until_ready(out)
+        reps.append((time.perf_counter() - t0) * 1e3 / iters)
+    return float(statistics.median(reps)), "wall"
+
+
+def record(section, name, ms, figure, unit, note=""):
+    ROWS.append((section, name, ms, figure, unit, note))
+    RESULTS["sections"].setdefault(section, []).append(
+        dict(name=name, ms=ms, figure=figure, unit=unit, note=note))
+    log(f"  {section:5s} {name:52s} {ms:9.4f} ms  {figure:8.1f} {unit} {note}")
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def section_ceil(args):
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.key(0), (1024, 1024 * 1024), jnp.bfloat16)  # 2 GiB
+    f = jax.jit(lambda x: x * 1.5)
+    ms, how = timeit(f, x, iters=10)
+    record("ceil", "copy 2 GiB bf16 (read+write)", ms, 2 * x.nbytes / ms / 1e9, "TB/s", how)
+    del x
+    a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (8192, 8192), jnp.bfloat16)
+    f = jax.jit(lambda a, b: a @ b)
+    ms, how = timeit(f, a, b, iters=10)
+    record("ceil", "XLA matmul 8192^3 bf16", ms, 2 * 8192**3 / ms / 1e9, "TFLOP/s", how)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _rpa_correctness(rg, rpa_ref, rng):
+    import jax.numpy as jnp
+
+    cases = [
+        dict(name="decode S8 mixed lengths", q_lens=[1] * 8, kv_lens=[1, 17, 300, 1000, 16, 129, 777, 64],
+             bs=dict(block_kv=128, num_stages=2, num_splits=1), kw={}),
+        dict(name="decode splits 4, bkv 64", q_lens=[1] * 6, kv_lens=[2000, 5, 1500, 700, 33, 1024],
+             bs=dict(block_kv=64, num_stages=4, num_splits=4), kw={}),
+        dict(name="mixed prefill+decode, padded T", q_lens=[1, 1, 7, 40], kv_lens=[90, 300, 7, 260],
+             bs=dict(block_kv=128, num_stages=2, num_splits=2), kw={}, num_tokens=64),
+        dict(name="window 100 + softcap 30 + sinks", q_lens=[1, 1, 3], kv_lens=[500, 90, 333],
+             bs=dict(block_kv=64, num_stages=3, num_splits=2),
+             kw=dict(sliding_window=100, soft_cap=30.0), sinks=True),
+    ]
+    hq, hkv, d, ps = 32, 8, 128, 16
+    out = []
+    for c in cases:
+        pps = max(-(-kv // ps) for kv in c["kv_lens"]) + 2
+        npages = sum(-(-kv // ps) for kv in c["kv_lens"]) + 5
+        case = rpa_ref.make_case(rng, q_lens=c["q_lens"], kv_lens=c["kv_lens"], num_q_heads=hq,
+                                 num_kv_heads=hkv, head_dim=d, page_size=ps, num_pages=npages,
+                                 pages_per_seq=pps, num_tokens=c.get("num_tokens"))
+        # bf16-rounded inputs for both sides
+        for key in ("q", "k", "v", "kv_cache"):
+            case[key] = np.asarray(jnp.asarray(case[key], jnp.bfloat16).astype(jnp.float32))
+        sinks = rng.standard_normal(hq).astype(np.float32) if c.get("sinks") else None
+        ref_out, ref_cache = rpa_ref.reference(**case, sinks=sinks, **c["kw"])
+        args = {k: jnp.asarray(v, jnp.bfloat16 if k in ("q", "k", "v", "kv_cache") else None)
+                for k, v in case.items()}
+        o, cache = rg.ragged_paged_attention_gpu(
+            args["q"], args["k"], args["v"], args["kv_cache"], args["kv_lens"], args["page_indices"],
+            args["cu_q_lens"], args["distribution"], sinks=None if sinks is None else jnp.asarray(sinks),
+            block_sizes=c["bs"], **c["kw"])
+        o = np.asarray(o.astype(jnp.float32))
+        err = rel_err(o, ref_out)
+        nan = int(np.isnan(o).sum())
+        # cache: compare the slots the reference wrote (bf16 exact)
+        cache = np.asarray(cache.astype(jnp.float32))
+        okmask = ~np.isnan(ref_cache)
+        cache_ok = bool(np.array_equal(cache[okmask], ref_cache[okmask].astype(np.float32)))
+        out.append(dict(case=c["name"], rel_err=err, nan=nan, cache_exact=cache_ok))
+        log(f"  rpa check {c['name']:40s} rel_err {err:.2e} nan {nan} cache_exact {cache_ok}")
+    return out
+
+
+def section_rpa(args):
+    import jax
+    import jax.numpy as jnp
+
+    from rpa import gpu as rg
+    from tests.gpu import rpa_ref
+
+    rng = np.random.default_rng(int(time.time()))
+    RESULTS["rpa_checks"] = _rpa_correctness(rg, rpa_ref, rng)
+
+    b, ctx, hq, hkv, d, ps = 64, 8192, 32, 8, 128, 16
+    if args.quick:
+        b = 16
+    pps = ctx // ps
+    npages = b * pps + 64
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    k1, k2 = jax.random.split(key)
+    cache = jax.random.normal(k1, (npages, 2, hkv, ps, d), jnp.bfloat16)
+    q = jax.random.normal(k2, (b, hq, d), jnp.bfloat16)
+    page_indices = jnp.asarray(rng.permutation(npages)[: b * pps].reshape(b, pps).astype(np.int32))
+    kv_lens = jnp.full((b,), ctx, jnp.int32)
+    cu = jnp.arange(b + 1, dtype=jnp.int32)
+    dist = jnp.asarray([b, b, b], jnp.int32)
+    kv_bytes = b * ctx * hkv * d * 2 * 2
+    scale = 1.0 / math.sqrt(d)
+
+    # the new-token KV write (XLA scatter, cache donated so it runs in place), wall clock per call
+    try:
+        knew = jax.random.normal(k1, (b, hkv, d), jnp.bfloat16)
+        wkv = jax.jit(rg.write_new_kv, donate_argnums=0)
+        for _ in range(3):
+            cache = wkv(cache, knew, knew, kv_lens, page_indices, cu, dist)
+        jax.block_until_ready(cache)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            cache = wkv(cache, knew, knew, kv_lens, page_indices, cu, dist)
+        jax.block_until_ready(cache)
+        ms = (time.perf_counter() - t0) * 1e3 / 20
+        record("rpa", "ours KV write (XLA scatter, donated), wall", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s")
+        from jax.experimental.mosaic.gpu import profiler
+
+        ts = []
+        for _ in range(10):
+            cache, t = profiler.measure(wkv)(cache, knew, knew, kv_lens, page_indices, cu, dist)
+            ts.append(t)
+        ms = float(statistics.median(ts))
+        record("rpa", "ours KV write (XLA scatter, donated), cupti", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s")
+    except Exception as e:  # noqa: BLE001
+        RESULTS["errors"]["rpa kv write"] = traceback.format_exc()[-2000:]
+        log(f"  rpa kv write FAILED: {type(e).__name__}: {str(e)[:300]}")
+
+    # XLA gather + softmax (peer, and the f32 reference for correctness)
+    def xla_decode(q, cache, page_indices, kv_lens, f32=False):
+        kv = cache[page_indices]  # [B, pps, 2, Hkv, ps, D]
+        kk = kv[:, :, 0].transpose(0, 2, 1, 3, 4).reshape(b, hkv, pps * ps, d)
+        vv = kv[:, :, 1].transpose(0, 2, 1, 3, 4).reshape(b, hkv, pps * ps, d)
+        qq = q.reshape(b, hkv, hq // hkv, d)
+        if f32:
+            qq, kk, vv = (t.astype(jnp.float32) for t in (qq, kk, vv))
+        prec = jax.lax.Precision.HIGHEST if f32 else None
+        s = jnp.einsum("bhgd,bhsd->bhgs", qq, kk, preferred_element_type=jnp.float32, precision=prec) * scale
+        mask = jnp.arange(pps * ps)[None, None, None] < kv_lens[:, None, None, None]
+        s = jnp.where(mask, s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        o = jnp.einsum("bhgs,bhsd->bhgd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32,
+                       precision=prec)
+        return o.reshape(b, hq, d).astype(q.dtype)
+
+    ref = np.asarray(jax.jit(functools_partial(xla_decode, f32=True))(q, cache, page_indices, kv_lens)
+                     .astype(jnp.float32))
+
+    def ours_fn(bs):
+        @jax.jit
+        def f(q, cache, page_indices, kv_lens):
+            tok_seq, tok_end = rg.token_metadata(kv_lens, cu, dist, b)
+            q2d = q.reshape(b * hq, d)
+            o, lse = rg.paged_attention_partials(q2d, cache, tok_seq, tok_end, page_indices, num_q_heads=hq,
+                                                 sm_scale=scale, block_sizes=bs)
+            return rg.combine_partials(o, lse, num_tokens=b, num_kv_heads=hkv, group=hq // hkv,
+                                       out_dtype=q.dtype)
+        return f
+
+    configs = [(128, 2, 1), (128, 2, 2), (64, 4, 1), (64, 4, 2), (64, 5, 2), (128, 1, 2), (256, 1, 2)]
+    if args.quick:
+        configs = configs[:3]
+    best = None
+    for cfg in configs:
+        bs = rg.DecodeBlockSizes(*cfg)
+        name = f"ours bkv{cfg[0]} st{cfg[1]} sp{cfg[2]}"
+        try:
+            f = ours_fn(bs)
+            o = np.asarray(f(q, cache, page_indices, kv_lens).astype(jnp.float32))
+            err = rel_err(o, ref)
+            ms, how = timeit(f, q, cache, page_indices, kv_lens, iters=10)
+            record("rpa", name, ms, kv_bytes / ms / 1e9, "TB/s", f"err {err:.1e} {how}")
+            if err < 2e-2 and (best is None or ms < best[0]):
+                best = (ms, cfg)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][f"rpa {name}"] = traceback.format_exc()[-2000:]
+            log(f"  rpa {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+    RESULTS["rpa_best"] = best
+
+    # peer: XLA gather + softmax
+    try:
+        f = jax.jit(xla_decode)
+        o = np.asarray(f(q, cache, page_indices, kv_lens).astype(jnp.float32))
+        ms, how = timeit(f, q, cache, page_indices, kv_lens, iters=5)
+        record("rpa", "peer XLA gather+softmax", ms, kv_bytes / ms / 1e9, "TB/s",
+               f"err {rel_err(o, ref):.1e} {how}")
+    except Exception as e:  # noqa: BLE001
+        RESULTS["errors"]["rpa xla"] = traceback.format_exc()[-2000:]
+        log(f"  rpa xla FAILED: {type(e).__name__}: {str(e)[:300]}")
+
+    # peer: jax's Pallas GPU (Triton) paged_attention, layout [Hkv, P, ps, D]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+        k_pages = jnp.transpose(cache[:, 0], (1, 0, 2, 3))
+        v_pages = jnp.transpose(cache[:, 1], (1, 0, 2, 3))
+        del cache
+        peer_cfgs = [(8, 16), (16, 16), (8, 32), (16, 8), (4, 32)]
+        if args.quick:
+            peer_cfgs = peer_cfgs[:2]
+        for ppcb, ks in peer_cfgs:
+            name = f"peer jax Pallas-GPU paged_attention ppcb{ppcb} ks{ks}"
+            try:
+                f = jax.jit(functools_partial(jpa.paged_attention, block_h=16, pages_per_compute_block=ppcb,
+                                              k_splits=ks, num_warps=4, num_stages=2))
+                qs = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the peer applies no softmax scale
+                o = np.asarray(f(qs, k_pages, v_pages, page_indices, kv_lens).astype(jnp.float32))
+                ms, how = timeit(f, qs, k_pages, v_pages, page_indices, kv_lens, iters=10)
+                record("rpa", name, ms, kv_bytes / ms / 1e9, "TB/s", f"err {rel_err(o, ref):.1e} {how}")
+            except Exception as e:  # noqa: BLE001
+                RESULTS["errors"][name] = traceback.format_exc()[-1500:]
+                log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
+    except Exception as e:  # noqa: BLE001
+        RESULTS["errors"]["rpa triton peer"] = traceback.format_exc()[-2000:]
+        log(f"  rpa triton peer FAILED: {type(e).__name__}: {str(e)[:300]}")
+
+
+def functools_partial(f, *a, **k):
+    import functools
+
+    return functools.partial(f, *a, **k)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _group_sizes(rng, m, e, balanced):
+    if balanced:
+        return np.full(e, m // e, np.int32)
+    cuts = np.sort(rng.integers(0, m + 1, e - 1))
+    return np.diff(np.concatenate([[0], cuts, [m]])).astype(np.int32)
+
+
+def section_gmm(args):
+    import jax
+    import jax.numpy as jnp
+
+    from moe import gpu as mg
+
+    rng = np.random.default_rng(int(time.time()) + 1)
+
+    # small correctness with group_offset and rows past sum(group_sizes)
+    try:
+        m, k, n = 640, 256, 512
+        sizes = np.asarray([100, 0, 200, 150, 90], np.int32)  # sum 540 < 640
+        lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        rhs = jnp.asarray(rng.standard_normal((2, k, n)), jnp.bfloat16)
+        import importlib
+
+        gref = importlib.import_module("reference.gmm")
+
+        for off in (0, 2):
+            r = gref.gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), jnp.asarray(sizes), group_offset=off)
+            for bs in (mg.GmmBlockSizes(tile_m=64, tile_n=128, wg_dim="m", num_stages=3),
+                       mg.GmmBlockSizes(tile_m=128, tile_n=128, num_stages=3)):
+                o = mg.gmm_gpu(lhs, rhs, jnp.asarray(sizes), group_offset=off, block_sizes=bs)
+                err = rel_err(np.asarray(o.astype(jnp.float32)), np.asarray(r))
+                RESULTS.setdefault("gmm_checks", []).append(dict(offset=off, bs=str(bs), rel_err=err))
+                log(f"  gmm check offset {off} {bs.wg_dim} tm{bs.tile_m}: rel_err {err:.2e}")
+    except Exception as e:  # noqa: BLE001
+        RESULTS["errors"]["gmm small"] = traceback.format_exc()[-2000:]
+        log(f"  gmm small FAILED: {type(e).__name__}: {str(e)[:300]}")
+
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as jrd
+    except Exception:  # noqa: BLE001
+        jrd = None
+
+    shapes = [("E8 M8192 K4096 N14336", 8, 8192, 4096, 14336),
+              ("E64 M8192 K2048 N1408", 64, 8192, 2048, 1408)]
+    ours_cfgs = {
+        8: [dict(tile_m=128, tile_n=128, num_stages=3), dict(tile_m=128, tile_n=128, num_stages=2),
+            dict(tile_m=128, tile_n=128, num_stages=3, grid_tile_width=4),
+            dict(tile_m=128, tile_n=128, num_stages=3, wg_dim="m")],
+        64: [dict(tile_m=64, tile_n=128, wg_dim="m", num_stages=4),
+             dict(tile_m=64, tile_n=128, wg_dim="m", num_stages=3, grid_tile_width=4),
+             dict(tile_m=128, tile_n=64, num_stages=3)],
+    }
+    peer_cfgs = {8: [dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=8),
+                     dict(block_m=128, block_n=256, block_k=64, max_concurrent_steps=3, grid_block_n=4)],
+                 64: [dict(block_m=64, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1),
+                      dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)]}
+    for label, e, m, k, n in shapes:
+        flops = 2 * m * k * n
+        lhs = jax.random.normal(jax.random.key(3), (m, k), jnp.bfloat16)
+        rhs = jax.random.normal(jax.random.key(4), (e, k, n), jnp.bfloat16)
+        for balanced in ((True, False) if e == 8 else (False,)):
+            gs = jnp.asarray(_group_sizes(rng, m, e, balanced))
+            tag = f"{label} {'balanced' if balanced else 'random'}"
+            ref = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a.astype(jnp.float32), b.astype(jnp.float32), g,
+                                                             precision=jax.lax.Precision.HIGHEST))(lhs, rhs, gs)
+            ref = np.asarray(ref)
+            cfgs = ours_cfgs[e][:1] if args.quick else ours_cfgs[e]
+            for cfg in cfgs:
+                bs = mg.GmmBlockSizes(**cfg)
+                name = f"ours {tag} {bs.wg_dim} {bs.tile_m}x{bs.tile_n} st{bs.num_stages} w{bs.grid_tile_width}"
+                try:
+                    f = jax.jit(functools_partial(mg.gmm_gpu, block_sizes=bs))
+                    o = np.asarray(f(lhs, rhs, gs).astype(jnp.float32))
+                    err = rel_err(o, ref)
+                    ms, how = timeit(f, lhs, rhs, gs, iters=10)
+                    record("gmm", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e} {how}")
+                except Exception as ex:  # noqa: BLE001
+                    RESULTS["errors"][name] = traceback.format_exc()[-2000:]
+                    log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+            try:
+                f = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g))
+                o = np.asarray(f(lhs, rhs, gs).astype(jnp.float32))
+                ms, how = timeit(f, lhs, rhs, gs, iters=5)
+                record("gmm", f"peer jax.lax.ragged_dot {tag}", ms, flops / ms / 1e9, "TFLOP/s",
+                       f"err {rel_err(o, ref):.1e} {how}")
+            except Exception as ex:  # noqa: BLE001
+                RESULTS["errors"][f"gmm xla {tag}"] = traceback.format_exc()[-1500:]
+                log(f"  gmm xla FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+            if jrd is not None:
+                for pc in (peer_cfgs[e][:1] if args.quick else peer_cfgs[e]):
+                    name = f"peer jax mgpu ragged_dot {tag} bm{pc['block_m']} bn{pc['block_n']}"
+                    try:
+                        f = jax.jit(lambda a, b, g, pc=pc: jrd.ragged_dot(a, b, group_sizes=g, **pc))
+                        o = np.asarray(f(lhs, rhs, gs).astype(jnp.float32))
+                        ms, how = timeit(f, lhs, rhs, gs, iters=10)
+                        record("gmm", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")
+                    except Exception as ex:  # noqa: BLE001
+                        RESULTS["errors"][name] = traceback.format_exc()[-1500:]
+                        log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:200]}")
+        del lhs, rhs
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def section_qmm(args):
+    import jax
+    import jax.numpy as jnp
+
+    from quant import gpu as qg
+    from quant.tensor import pack_int4
+
+    rng = np.random.default_rng(int(time.time()) + 2)
+    m, k, n = 16, 8192, 8192
+    nsets = 4  # rotate weight sets: int4 (32 MiB) and int8 (64 MiB) would otherwise sit in L2
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    flops = 2 * m * k * n
+
+    wb = [jax.random.normal(jax.random.key(10 + i), (k, n), jnp.bfloat16) for i in range(nsets)]
+
+    def rot(fn):
+        return jax.jit(lambda x, *ws: [fn(x, w) for w in ws])
+
+    f_bf16 = rot(lambda x, w: x @ w)
+    ms_bf16, how = timeit(f_bf16, x, *wb, iters=10)
+    ms_bf16 /= nsets
+    record("qmm", "peer XLA bf16 x @ W (decode M16)", ms_bf16, flops / ms_bf16 / 1e9, "TFLOP/s", how)
+    del wb
+
+    for fmt in ("int8", "int4"):
+        lim = 127 if fmt == "int8" else 7
+        vals = [jax.random.randint(jax.random.key(20 + i), (k, n), -lim, lim + 1, jnp.int32).astype(jnp.int8)
+                for i in range(nsets)]
+        scales = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)) / lim, jnp.float32)
+        packed = [pack_int4(v) for v in vals] if fmt == "int4" else vals
+        ref = np.asarray(jnp.dot(x.astype(jnp.float32), vals[0].astype(jnp.float32) * scales,
+                                 precision=jax.lax.Precision.HIGHEST))
+        if fmt == "int8":
+            f_x = rot(lambda x, w, scales=scales: (x @ w.astype(jnp.bfloat16)) * scales.astype(jnp.bfloat16))
+            ms, how = timeit(f_x, x, *vals, iters=10)
+            ms /= nsets
+            record("qmm", "peer XLA int8 convert + dot", ms, ms_bf16 / ms, "x vs bf16", how)
+        if fmt == "int8":
+            cfgs = [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
+                    dict(tk=128, num_stages=3, consumers=2, k_splits=4, tn=128),
+                    dict(tk=128, num_stages=6, consumers=1, k_splits=2, tn=128),
+                    dict(tk=64, num_stages=6, consumers=2, k_splits=4, tn=128)]
+        else:
+            cfgs = [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
+                    dict(tk=64, num_stages=4, consumers=2, k_splits=4, tn=128),
+                    dict(tk=128, num_stages=4, consumers=1, k_splits=2, tn=128),
+                    dict(tk=64, num_stages=6, consumers=2, k_splits=2, tn=64)]
+        if args.quick:
+            cfgs = cfgs[:1]
+        for cfg in cfgs:
+            name = (f"ours {fmt} tk{cfg['tk']} st{cfg['num_stages']} c{cfg['consumers']}x{cfg['tn']} "
+                    f"ks{cfg['k_splits']}")
+            try:
+                g = functools_partial(qg.quantized_matmul_decode, fmt=fmt, block_sizes=cfg)
+                one = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
+                o = np.asarray(one(x, packed[0])[0].astype(jnp.float32))
+                err = rel_err(o, ref)
+                f = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
+                ms, how = timeit(f, x, *packed, iters=10)
+                ms /= nsets
+                record("qmm", name, ms, ms_bf16 / ms, "x vs bf16", f"err {err:.1e} {how}")
+            except Exception as ex:  # noqa: BLE001
+                RESULTS["errors"][name] = traceback.format_exc()[-2000:]
+                log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+        del vals, packed
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="ceil,rpa,gmm,qmm")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args(argv)
+    import jax
+
+    dev = jax.devices()[0]
+    RESULTS["device"] = f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}"
+    log("device:", RESULTS["device"])
+    t_start = time.time()
+    for sec in args.only.split(","):
+        fn = globals()[f"section_{sec}"]
+        t0 = time.time()
+        log(f"== {sec}")
+        try:
+            fn(args)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][sec] = traceback.format_exc()[-3000:]
+            log(f"  section {sec} FAILED: {type(e).__name__}: {str(e)[:500]}")
+        log(f"   ({time.time() - t0:.1f} s)")
+        with open(os.path.join(args.out, "gpu_results.json"), "w") as fh:
+            json.dump(RESULTS, fh, indent=1, default=str)
+    log(f"\n== summary ({RESULTS['device']}, {time.time() - t_start:.0f} s)")
+    for sec, name, ms, fig, unit, note in ROWS:
+        log(f"{sec:5s} {name:55s} {ms * 1e3:9.1f} us {fig:8.2f} {unit:9s} {note}")
+    if RESULTS["errors"]:
+        log("errors in:", ", ".join(RESULTS["errors"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
