@@ -3,6 +3,9 @@
     t = max(bytes_moved / hbm_bandwidth, flops / peak_rate) + grid_steps * step_overhead
         + dmas * dma_overhead
 
+with the bandwidth and peak rate of one JAX device (a kernel call runs on one): half a chip on v4
+and tpu7x, whose TensorCores are separate devices; the whole chip elsewhere.
+
 Every figure it produces is a model, and is labelled "model" wherever it is reported.
 """
 
@@ -48,8 +51,9 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
     """Predicted time of one call on `spec` (a ChipSpec or generation name)."""
     if isinstance(spec, str):
         spec = chip(spec)
-    mem = traffic.bytes_moved / spec.hbm_bytes_per_s
-    peak = spec.peak_flops(traffic.flops_kind)
+    bandwidth = spec.device_hbm_bytes_per_s
+    mem = traffic.bytes_moved / bandwidth
+    peak = spec.device_peak_flops(traffic.flops_kind)
     comp = traffic.flops / peak
     over = traffic.grid_steps * spec.grid_step_overhead_s + traffic.dmas * spec.dma_overhead_s
     total = max(mem, comp) + over
@@ -57,5 +61,5 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
     useful_f = traffic.useful_flops if traffic.useful_flops is not None else traffic.flops
     bound = "overhead" if over > max(mem, comp) else ("memory" if mem >= comp else "compute")
     total = max(total, 1e-12)
-    return Prediction(total, mem, comp, over, useful_b / total / spec.hbm_bytes_per_s,
+    return Prediction(total, mem, comp, over, useful_b / total / bandwidth,
                       useful_f / total / peak, bound)

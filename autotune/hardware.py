@@ -38,15 +38,28 @@ class ChipSpec:
     dma_overhead_s: float  # fixed cost of issuing + waiting one DMA
     aot_topology: str | None  # libtpu compile-only topology name
     sources: tuple[str, ...]
+    # JAX devices per chip: a kernel runs on one device. v4 and tpu7x show each TensorCore as its own
+    # device (libtpu compile-only topologies: v4:1x1x1 has 2 devices, tpu7x:2x2x1 has 8 for 4 chips);
+    # v5p's megacore is one device of 2 cores. A device gets its share of HBM bandwidth and peak rate.
+    devices_per_chip: int = 1
 
     @property
     def is_tpu(self) -> bool:
         return self.kind == "tpu"
 
     def peak_flops(self, dtype_kind: str) -> float:
-        """Peak rate for "bf16", "int8" or "fp8"; a chip without that unit runs it at the bf16 rate."""
+        """Per-chip peak for "bf16", "int8" or "fp8"; a chip without that unit runs it at the bf16 rate."""
         rate = {"bf16": self.bf16_flops, "int8": self.int8_ops, "fp8": self.fp8_flops}[dtype_kind]
         return rate if rate is not None else self.bf16_flops
+
+    @property
+    def device_hbm_bytes_per_s(self) -> float:
+        """HBM bandwidth one JAX device (what one kernel call runs on) can use."""
+        return self.hbm_bytes_per_s / self.devices_per_chip
+
+    def device_peak_flops(self, dtype_kind: str) -> float:
+        """Peak rate of one JAX device."""
+        return self.peak_flops(dtype_kind) / self.devices_per_chip
 
 
 _DATASHEET = "Google Cloud TPU system-architecture pages (per-chip datasheet figures)"
@@ -58,7 +71,7 @@ _STEP = ("~0.35 us per grid step: libtpu static cycle estimate (+~540 cycles/ste
 CHIPS: dict[str, ChipSpec] = {
     "v4": ChipSpec(
         "v4", "tpu", 32 * 10**9, 1.2e12, 275e12, 275e12, None, 16 * MiB, 16 * MiB, (128, 128), 4, 2,
-        0.35e-6, 0.03e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+        0.35e-6, 0.03e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP), devices_per_chip=2),
     "v5e": ChipSpec(
         "v5e", "tpu", 16 * 10**9, 819e9, 197e12, 394e12, None, 128 * MiB, 16 * MiB, (128, 128), 4, 1,
         0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
@@ -70,7 +83,7 @@ CHIPS: dict[str, ChipSpec] = {
         0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
     "tpu7x": ChipSpec(
         "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 2, 2,
-        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP), devices_per_chip=2),
     "h100": ChipSpec(
         "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, 228 * 1024, 228 * 1024, (0, 0), 0, 132,
         3e-6, 0.0, None,

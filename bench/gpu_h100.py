@@ -70,6 +70,16 @@ def timeit(f, *args, iters=20):
     return float(statistics.median(reps)), "wall"
 
 
+def kernel_breakdown(f, *args):
+    """[(kernel name, ms)] of one call of f (CUPTI), after a warm-up call."""
+    import jax
+    from jax.experimental.mosaic.gpu import profiler
+
+    jax.block_until_ready(f(*args))
+    _, kernels = profiler.measure(f, aggregate=False)(*args)
+    return [(str(n), float(t)) for n, t in (kernels or [])]
+
+
 def record(section, name, ms, figure, unit, note=""):
     ROWS.append((section, name, ms, figure, unit, note))
     RESULTS["sections"].setdefault(section, []).append(
@@ -183,14 +193,13 @@ def section_rpa(args):
         jax.block_until_ready(cache)
         ms = (time.perf_counter() - t0) * 1e3 / 20
         record("rpa", "ours KV write (XLA scatter, donated), wall", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s")
-        from jax.experimental.mosaic.gpu import profiler
-
-        ts = []
-        for _ in range(10):
-            cache, t = profiler.measure(wkv)(cache, knew, knew, kv_lens, page_indices, cu, dist)
-            ts.append(t)
-        ms = float(statistics.median(ts))
-        record("rpa", "ours KV write (XLA scatter, donated), cupti", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s")
+        # kernel time of the scatter alone: not donated (XLA then copies the cache first); the
+        # per-kernel breakdown separates the copy from the scatter kernels.
+        kb = kernel_breakdown(jax.jit(rg.write_new_kv), cache, knew, knew, kv_lens, page_indices, cu, dist)
+        RESULTS["rpa_kv_write_kernels"] = kb
+        ms = sum(t for name, t in kb if "copy" not in name.lower() and "memcpy" not in name.lower())
+        record("rpa", "ours KV write kernels (XLA scatter), cupti", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s",
+               "; ".join(f"{n[:24]} {t * 1e3:.1f}us" for n, t in kb))
     except Exception as e:  # noqa: BLE001
         RESULTS["errors"]["rpa kv write"] = traceback.format_exc()[-2000:]
         log(f"  rpa kv write FAILED: {type(e).__name__}: {str(e)[:300]}")
@@ -229,6 +238,8 @@ def section_rpa(args):
     configs = [(128, 2, 1), (128, 2, 2), (64, 4, 1), (64, 4, 2), (64, 5, 2), (128, 1, 2), (256, 1, 2)]
     if args.quick:
         configs = configs[:3]
+    if args.lite:
+        configs = configs[:1]
     best = None
     for cfg in configs:
         bs = rg.DecodeBlockSizes(*cfg)
@@ -246,6 +257,8 @@ def section_rpa(args):
             log(f"  rpa {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
     RESULTS["rpa_best"] = best
 
+    if args.lite:
+        return
     # peer: XLA gather + softmax
     try:
         f = jax.jit(xla_decode)
@@ -437,20 +450,23 @@ def section_qmm(args):
             ms /= nsets
             record("qmm", "peer XLA int8 convert + dot", ms, ms_bf16 / ms, "x vs bf16", how)
         if fmt == "int8":
-            cfgs = [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
-                    dict(tk=128, num_stages=3, consumers=2, k_splits=4, tn=128),
-                    dict(tk=128, num_stages=6, consumers=1, k_splits=2, tn=128),
+            cfgs = [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64, double_buffer=False),
+                    dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
+                    dict(tk=64, num_stages=6, consumers=2, k_splits=2, tn=64),
                     dict(tk=64, num_stages=6, consumers=2, k_splits=4, tn=128)]
         else:
-            cfgs = [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
-                    dict(tk=64, num_stages=4, consumers=2, k_splits=4, tn=128),
-                    dict(tk=128, num_stages=4, consumers=1, k_splits=2, tn=128),
-                    dict(tk=64, num_stages=6, consumers=2, k_splits=2, tn=64)]
+            cfgs = [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64, double_buffer=False),
+                    dict(tk=128, num_stages=3, consumers=2, k_splits=2, tn=64),
+                    dict(tk=64, num_stages=6, consumers=2, k_splits=2, tn=64),
+                    dict(tk=64, num_stages=4, consumers=1, k_splits=2, tn=128)]
         if args.quick:
             cfgs = cfgs[:1]
+        if args.qmm_cfgs:
+            cfgs = json.loads(args.qmm_cfgs)
+        best_q = None
         for cfg in cfgs:
             name = (f"ours {fmt} tk{cfg['tk']} st{cfg['num_stages']} c{cfg['consumers']}x{cfg['tn']} "
-                    f"ks{cfg['k_splits']}")
+                    f"ks{cfg['k_splits']} b{1 if cfg.get('double_buffer') is False else 2} {cfg.get('load_layout')}")
             try:
                 g = functools_partial(qg.quantized_matmul_decode, fmt=fmt, block_sizes=cfg)
                 one = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
@@ -460,9 +476,39 @@ def section_qmm(args):
                 ms, how = timeit(f, x, *packed, iters=10)
                 ms /= nsets
                 record("qmm", name, ms, ms_bf16 / ms, "x vs bf16", f"err {err:.1e} {how}")
+                if best_q is None or ms < best_q[0]:
+                    best_q = (ms, name, one)
             except Exception as ex:  # noqa: BLE001
                 RESULTS["errors"][name] = traceback.format_exc()[-2000:]
                 log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+        # K-major weights ([N, Kp], prepared once): the tile is widened straight into wgmma's A registers
+        nk_cfgs = json.loads(args.qmm_nk_cfgs) if args.qmm_nk_cfgs else [
+            dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
+            dict(tk=128, num_stages=6, consumers=2, k_splits=2, tn=64),
+            dict(tk=128, num_stages=4, consumers=2, k_splits=4, tn=128)]
+        packed_nk = [qg.prepare_weights_nk(v) for v in packed]
+        for cfg in nk_cfgs:
+            name = (f"ours {fmt} K-major tk{cfg['tk']} st{cfg['num_stages']} c{cfg['consumers']}x{cfg['tn']} "
+                    f"ks{cfg['k_splits']} {cfg.get('load_layout')}")
+            try:
+                g = functools_partial(qg.quantized_matmul_decode_nk, fmt=fmt, block_sizes=cfg)
+                one = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
+                o = np.asarray(one(x, packed_nk[0])[0].astype(jnp.float32))
+                err = rel_err(o, ref)
+                f = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
+                ms, how = timeit(f, x, *packed_nk, iters=10)
+                ms /= nsets
+                record("qmm", name, ms, ms_bf16 / ms, "x vs bf16", f"err {err:.1e} {how}")
+                if best_q is None or ms < best_q[0]:
+                    best_q = (ms, name, one, packed_nk[1])
+            except Exception as ex:  # noqa: BLE001
+                RESULTS["errors"][name] = traceback.format_exc()[-2000:]
+                log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+        del packed_nk
+        if best_q is not None:
+            kb = kernel_breakdown(best_q[2], x, best_q[3] if len(best_q) > 3 else packed[1])
+            RESULTS.setdefault("qmm_kernels", {})[best_q[1]] = kb
+            log(f"  kernels of {best_q[1]}: " + "; ".join(f"{n[:40]} {t * 1e3:.1f}us" for n, t in kb))
         del vals, packed
 
 
@@ -473,6 +519,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="ceil,rpa,gmm,qmm")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lite", action="store_true", help="rpa: checks, KV write and one config, no peers")
+    ap.add_argument("--qmm-cfgs", default=None, help="JSON list of quant block-size dicts (replaces the sweep)")
+    ap.add_argument("--qmm-nk-cfgs", default=None, help="the same for the K-major weight kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args(argv)
     import jax

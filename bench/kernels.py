@@ -97,8 +97,8 @@ def run(shape_set: str = "all", kernel: str | None = None, *, measure: bool = Tr
             useful_f = row["useful_flops"]
             row["bandwidth_GBps"] = useful_b / seconds / 1e9
             row["TFLOPs"] = useful_f / seconds / 1e12
-            row["MBU"] = useful_b / seconds / spec.hbm_bytes_per_s
-            row["MFU"] = useful_f / seconds / spec.peak_flops(traffic.flops_kind)
+            row["MBU"] = useful_b / seconds / spec.device_hbm_bytes_per_s
+            row["MFU"] = useful_f / seconds / spec.device_peak_flops(traffic.flops_kind)
             if device_gen:
                 row["MBU_vs_measured_copy"] = useful_b / seconds / ceilings["copy_bytes_per_s"]
                 row["MFU_vs_measured_matmul"] = useful_f / seconds / ceilings["matmul_flops"]
@@ -126,7 +126,7 @@ def roofline_plot(df, path: Path) -> Path:
         intensity = sub["useful_flops"] / sub["useful_bytes"]
         ax.scatter(intensity, sub["TFLOPs"], label=f"{gen} ({sub['source'].iloc[0]})", s=18)
         xs = np.logspace(-1, 4, 100)
-        ax.plot(xs, np.minimum(xs * spec.hbm_bytes_per_s, spec.bf16_flops) / 1e12, lw=0.8, alpha=0.6)
+        ax.plot(xs, np.minimum(xs * spec.device_hbm_bytes_per_s, spec.device_peak_flops("bf16")) / 1e12, lw=0.8, alpha=0.6)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (useful FLOP / useful byte)")

@@ -1,0 +1,310 @@
+"""Public MoE entry points: `gmm` and `fused_moe` (validation, block sizes, backend dispatch).
+
+The Pallas TPU kernel (moe/tpu.py) runs on TPUs and in TPU interpret mode (`interpret=True`); on a
+Hopper GPU moe/gpu.py's kernel runs plain bf16/fp16 gmm. Elsewhere, or for a combination a kernel
+does not handle (it raises NotImplementedError), the call falls back to reference.gmm with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autotune.hardware import GPU_GENERATIONS, detect
+from autotune.tables import lookup
+from moe import routing, tpu, tuning
+from quant.tensor import QuantizedTensor, unpack_int4
+from reference.gmm import gmm as reference_gmm
+
+ACTIVATIONS = tpu.ACTIVATIONS
+FUSED_ACTIVATIONS = {"silu": "swiglu", "gelu": "gelu_glu"}
+SCORINGS = ("softmax", "sigmoid")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        warnings.warn(message, stacklevel=3)
+        _warned.add(message)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _rhs_info(rhs, name: str = "rhs"):
+    """(logical shape, dtype name, quant_block: -1 float / 0 per channel / rows per scale)."""
+    if isinstance(rhs, QuantizedTensor):
+        shape = tuple(rhs.shape)
+        bk, _ = rhs.block_size
+        if len(shape) != 3:
+            raise ValueError(f"{name}: expected a [G, K, N] weight, got a quantized tensor of shape {shape}")
+        return shape, rhs.dtype, 0 if bk == shape[1] else bk
+    if not hasattr(rhs, "shape") or not hasattr(rhs, "dtype"):
+        raise ValueError(f"{name}: expected an array or quant.QuantizedTensor, got {type(rhs).__name__}")
+    if rhs.ndim != 3:
+        raise ValueError(f"{name}: expected 3 dims [G, K, N], got shape {tuple(rhs.shape)}")
+    if not jnp.issubdtype(rhs.dtype, jnp.floating):
+        raise ValueError(f"{name}: expected a float dtype or a quant.QuantizedTensor, got {rhs.dtype}")
+    return tuple(rhs.shape), jnp.dtype(rhs.dtype).name, -1
+
+
+def check_group_sizes(group_sizes, m: int, *, name: str = "group_sizes") -> None:
+    """Value checks (debug_checks): no negative size, sizes summing to at most M (concrete values)."""
+    sizes = np.asarray(group_sizes)
+    if np.any(sizes < 0):
+        raise ValueError(f"{name}: negative group size {int(sizes.min())} at group {int(np.argmin(sizes))}")
+    if int(sizes.sum()) > m:
+        raise ValueError(f"{name}: sizes sum to {int(sizes.sum())}, past the {m} rows of lhs")
+
+
+def _validate_gmm(lhs, rhs, group_sizes, group_offset, activation, debug_checks):
+    if not hasattr(lhs, "ndim") or lhs.ndim != 2:
+        raise ValueError(f"lhs: expected 2 dims [M, K], got shape {tuple(getattr(lhs, 'shape', ()))}")
+    if not jnp.issubdtype(lhs.dtype, jnp.floating):
+        raise ValueError(f"lhs: expected a float dtype, got {lhs.dtype}")
+    shape, rhs_dtype, quant_block = _rhs_info(rhs)
+    g_local, k, n = shape
+    m = lhs.shape[0]
+    if k != lhs.shape[1]:
+        raise ValueError(f"rhs: K {k} does not match lhs K {lhs.shape[1]} (lhs {tuple(lhs.shape)}, rhs {shape})")
+    if not hasattr(group_sizes, "ndim") or group_sizes.ndim != 1:
+        raise ValueError(f"group_sizes: expected a 1-D int32 array, got {group_sizes!r}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes: expected int32, got {group_sizes.dtype}")
+    g = group_sizes.shape[0]
+    if g < g_local:
+        raise ValueError(f"group_sizes: length {g} is shorter than the {g_local} groups rhs holds")
+    if isinstance(group_offset, (int, np.integer)):
+        if group_offset < 0 or group_offset + g_local > g:
+            raise ValueError(f"group_offset: {group_offset} + {g_local} local groups exceeds the {g} groups "
+                             "of group_sizes")
+    elif getattr(group_offset, "shape", None) != ():
+        raise ValueError(f"group_offset: expected an int or a scalar array, got {group_offset!r}")
+    elif g_local == g and _is_concrete(group_offset) and int(group_offset) != 0:
+        raise ValueError(f"group_offset: rhs holds all {g} groups, so the offset must be 0")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if activation is not None and n % 2:
+        raise ValueError(f"rhs: a gated activation needs an even N (gate | up), got N={n}")
+    if debug_checks:
+        if not _is_concrete(group_sizes):
+            raise ValueError("group_sizes: debug_checks=True needs concrete values (call outside jit)")
+        check_group_sizes(group_sizes, m)
+    return m, k, n, g_local, rhs_dtype, quant_block
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def _platform() -> str:
+    """"tpu" | "gpu" | "cpu": where the call will run (a compile-only TPU mesh in scope counts)."""
+    gen = detect()
+    if gen is not None:
+        return "gpu" if gen in GPU_GENERATIONS else "tpu"
+    platform = jax.devices()[0].platform
+    return platform if platform in ("tpu", "gpu") else "cpu"
+
+
+def _gpu_gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_sizes):
+    """moe/gpu.py's Hopper kernel (bf16/fp16 arrays; the gated activation applied after it)."""
+    if isinstance(rhs, QuantizedTensor):
+        raise NotImplementedError("GPU gmm: quantized experts")
+    from moe import gpu
+
+    gpu_bs = block_sizes if isinstance(block_sizes, dict) and "tile_m" in block_sizes else None
+    out = gpu.gmm_gpu(lhs, rhs, group_sizes, group_offset=group_offset,
+                      preferred_element_type=out_dtype if activation is None else jnp.float32,
+                      block_sizes=gpu_bs)
+    if activation is None:
+        return out
+    half = out.shape[1] // 2
+    return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
+
+
+def block_sizes_for(key: dict, block_sizes=None, interpret=False):
+    """The caller's block sizes, else the table's (autotune.lookup("gmm", key)). On a GPU the TPU
+    tables do not apply: the caller's sizes (or None, the GPU kernel's default) pass through."""
+    if not interpret and _platform() == "gpu":
+        return block_sizes
+    if block_sizes is None:
+        block_sizes, _ = lookup("gmm", key)
+    if not isinstance(block_sizes, dict) or not {"tm", "tk", "tn"} <= set(block_sizes):
+        raise ValueError(f"block_sizes: expected a dict with tm, tk, tn, got {block_sizes!r}")
+    return dict(block_sizes)
+
+
+def _kernel_args(rhs):
+    """(values, scales, scale_block, int4) for the kernel: scales expanded to one per column."""
+    if not isinstance(rhs, QuantizedTensor):
+        return rhs, None, None, False
+    g, k, n = rhs.shape
+    bk, bn = rhs.block_size
+    scales = rhs.scales.astype(jnp.float32)
+    if bn > 1:
+        scales = jnp.repeat(scales, bn, axis=-1)
+    if rhs.dtype == "int4" and not tpu.packed_int4_ok(k):
+        return unpack_int4(rhs.values), scales, (None if bk == k else bk), False
+    return rhs.values, scales, (None if bk == k else bk), rhs.dtype == "int4"
+
+
+def _gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_sizes, interpret,
+         fill_zeros=True):
+    """Kernel when possible, else the reference (with a warning)."""
+    platform = "tpu" if interpret else _platform()
+    if platform == "gpu":
+        try:
+            return _gpu_gmm(lhs, rhs, group_sizes, group_offset=group_offset, out_dtype=out_dtype,
+                            activation=activation, block_sizes=block_sizes)
+        except (NotImplementedError, ImportError) as err:
+            _warn_once(f"moe.gmm: the GPU kernel does not handle this call ({err}); using reference.gmm")
+    elif platform == "tpu":
+        values, scales, scale_block, int4 = _kernel_args(rhs)
+        fused = activation is None or tpu.fuses_activation(values.shape[-1])
+        try:
+            out = tpu.gmm(lhs, values, group_sizes, scales=scales, scale_block=scale_block, int4=int4,
+                          group_offset=group_offset, out_dtype=out_dtype if fused else jnp.float32,
+                          activation=activation if fused else None,
+                          tm=int(block_sizes["tm"]), tk=int(block_sizes["tk"]), tn=int(block_sizes["tn"]),
+                          vmem_limit_bytes=block_sizes.get("vmem_limit_bytes"), fill_zeros=fill_zeros,
+                          interpret=interpret)
+            if fused:
+                return out
+            half = out.shape[1] // 2
+            return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
+        except NotImplementedError as err:
+            _warn_once(f"moe.gmm: the TPU kernel does not handle this call ({err}); using reference.gmm")
+    else:
+        _warn_once("moe.gmm: no TPU or GPU attached and interpret=False; using reference.gmm (pure JAX)")
+    return reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype,
+                       activation=activation)
+
+
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, activation=None,
+        block_sizes=None, interpret=False, debug_checks=False):
+    """Grouped matmul: rows of lhs [M, K] (sorted by group) times their group's rhs [K, N].
+
+    group_sizes i32[G] covers all groups; rhs [G_local, K, N] (array or quant.QuantizedTensor) holds
+    groups [group_offset, group_offset + G_local). Rows of other groups and rows past
+    sum(group_sizes) come back as zeros. activation "swiglu" | "gelu_glu": rhs columns [0, N/2) are
+    the gate and [N/2, N) the up projection; output act(gate) * up, [M, N/2]. block_sizes None
+    reads tuned_configs (autotune.lookup("gmm", ...)). debug_checks=True checks group_sizes' values
+    (concrete arrays only).
+    """
+    m, k, n, g_local, rhs_dtype, quant_block = _validate_gmm(lhs, rhs, group_sizes, group_offset,
+                                                             activation, debug_checks)
+    if isinstance(rhs, QuantizedTensor):
+        out_dtype = preferred_element_type or lhs.dtype
+    else:
+        out_dtype = preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype)
+    if m == 0:
+        return jnp.zeros((0, n // 2 if activation else n), out_dtype)
+    key = tuning.make_key(m=m, k=k, n=n, num_groups=g_local, lhs_dtype=lhs.dtype, rhs_dtype=rhs_dtype,
+                          quant_block=quant_block, activation=activation)
+    bs = block_sizes_for(key, block_sizes, interpret)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), group_offset=group_offset, out_dtype=out_dtype,
+                activation=activation, block_sizes=bs, interpret=interpret)
+
+
+# ---------------------------------------------------------------- fused MoE
+
+
+def validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation):
+    """Shape checks of fused_moe; returns (T, D, E, F)."""
+    if not hasattr(x, "ndim") or x.ndim != 2:
+        raise ValueError(f"x: expected 2 dims [T, D], got shape {tuple(getattr(x, 'shape', ()))}")
+    t, d = x.shape
+    if not hasattr(router_logits, "ndim") or router_logits.ndim != 2 or router_logits.shape[0] != t:
+        raise ValueError(f"router_logits: expected [T={t}, E], got shape {tuple(getattr(router_logits, 'shape', ()))}")
+    e = router_logits.shape[1]
+    (eg, dg, two_f), _, _ = _rhs_info(w_gate_up, "w_gate_up")
+    (ed, f, dd), _, _ = _rhs_info(w_down, "w_down")
+    if eg != e or ed != e:
+        raise ValueError(f"w_gate_up / w_down: expert counts {eg} / {ed} do not match router_logits' E={e}")
+    if dg != d or dd != d:
+        raise ValueError(f"w_gate_up / w_down: model dims {dg} / {dd} do not match x's D={d}")
+    if two_f != 2 * f:
+        raise ValueError(f"w_gate_up: expected 2F={2 * f} columns (gate, then up) for w_down's F={f}, got {two_f}")
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or not 1 <= top_k <= e:
+        raise ValueError(f"top_k: expected an int in [1, E={e}], got {top_k!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring: expected one of {SCORINGS}, got {scoring!r}")
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {tuple(FUSED_ACTIVATIONS)}, got {activation!r}")
+    return t, d, e, f
+
+
+def moe_block_sizes(block_sizes, keys: dict, interpret=False) -> dict:
+    """Per-gmm block sizes of fused_moe: block_sizes may be None (tables), one dict for both calls or
+    {"gate_up": {...}, "down": {...}}."""
+    if block_sizes is not None and not isinstance(block_sizes, dict):
+        raise ValueError(f"block_sizes: expected None or a dict, got {block_sizes!r}")
+    split = isinstance(block_sizes, dict) and bool({"gate_up", "down"} & set(block_sizes))
+    out = {}
+    for name, key in keys.items():
+        given = block_sizes.get(name) if split else block_sizes
+        out[name] = block_sizes_for(key, given, interpret)
+    return out
+
+
+def expert_layer(x, weights, experts, w_gate_up, w_down, *, group_offset, num_experts, activation,
+                 block_sizes, interpret):
+    """Sort, gate/up gmm with the fused activation, down gmm, weighted combine (f32 [T, D]).
+
+    Computes the experts [group_offset, group_offset + G_local) that w_gate_up / w_down hold; the
+    other experts' copies contribute nothing (expert parallelism sums the shards).
+    """
+    t, top_k = experts.shape
+    (g_local, _, _), _, _ = _rhs_info(w_gate_up, "w_gate_up")
+    order, inverse, group_sizes = routing.sort_by_expert(experts, num_experts)
+    x_sorted = x[order // top_k]
+    local_all = g_local == num_experts
+    h = _gmm(x_sorted, w_gate_up, group_sizes, group_offset=group_offset, out_dtype=x.dtype,
+             activation=FUSED_ACTIVATIONS[activation], block_sizes=block_sizes["gate_up"],
+             interpret=interpret, fill_zeros=local_all)
+    y = _gmm(h, w_down, group_sizes, group_offset=group_offset, out_dtype=jnp.float32, activation=None,
+             block_sizes=block_sizes["down"], interpret=interpret, fill_zeros=local_all)
+    keep = None
+    if not local_all:
+        keep = (experts >= group_offset) & (experts < group_offset + g_local)
+    return routing.combine(y, inverse, weights, keep)
+
+
+def gmm_keys(t, d, f, g_local, top_k, x_dtype, w_gate_up, w_down, activation) -> dict:
+    """Table keys of fused_moe's two gmm calls (both are "gmm" entries)."""
+    _, gu_dtype, gu_block = _rhs_info(w_gate_up, "w_gate_up")
+    _, dn_dtype, dn_block = _rhs_info(w_down, "w_down")
+    m = t * top_k
+    return {
+        "gate_up": tuning.make_key(m=m, k=d, n=2 * f, num_groups=g_local, lhs_dtype=x_dtype,
+                                   rhs_dtype=gu_dtype, quant_block=gu_block,
+                                   activation=FUSED_ACTIVATIONS[activation]),
+        "down": tuning.make_key(m=m, k=f, n=d, num_groups=g_local, lhs_dtype=x_dtype, rhs_dtype=dn_dtype,
+                                quant_block=dn_block, activation=None),
+    }
+
+
+def fused_moe(x, router_logits, w_gate_up, w_down, *, top_k, renormalize=True, scoring="softmax",
+              activation="silu", block_sizes=None, interpret=False):
+    """Mixture-of-experts layer: x [T, D], router_logits [T, E], w_gate_up [E, D, 2F] (gate columns
+    first, then up), w_down [E, F, D] (arrays or quant.QuantizedTensor) -> [T, D] in x.dtype.
+
+    out[t] = sum over the top_k experts e of weight * ((act(x @ gate_e) * (x @ up_e)) @ down_e), with
+    probs = softmax(router_logits) (or sigmoid), the top_k largest probs (ties: lower expert index),
+    weight = probs there, divided by their sum when renormalize. activation "silu" | "gelu".
+    """
+    t, d, e, f = validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation)
+    if t == 0:
+        return jnp.zeros_like(x)
+    keys = gmm_keys(t, d, f, e, top_k, x.dtype, w_gate_up, w_down, activation)
+    bs = moe_block_sizes(block_sizes, keys, interpret)
+    weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring=scoring)
+    out = expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=0, num_experts=e,
+                       activation=activation, block_sizes=bs, interpret=interpret)
+    return out.astype(x.dtype)

@@ -1,0 +1,287 @@
+"""Grouped matmul (gmm) on NVIDIA Hopper GPUs: Pallas Mosaic GPU (`plgpu`).
+
+    out[r] = lhs[r] @ rhs[g(r) - group_offset]   rows of the local groups [group_offset, +G_local)
+    out[r] = 0                                    rows of other groups and rows past sum(group_sizes)
+
+lhs [M, K], rhs [G_local, K, N], group_sizes i32[G] (rows sorted by group) -> out [M, N].
+
+Kernel: persistent (one CTA per SM, `nd_loop` over work items), warp specialized: one producer
+warpgroup streams A [cta_m, tile_k] and B [tile_k, cta_n] tiles with TMA `num_stages` deep
+(`emit_pipeline_warp_specialized`), two consumer warpgroups run `wgmma` into f32 accumulators,
+each owning half of the CTA tile (along N, or along M with wg_dim="m").
+
+Work items are (row tile, column tile) pairs. Row tiles come from an XLA-built schedule: each
+group's rows are cut at multiples of cta_m, so a tile that straddles a group boundary is visited
+once per group (as in megablox / JAX's ragged_dot); the epilogue writes only the tile's rows of
+that group, with a ladder of power-of-two-row TMA stores from an unswizzled shared buffer. Rows
+outside the local groups are written as zeros by the same epilogue (no matmul).
+
+bf16 / fp16 lhs and rhs of one dtype only: anything else (quantized experts, fp32, gated
+activations) raises NotImplementedError so moe.gmm can fall back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class GmmBlockSizes:
+    """tile_m x tile_n: one consumer warpgroup's accumulator; the CTA tile doubles tile_n
+    (wg_dim "n") or tile_m (wg_dim "m"). tile_k: K per pipeline step; num_stages: TMA buffers;
+    epi_n: columns per epilogue store; grid_tile_width: snake width over the (row, col) tiles."""
+
+    tile_m: int = 128
+    tile_n: int = 128
+    tile_k: int = 64
+    num_stages: int = 3
+    wg_dim: str = "n"
+    epi_n: int = 64
+    grid_tile_width: int = 8
+    num_sms: int = 132
+
+    @classmethod
+    def from_any(cls, bs) -> GmmBlockSizes:
+        if bs is None:
+            return cls()
+        if isinstance(bs, cls):
+            return bs
+        if isinstance(bs, dict):
+            return cls(**bs)
+        raise ValueError(f"block_sizes: expected None, a dict or GmmBlockSizes, got {bs!r}")
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_dim == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_dim == "n" else 1)
+
+
+_SMEM_LIMIT = 227 * 1024
+
+
+def smem_bytes(bs: GmmBlockSizes, itemsize: int = 2) -> int:
+    per_stage = (bs.cta_m * bs.tile_k + bs.tile_k * bs.cta_n) * itemsize
+    return bs.num_stages * per_stage + 2 * bs.tile_m * bs.epi_n * itemsize + 1024
+
+
+def check_supported(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, bs: GmmBlockSizes) -> None:
+    m, k = lhs_shape
+    g, k2, n = rhs_shape
+    if k != k2:
+        raise ValueError(f"rhs: K {k2} != lhs K {k}")
+    for name, dt in (("lhs", lhs_dtype), ("rhs", rhs_dtype)):
+        if jnp.dtype(dt) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise NotImplementedError(f"GPU gmm: {name} dtype {jnp.dtype(dt)} (bf16/fp16 only)")
+    if jnp.dtype(lhs_dtype) != jnp.dtype(rhs_dtype):
+        raise NotImplementedError("GPU gmm: lhs and rhs dtypes differ")
+    if bs.wg_dim not in ("m", "n"):
+        raise ValueError(f"block_sizes: wg_dim {bs.wg_dim!r}")
+    if bs.tile_m % 64 or bs.tile_n % 64 or bs.tile_k % 64:
+        raise NotImplementedError(f"GPU gmm: tiles must be multiples of 64, got {bs}")
+    if k % bs.tile_k:
+        raise NotImplementedError(f"GPU gmm: tile_k {bs.tile_k} must divide K {k}")
+    if n % bs.cta_n:
+        raise NotImplementedError(f"GPU gmm: the CTA tile width {bs.cta_n} must divide N {n}")
+    if bs.tile_n % bs.epi_n:
+        raise NotImplementedError(f"GPU gmm: epi_n {bs.epi_n} must divide tile_n {bs.tile_n}")
+    if smem_bytes(bs) > _SMEM_LIMIT:
+        raise NotImplementedError(f"GPU gmm: {bs} needs {smem_bytes(bs)} B of shared memory")
+
+
+def group_schedule(group_sizes, group_offset, g_local: int, m: int, cta_m: int):
+    """Row-tile schedule (XLA): i32[4, max_tiles] = (extended group, row block, first row in the
+    block, number of rows), extended groups 0 = rows before the local groups (zeros),
+    1..G_local = local groups, G_local + 1 = rows after them (zeros). Unused entries have 0 rows."""
+    sizes = jnp.asarray(group_sizes, jnp.int32)
+    offsets = jnp.minimum(jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)]), m)
+    bounds = lax.dynamic_slice(offsets, (jnp.asarray(group_offset, jnp.int32),), (g_local + 1,))
+    ext = jnp.concatenate([jnp.zeros(1, jnp.int32), bounds, jnp.full((1,), m, jnp.int32)])
+    starts, ends = ext[:-1], ext[1:]
+    n_ext = g_local + 2
+    has = ends > starts
+    first = starts // cta_m
+    last = (jnp.maximum(ends, 1) - 1) // cta_m
+    ntiles = jnp.where(has, last - first + 1, 0)
+    cum = jnp.cumsum(ntiles)
+    max_tiles = -(-m // cta_m) + n_ext - 1
+    i = jnp.arange(max_tiles, dtype=jnp.int32)
+    grp = jnp.minimum(jnp.searchsorted(cum, i, side="right").astype(jnp.int32), n_ext - 1)
+    blk = first[grp] + (i - (cum[grp] - ntiles[grp]))
+    row0 = jnp.maximum(starts[grp], blk * cta_m)
+    row1 = jnp.minimum(ends[grp], blk * cta_m + cta_m)
+    valid = i < cum[-1]
+    cnt = jnp.where(valid, row1 - row0, 0)
+    lo = jnp.where(valid, row0 - blk * cta_m, 0)
+    blk = jnp.where(valid, blk, 0)
+    return jnp.stack([grp, blk, lo, cnt]).astype(jnp.int32)
+
+
+def default_block_sizes(m: int, k: int, n: int, g: int) -> GmmBlockSizes:
+    """Measured on the H100 (bench/GPU_NOTES.md): large groups -> 128 x 256 CTA tiles split along N,
+    3 stages (E 8, M 8192, K 4096, N 14336: 653-719 TFLOP/s); small groups -> 128 x 128 CTA tiles
+    split along M (E 64, M 8192, K 2048, N 1408: 218-220 TFLOP/s)."""
+    del k
+    if n % 256 == 0 and m >= 512 * g:
+        return GmmBlockSizes(tile_m=128, tile_n=128, num_stages=3)
+    if n % 128 == 0:
+        return GmmBlockSizes(tile_m=64, tile_n=128, wg_dim="m", num_stages=4)
+    return GmmBlockSizes(tile_m=128, tile_n=64, num_stages=3)
+
+
+def gmm_gpu(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, block_sizes=None):
+    """moe.gmm contract on a Hopper GPU (see the module docstring). Raises NotImplementedError for
+    unsupported combinations."""
+    if block_sizes is None:
+        block_sizes = default_block_sizes(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0])
+    bs = GmmBlockSizes.from_any(block_sizes)
+    check_supported(lhs.shape, lhs.dtype, rhs.shape, rhs.dtype, bs)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise NotImplementedError(f"GPU gmm: output dtype {out_dtype}")
+    return _gmm_jit(lhs, rhs, jnp.asarray(group_sizes, jnp.int32), jnp.asarray(group_offset, jnp.int32),
+                    bs=bs, out_dtype=out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bs", "out_dtype"))
+def _gmm_jit(lhs, rhs, group_sizes, group_offset, *, bs, out_dtype):
+    m = lhs.shape[0]
+    if m < bs.cta_m:  # a row tile must fit inside the array
+        out = _gmm_jit(jnp.pad(lhs, ((0, bs.cta_m - m), (0, 0))), rhs, group_sizes, group_offset,
+                       bs=bs, out_dtype=out_dtype)
+        return out[:m]
+    sched = group_schedule(group_sizes, group_offset, rhs.shape[0], m, bs.cta_m)
+    return gmm_kernel(lhs, rhs, sched, bs=bs, out_dtype=out_dtype)
+
+
+def gmm_kernel(lhs, rhs, sched, *, bs: GmmBlockSizes, out_dtype):
+    """The Mosaic GPU kernel: lhs [M, K], rhs [G_local, K, N], sched i32[4, max_tiles] -> [M, N]."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m, k = lhs.shape
+    g_local, _, n = rhs.shape
+    tm, tn, tk = bs.tile_m, bs.tile_n, bs.tile_k
+    cta_m, cta_n = bs.cta_m, bs.cta_n
+    epi_n = bs.epi_n
+    max_tiles = sched.shape[1]
+    n_iters = n // cta_n
+    k_iters = k // tk
+    wg_m = bs.wg_dim == "m"
+    swz = plgpu.find_swizzle(tk * 16)
+    a_tr = (plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz))
+    swz_b = plgpu.find_swizzle(cta_n * 16)
+    b_tr = (plgpu.TilingTransform((8, swz_b // 2)), plgpu.SwizzleTransform(swz_b))
+
+    def kernel(sched_ref, a_gmem, b_gmem, out_gmem):
+        def get_pipeline(body, compute_context):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(k_iters,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=a_tr,
+                                    memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0), transforms=b_tr,
+                                    memory_space=plgpu.SMEM),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=bs.num_stages,
+                compute_context=compute_context,
+            )
+
+        ignore = lambda *_, **__: None
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem.at[0]),
+            out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
+            collective_axes="wg",
+        )
+        def _scope(allocs, out_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((max_tiles * n_iters,), collective_axes="sm")
+            def _loop(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (max_tiles, n_iters), 1, bs.grid_tile_width)
+                grp = sched_ref[0, mi]
+                blk = sched_ref[1, mi]
+                lo = sched_ref[2, mi]
+                cnt = sched_ref[3, mi]
+                is_zero = (grp == 0) | (grp == g_local + 1)
+                widx = jnp.clip(grp - 1, 0, g_local - 1)
+                # This warpgroup's rows [w_lo, w_lo + w_cnt) of its tm-row accumulator, and columns.
+                if wg_m:
+                    w_lo = jnp.clip(lo - wg * tm, 0, tm)
+                    w_cnt = jnp.clip(lo + cnt - wg * tm, 0, tm) - w_lo
+                    row_base = blk * cta_m + wg * tm
+                    col0 = ni * cta_n
+                else:
+                    w_lo, w_cnt = lo, cnt
+                    row_base = blk * cta_m
+                    col0 = ni * cta_n + wg * tn
+
+                def epilogue(acc):
+                    acc = acc.astype(out_dtype)
+                    for e in range(tn // epi_n):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem.at[wg][...] = acc[:, e * epi_n:(e + 1) * epi_n]
+                        plgpu.commit_smem()
+                        start = w_lo
+                        p = 1 << (tm.bit_length() - 1)
+                        while p >= 1:
+                            def _store(start=start, p=p, e=e):
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, pl.ds(start, p)],
+                                    out_gmem.at[pl.ds(row_base + start, p), pl.ds(col0 + e * epi_n, epi_n)])
+                            pl.when((w_cnt & p) != 0)(_store)
+                            start = start + (w_cnt & p)
+                            p //= 2
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        epilogue(acc_ref[...])
+
+                def mma(_, a_smem, b_smem, acc_ref):
+                    a = a_smem.at[pl.ds(wg * tm, tm)] if wg_m else a_smem
+                    b = b_smem if wg_m else b_smem.at[:, pl.ds(wg * tn, tn)]
+                    plgpu.wgmma(acc_ref, a, b)
+                    plgpu.wgmma_wait(0)
+                    return acc_ref
+
+                @pl.when((cnt > 0) & jnp.logical_not(is_zero))
+                def _matmul():
+                    get_pipeline(mma, compute_context)(
+                        a_gmem.at[pl.ds(blk * cta_m, cta_m), :],
+                        b_gmem.at[widx, :, pl.ds(ni * cta_n, cta_n)],
+                        allocations=allocs,
+                    )
+
+                @pl.when((cnt > 0) & is_zero & (wg < 2))
+                def _zeros():
+                    epilogue(plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA))
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(bs.num_sms,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=f"gmm_{tm}x{tn}x{tk}_{bs.wg_dim}_st{bs.num_stages}",
+    )
+    return call(sched, lhs, rhs)

@@ -1,0 +1,73 @@
+"""Expert-parallel fused MoE: experts split over one mesh axis, combined with a psum.
+
+Each shard holds E / n experts' weights (w_gate_up / w_down sharded on their expert axis), routes
+every token itself (x and router_logits are replicated: routing is cheap and identical everywhere),
+runs the grouped matmuls for its own experts only (gmm's group_offset = shard index * E / n: tiles
+of other shards' rows are never visited), weights its copies, and the shards' partial outputs are
+summed with one psum over the axis (float32, so the sum of the shards matches the single-device sum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe import routing
+from moe.api import _rhs_info, expert_layer, gmm_keys, moe_block_sizes, validate_fused_moe
+from quant.tensor import QuantizedTensor
+
+
+def _shard_map(fn, mesh, in_specs, out_specs):
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map  # older jax
+
+    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+def _local(w):
+    """Inside a shard: a quantized tensor's static shape still says E; make it the local count."""
+    if isinstance(w, QuantizedTensor):
+        return dataclasses.replace(w, shape=(w.values.shape[0], *w.shape[1:]))
+    return w
+
+
+def fused_moe_expert_parallel(x, router_logits, w_gate_up, w_down, *, top_k, mesh, axis_name,
+                              renormalize=True, scoring="softmax", activation="silu", block_sizes=None,
+                              interpret=False):
+    """moe.fused_moe with the experts split over `mesh` axis `axis_name` (same arguments and result).
+
+    x [T, D] and router_logits [T, E] are replicated; w_gate_up [E, D, 2F] and w_down [E, F, D]
+    (arrays or QuantizedTensors) are split on their expert axis, E divisible by the axis size.
+    """
+    t, d, e, f = validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation)
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+    shards = mesh.shape[axis_name]
+    if e % shards:
+        raise ValueError(f"w_gate_up: {e} experts do not split evenly over the {shards} devices of {axis_name!r}")
+    g_local = e // shards
+    keys = gmm_keys(t, d, f, g_local, top_k, x.dtype, w_gate_up, w_down, activation)
+    bs = moe_block_sizes(block_sizes, keys, interpret)
+
+    def shard(x, logits, w_gu, w_dn):
+        w_gu, w_dn = _local(w_gu), _local(w_dn)
+        assert _rhs_info(w_gu, "w_gate_up")[0][0] == g_local
+        offset = (jax.lax.axis_index(axis_name) * g_local).astype(jnp.int32)
+        weights, experts = routing.top_k_routing(logits, top_k, renormalize=renormalize, scoring=scoring)
+        part = expert_layer(x, weights, experts, w_gu, w_dn, group_offset=offset, num_experts=e,
+                            activation=activation, block_sizes=bs, interpret=interpret)
+        return jax.lax.psum(part, axis_name)
+
+    specs = (P(), P(), P(axis_name), P(axis_name))
+    args = (x, router_logits, w_gate_up, w_down)
+    # Place the inputs as the specs say (meshes with explicit axes require it; elsewhere a no-op
+    # or the one reshard the layout needs anyway).
+    args = tuple(jax.tree.map(lambda a, s=s: jax.device_put(a, NamedSharding(mesh, s)), a)
+                 for a, s in zip(args, specs, strict=True))
+    fn = _shard_map(shard, mesh, specs, P())
+    return fn(*args).astype(x.dtype)

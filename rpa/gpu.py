@@ -1,0 +1,418 @@
+"""Ragged paged attention on NVIDIA Hopper GPUs (H100 / H200): Pallas Mosaic GPU (`plgpu`).
+
+What runs where
+---------------
+* New K/V rows are written into the cache by an XLA scatter *before* the kernel (`write_new_kv`),
+  not inside the kernel as on TPU: a Hopper kernel would need a grid-wide barrier between the
+  write and the reads of the same page, and the scatter moves only T * 2 * Hkv * D elements.
+* Attention: one Mosaic GPU kernel (`paged_attention_partials`) over (kv head, kv split, query
+  token). Each CTA has two warpgroups: a producer that reads the token's pages through the page
+  table with TMA (one bulk copy per page per K/V, `num_stages` deep, mbarrier-tracked) and a
+  consumer that runs flash attention with `wgmma`: S = Q_g K^T with the G = Hq / Hkv query heads
+  of the group in rows 0..G-1 of a 64-row tile (wgmma's M is 64; the other rows are finite
+  neighbouring heads and are dropped), online softmax in f32 (exp2), O += P V.
+  Every query token is treated as its own "decode" query whose visible length is its causal end:
+  exact for prefill and mixed batches too, but prefill re-reads the KV once per query token, so it
+  is only fast for decode (q_len 1 per sequence). A prefill-shaped kernel is future work.
+* The kv splits (flash-decoding) are combined by a small XLA epilogue (`combine_partials`), which
+  also applies attention sinks and v_scale.
+
+Cache layout (GPU): `gpu_kv_cache_shape(num_pages, page_size, Hkv, D) = [num_pages, 2, Hkv,
+page_size, D]`: K of head h of page p is the contiguous [page_size, D] slab `cache[p, 0, h]`, V
+is `cache[p, 1, h]` (one bulk copy each). bf16 or fp16 only (fp8 / int8 caches raise
+NotImplementedError so the caller can fall back to XLA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LOG2E = math.log2(math.e)
+_ROWS = 64  # wgmma M: query rows per consumer warpgroup
+_LSE_COLS = 32  # lse rows are 128 B wide so every TMA row start stays 128-B aligned
+
+
+def gpu_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:
+    """Shape of the GPU KV cache: [num_pages, 2 (K, V), num_kv_heads, page_size, head_dim]."""
+    return (int(num_pages), 2, int(num_kv_heads), int(page_size), int(head_dim))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBlockSizes:
+    """block_kv: KV tokens per pipeline step (multiple of 64); num_stages: TMA buffers in flight;
+    num_splits: KV splits per (token, kv head) combined by the XLA epilogue."""
+
+    block_kv: int = 128
+    num_stages: int = 2
+    num_splits: int = 1
+
+    @classmethod
+    def from_any(cls, bs) -> DecodeBlockSizes:
+        if bs is None:
+            return cls()
+        if isinstance(bs, cls):
+            return bs
+        if isinstance(bs, dict):
+            return cls(**{k: int(v) for k, v in bs.items() if k in ("block_kv", "num_stages", "num_splits")})
+        raise ValueError(f"block_sizes: expected None, a dict or DecodeBlockSizes, got {bs!r}")
+
+
+def smem_bytes(block_kv: int, num_stages: int, head_dim: int, itemsize: int = 2) -> int:
+    """Shared memory one CTA of the decode kernel allocates (q tile, K/V stages, f32 out tile)."""
+    return (_ROWS * head_dim * itemsize + 2 * num_stages * block_kv * head_dim * itemsize
+            + _ROWS * head_dim * 4 + _ROWS * 4)
+
+
+_SMEM_LIMIT = 227 * 1024
+
+
+def check_supported(*, q_dtype, cache_dtype, num_q_heads, num_kv_heads, head_dim, page_size,
+                    block_sizes: DecodeBlockSizes) -> None:
+    """Raise NotImplementedError for combinations this kernel does not handle (caller falls back)."""
+    if jnp.dtype(cache_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise NotImplementedError(f"GPU RPA: cache dtype {jnp.dtype(cache_dtype)} (only bf16/fp16)")
+    if jnp.dtype(q_dtype) != jnp.dtype(cache_dtype):
+        raise NotImplementedError(f"GPU RPA: q dtype {jnp.dtype(q_dtype)} != cache dtype {jnp.dtype(cache_dtype)}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q: {num_q_heads} query heads not a multiple of {num_kv_heads} kv heads")
+    g = num_q_heads // num_kv_heads
+    if g > _ROWS - 8 or (g < 8 and 8 % g) or (g > 8 and g % 8):
+        raise NotImplementedError(f"GPU RPA: {g} query heads per kv head (1, 2, 4, 8, 16, .., 56)")
+    if head_dim % 64 or head_dim > 256:
+        raise NotImplementedError(f"GPU RPA: head_dim {head_dim} (a multiple of 64, at most 256)")
+    bkv = block_sizes.block_kv
+    if bkv % 64 or bkv > 256:
+        raise NotImplementedError(f"GPU RPA: block_kv {bkv} (a multiple of 64, at most 256)")
+    tpc = min(page_size, bkv)
+    if page_size % tpc or bkv % tpc or tpc % 8:
+        raise NotImplementedError(
+            f"GPU RPA: page_size {page_size} with block_kv {bkv} (pages must tile the block in runs of 8 rows)")
+    if block_sizes.num_stages < 1 or block_sizes.num_splits < 1:
+        raise ValueError(f"block_sizes: {block_sizes}")
+    if smem_bytes(bkv, block_sizes.num_stages, head_dim) > _SMEM_LIMIT:
+        raise NotImplementedError(
+            f"GPU RPA: block_kv {bkv} x {block_sizes.num_stages} stages needs "
+            f"{smem_bytes(bkv, block_sizes.num_stages, head_dim)} B of shared memory (> {_SMEM_LIMIT})")
+
+
+# ----------------------------------------------------------------------------------------------
+# XLA parts: KV write, per-token metadata, split combine.
+
+
+def token_metadata(kv_lens, cu_q_lens, distribution, num_tokens: int):
+    """Per query token: (sequence index, causal end = number of KV positions it sees).
+
+    Tokens past cu_q_lens[num_seqs] (padding) get end 0 and produce zeros.
+    """
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    num_seqs = distribution[2]
+    s_max = cu_q_lens.shape[0] - 1
+    # compare_all: one fused kernel (the default "scan" unrolls into a chain of tiny kernels)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all").astype(jnp.int32)
+    seq = jnp.minimum(seq, s_max - 1)
+    q_start = cu_q_lens[seq]
+    q_len = cu_q_lens[seq + 1] - q_start
+    end = kv_lens[seq] - q_len + (t - q_start) + 1
+    valid = (seq < num_seqs) & (t < cu_q_lens[jnp.minimum(num_seqs, s_max)]) & (t >= q_start)
+    end = jnp.where(valid, end, 0).astype(jnp.int32)
+    return seq, end
+
+
+def write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution, k_scale=None, v_scale=None):
+    """Scatter the step's new K/V rows [T, Hkv, D] into the GPU cache layout (XLA, in place if donated).
+
+    With k_scale / v_scale the stored value is new / scale (reference.ragged_paged_attention's
+    quantize_store for a bf16 / fp16 cache); attention multiplies it back."""
+    num_pages, _, hkv, page_size, d = kv_cache.shape
+    t_total = k.shape[0]
+    seq, end = token_metadata(kv_lens, cu_q_lens, distribution, t_total)
+    pos = end - 1
+    ok = end > 0
+    pages_per_seq = page_indices.shape[1]
+    pidx = jnp.clip(pos // page_size, 0, pages_per_seq - 1)
+    page = page_indices[seq, pidx]
+    page = jnp.where(ok, page, num_pages)  # out of range -> dropped
+    slot = jnp.where(ok, pos % page_size, 0)
+    if k_scale is not None:
+        k = k.astype(jnp.float32) / jnp.float32(k_scale)
+    if v_scale is not None:
+        v = v.astype(jnp.float32) / jnp.float32(v_scale)
+    kv = jnp.stack([k.astype(kv_cache.dtype), v.astype(kv_cache.dtype)], axis=1)  # [T, 2, Hkv, D]: one scatter
+    return kv_cache.at[page, :, :, slot, :].set(kv, mode="drop")
+
+
+def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks=None, v_scale=None,
+                     out_dtype=jnp.bfloat16):
+    """o_part f32 [T*Hkv*splits*Gp, D] (normalized per split), lse_part f32 [..., 32] (column 0, log2 units)
+    -> out [T, Hkv*G, D]."""
+    d = o_part.shape[-1]
+    gp = max(group, 4)
+    splits = o_part.shape[0] // (num_tokens * num_kv_heads * gp)
+    o = o_part.reshape(num_tokens, num_kv_heads, splits, gp, d)[:, :, :, :group]
+    lse = lse_part[:, 0].reshape(num_tokens, num_kv_heads, splits, gp)[:, :, :, :group]
+    m = lse.max(axis=2)
+    if sinks is not None:
+        sink2 = (sinks.astype(jnp.float32) * LOG2E).reshape(1, num_kv_heads, group)
+        m = jnp.maximum(m, sink2)
+    w = jnp.exp2(lse - m[:, :, None])
+    den = w.sum(axis=2)
+    if sinks is not None:
+        den = den + jnp.exp2(sink2 - m)
+    out = (w[..., None] * o).sum(axis=2) / jnp.maximum(den, 1e-30)[..., None]
+    if v_scale is not None:
+        out = out * jnp.asarray(v_scale, jnp.float32)
+    return out.reshape(num_tokens, num_kv_heads * group, d).astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Mosaic GPU kernel.
+
+
+def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, num_q_heads: int,
+                             sm_scale: float, soft_cap: float | None = None,
+                             sliding_window: int | None = None,
+                             block_sizes: DecodeBlockSizes = DecodeBlockSizes(), sanitize_v: bool = True,
+                             interpret=False):
+    """Flash-decoding partials for every query token.
+
+    q2d: [T * Hq, D] (q reshaped; rows padded to >= 64), kv_cache: [P, 2, Hkv, page_size, D],
+    tok_seq / tok_end: i32[T] (sequence of each token, KV positions it sees; 0 -> nothing),
+    page_indices: i32[S, pages_per_seq].
+    Returns o_part f32 [T*Hkv*splits*Gp, D] (normalized within each split) and lse_part f32
+    [T*Hkv*splits*Gp, 32] (column 0: log2-sum-exp2 of the scaled logits; about -1e30 for an empty split),
+    Gp = max(G, 4) rows per (token, kv head, split).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    num_pages, _, hkv, page_size, d = kv_cache.shape
+    dtype = kv_cache.dtype
+    t_total = tok_seq.shape[0]
+    g = num_q_heads // hkv
+    gp = max(g, 4)
+    pages_per_seq = page_indices.shape[1]
+    bkv, stages, splits = block_sizes.block_kv, block_sizes.num_stages, block_sizes.num_splits
+    tpc = min(page_size, bkv)  # tokens per bulk copy
+    cpb = bkv // tpc  # copies per block (per K or V)
+    scale2 = float(sm_scale) * LOG2E
+    window = None if sliding_window is None else int(sliding_window)
+    rows_out = t_total * hkv * splits * gp
+    if q2d.shape[0] < _ROWS:
+        raise ValueError("q2d: pad to at least 64 rows")
+
+    def kernel(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref, smem, bars, cons):
+        q_smem, k_smem, v_smem, o_smem, lse_smem = smem
+        k_bar, v_bar, q_bar = bars
+        k_cons, v_cons = cons
+        h = lax.axis_index("h")
+        sp = lax.axis_index("split")
+        t = lax.axis_index("t")
+        wg = lax.axis_index("wg")
+        seq = tok_seq_ref[t]
+        end = tok_end_ref[t]
+        lo = jnp.int32(0) if window is None else jnp.maximum(end - window, 0)
+        lo_al = lax.div(lo, jnp.int32(bkv)) * bkv
+        n_blocks = jnp.maximum(lax.div(end - lo_al + (bkv - 1), jnp.int32(bkv)), 0)
+        per_split = lax.div(n_blocks + (splits - 1), jnp.int32(splits))
+        b0 = sp * per_split
+        n_steps = jnp.maximum(jnp.minimum(per_split, n_blocks - b0), 0)
+        tok0 = lo_al + b0 * bkv
+
+        @pl.when(wg == 0)
+        def _consumer():
+            # The tile starts on an 8-row boundary (TMA into an (8, 64)-tiled buffer); the group's
+            # G rows sit at r0 = qrow % 8 inside it.
+            qrow = t * num_q_heads + h * g
+            qrow8 = lax.div(qrow, jnp.int32(8)) * 8
+            r0 = qrow - qrow8
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(qrow8, _ROWS)], q_smem, q_bar)
+            plgpu.barrier_wait(q_bar)
+            m_i = plgpu.layout_cast(jnp.full((_ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+            def step_fn(step, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(step, jnp.int32(stages))
+                base = tok0 + step * bkv
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                def qk_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    return acc_ref[...]
+
+                s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_cons.at[slot])
+                if soft_cap is not None:
+                    s = jnp.tanh(s * (float(sm_scale) / soft_cap)) * (soft_cap * LOG2E)
+                else:
+                    s = s * scale2
+                pos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
+                mask = (pos < end) & (pos >= lo)
+                s = jnp.where(mask, s, -jnp.inf)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p16 = p.astype(dtype)
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                # Rows of V outside [lo, end) may hold anything (NaN in unwritten slots): 0 * NaN
+                # would poison the row sums, so zero them in shared memory for edge blocks.
+                def _sanitize():
+                    vt = v_smem.at[slot]
+                    vv = vt[...]
+                    rows = base + plgpu.broadcasted_iota(jnp.int32, (bkv, d), 0, layout=plgpu.Layout.WGMMA)
+                    vt[...] = jnp.where((rows < end) & (rows >= lo), vv, jnp.zeros_like(vv))
+                    plgpu.commit_smem()
+
+                if sanitize_v:
+                    pl.when((base < lo) | (base + bkv > end))(_sanitize)
+
+                def pv_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+                acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_cons.at[slot])
+                return acc, m_new, l_i
+
+            acc, m_i, l_i = lax.fori_loop(0, n_steps, step_fn, (acc, m_i, l_i))
+            l_safe = jnp.maximum(l_i, 1e-30)
+            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+            o_smem[...] = acc
+            lse = m_i + jnp.log2(l_safe)
+            lse_smem[...] = lax.broadcast_in_dim(lse, (_ROWS, _LSE_COLS), [0])
+            plgpu.commit_smem()
+            orow = ((t * hkv + h) * splits + sp) * gp
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(r0, gp)], o_ref.at[pl.ds(orow, gp)])
+            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(r0, gp)], lse_ref.at[pl.ds(orow, gp)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _producer():
+            def issue(step, which, smem, bar):
+                slot = lax.rem(step, jnp.int32(stages))
+                base = tok0 + step * bkv
+                for j in range(cpb):
+                    tok = base + j * tpc
+                    pidx = jnp.minimum(lax.div(tok, jnp.int32(page_size)), pages_per_seq - 1)
+                    page = jnp.clip(page_ref[seq, pidx], 0, num_pages - 1)
+                    if tpc < page_size:
+                        off = lax.rem(lax.div(tok, jnp.int32(tpc)), jnp.int32(page_size // tpc)) * tpc
+                        src = kv_ref.at[page, which, h, pl.ds(off, tpc)]
+                    else:
+                        src = kv_ref.at[page, which, h]
+                    plgpu.copy_gmem_to_smem(src, smem.at[slot, pl.ds(j * tpc, tpc)], bar.at[slot])
+
+            @pl.loop(0, n_steps)
+            def _(step):
+                slot = lax.rem(step, jnp.int32(stages))
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(k_cons.at[slot])
+
+                issue(step, 0, k_smem, k_bar)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(v_cons.at[slot])
+
+                issue(step, 1, v_smem, v_bar)
+
+    def entry(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        smem = (
+            plgpu.SMEM((_ROWS, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((stages, bkv, d), dtype, transforms=(tiling, swizzle)),
+            plgpu.SMEM((_ROWS, d), jnp.float32),
+            plgpu.SMEM((_ROWS, _LSE_COLS), jnp.float32),
+        )
+        bars = (
+            plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=1),
+        )
+        cons = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
+        pl.run_scoped(
+            lambda smem_refs, bar_refs, cons_refs: kernel(
+                tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref,
+                smem_refs, bar_refs, cons_refs),
+            smem, bars, cons, collective_axes="wg")
+
+    call = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((rows_out, d), jnp.float32),
+                  jax.ShapeDtypeStruct((rows_out, _LSE_COLS), jnp.float32)),
+        grid=(hkv, splits, t_total),
+        grid_names=("h", "split", "t"),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+        kernel_name=f"rpa_decode_bkv{bkv}_st{stages}_sp{splits}",
+    )
+    return call(tok_seq, tok_end, page_indices, q2d, kv_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public-contract entry point for GPUs.
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes",
+                                             "k_scale", "v_scale"), donate_argnames=("kv_cache",))
+def _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks, *,
+                 sm_scale, sliding_window, soft_cap, block_sizes, k_scale, v_scale):
+    t_total, hq, d = q.shape
+    hkv = kv_cache.shape[2]
+    kv_cache = write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution, k_scale, v_scale)
+    tok_seq, tok_end = token_metadata(kv_lens, cu_q_lens, distribution, t_total)
+    q2d = q.reshape(t_total * hq, d).astype(kv_cache.dtype)
+    if q2d.shape[0] < _ROWS:
+        q2d = jnp.pad(q2d, ((0, _ROWS - q2d.shape[0]), (0, 0)))
+    scale = sm_scale * (1.0 if k_scale is None else float(k_scale))
+    o_part, lse_part = paged_attention_partials(
+        q2d, kv_cache, tok_seq, tok_end, page_indices, num_q_heads=hq, sm_scale=scale,
+        soft_cap=soft_cap, sliding_window=sliding_window, block_sizes=block_sizes)
+    out = combine_partials(o_part, lse_part, num_tokens=t_total, num_kv_heads=hkv, group=hq // hkv,
+                           sinks=sinks, v_scale=v_scale, out_dtype=q.dtype)
+    return out, kv_cache
+
+
+def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
+                               sm_scale=None, sliding_window=None, soft_cap=None, sinks=None,
+                               k_scale=None, v_scale=None, block_sizes=None):
+    """The RPA public contract on a Hopper GPU.
+
+    q [T, Hq, D], k / v [T, Hkv, D] (the step's new rows), kv_cache [P, 2, Hkv, page_size, D]
+    (`gpu_kv_cache_shape`), kv_lens i32[S], page_indices i32[S, pages_per_seq], cu_q_lens i32[S+1],
+    distribution i32[3] = (decode_end, prefill_end, num_seqs). Returns (out [T, Hq, D], kv_cache).
+    block_sizes: None | dict(block_kv=, num_stages=, num_splits=) | DecodeBlockSizes.
+    Raises NotImplementedError for what the kernel does not cover (fp8/int8 caches, head_dim not a
+    multiple of 64, more than 64 query heads per kv head, ...): fall back to XLA then.
+    """
+    t_total, hq, d = q.shape
+    if kv_cache.ndim != 5 or kv_cache.shape[1] != 2:
+        raise ValueError(f"kv_cache: expected the GPU layout [P, 2, Hkv, page_size, D], got {kv_cache.shape}")
+    _, _, hkv, page_size, d2 = kv_cache.shape
+    if d2 != d:
+        raise ValueError(f"kv_cache: head_dim {d2} != q head_dim {d}")
+    if k.shape != (t_total, hkv, d) or v.shape != (t_total, hkv, d):
+        raise ValueError(f"k/v: expected {(t_total, hkv, d)}, got {k.shape} / {v.shape}")
+    bs = DecodeBlockSizes.from_any(block_sizes)
+    check_supported(q_dtype=q.dtype, cache_dtype=kv_cache.dtype, num_q_heads=hq, num_kv_heads=hkv,
+                    head_dim=d, page_size=page_size, block_sizes=bs)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(d)
+    return _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks,
+                        sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
+                        block_sizes=bs, k_scale=k_scale, v_scale=v_scale)

@@ -1,0 +1,216 @@
+"""CPU tier for the GPU kernels: they lower to Mosaic GPU (cuda) without a GPU, the XLA parts
+(metadata, KV write, split combine, group schedule) match NumPy, and bad inputs raise.
+
+Lowering runs Pallas -> Mosaic GPU MLIR including its layout inference and the TMA / tiling
+checks (the sm_90a compile itself needs the device), so it catches most kernel-construction errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe import gpu as mg
+from quant import gpu as qg
+from rpa import gpu as rg
+from tests.gpu import rpa_ref
+
+sd = jax.ShapeDtypeStruct
+
+
+def _lower_cuda(f, *avals):
+    return jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ---------------------------------------------------------------------------------------- rpa
+
+
+@pytest.mark.parametrize("block_kv,num_stages,num_splits,page_size",
+                         [(128, 2, 1, 16), (64, 4, 2, 16), (64, 2, 1, 128), (256, 1, 2, 32)])
+def test_rpa_kernel_lowers(block_kv, num_stages, num_splits, page_size):
+    t, hq, hkv, d, pages, pps = 8, 32, 8, 128, 64, 8
+    bs = rg.DecodeBlockSizes(block_kv, num_stages, num_splits)
+
+    def f(q2d, cache, ts, te, pi):
+        return rg.paged_attention_partials(q2d, cache, ts, te, pi, num_q_heads=hq, sm_scale=0.1,
+                                           block_sizes=bs, sliding_window=64, soft_cap=20.0)
+
+    text = _lower_cuda(f, sd((t * hq, d), jnp.bfloat16), sd((pages, 2, hkv, page_size, d), jnp.bfloat16),
+                       sd((t,), jnp.int32), sd((t,), jnp.int32), sd((t, pps), jnp.int32))
+    assert "mosaic_gpu" in text
+
+
+def test_rpa_public_lowers():
+    t, hq, hkv, d, ps = 3, 16, 2, 64, 16
+    args = (sd((t, hq, d), jnp.bfloat16), sd((t, hkv, d), jnp.bfloat16), sd((t, hkv, d), jnp.bfloat16),
+            sd(rg.gpu_kv_cache_shape(10, ps, hkv, d), jnp.bfloat16), sd((2,), jnp.int32),
+            sd((2, 4), jnp.int32), sd((3,), jnp.int32), sd((3,), jnp.int32))
+    text = _lower_cuda(lambda *a: rg.ragged_paged_attention_gpu(*a, block_sizes=dict(block_kv=64)), *args)
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kw,err", [
+    (dict(cache_dtype=jnp.float8_e4m3fn), NotImplementedError),
+    (dict(head_dim=96), NotImplementedError),
+    (dict(num_q_heads=24, num_kv_heads=8), NotImplementedError),  # G = 3
+    (dict(block_kv=96), NotImplementedError),
+    (dict(num_stages=8, block_kv=128), NotImplementedError),  # shared memory
+])
+def test_rpa_unsupported_raises(kw, err):
+    base = dict(q_dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16, num_q_heads=32, num_kv_heads=8,
+                head_dim=128, page_size=16)
+    bs = rg.DecodeBlockSizes(kw.pop("block_kv", 128), kw.pop("num_stages", 2), 1)
+    base.update(kw)
+    if "cache_dtype" in kw:
+        base["q_dtype"] = jnp.bfloat16
+    with pytest.raises(err):
+        rg.check_supported(block_sizes=bs, **base)
+
+
+def _xla_partials(q, cache, tok_seq, tok_end, page_indices, hq, scale, splits):
+    """What the kernel computes, in XLA (float32): per (token, kv head, split) normalized o and lse."""
+    t_total, _, d = q.shape
+    _, _, hkv, ps, _ = cache.shape
+    g = hq // hkv
+    gp = max(g, 4)
+    pps = page_indices.shape[1]
+    pos = jnp.arange(pps * ps)
+    kv = cache[page_indices[tok_seq]].astype(jnp.float32)  # [T, pps, 2, hkv, ps, d]
+    kk = kv[:, :, 0].transpose(0, 2, 1, 3, 4).reshape(t_total, hkv, pps * ps, d)
+    vv = kv[:, :, 1].transpose(0, 2, 1, 3, 4).reshape(t_total, hkv, pps * ps, d)
+    qq = q.astype(jnp.float32).reshape(t_total, hkv, g, d)
+    s = jnp.einsum("thgd,thsd->thgs", qq, kk) * scale * math.log2(math.e)
+    bkv = 64
+    nblk = -(-tok_end // bkv)
+    per = -(-nblk // splits)
+    os_, ls_ = [], []
+    for sp in range(splits):
+        lo = sp * per * bkv
+        hi = jnp.minimum((sp + 1) * per * bkv, tok_end)
+        mask = (pos[None, :] >= lo[:, None]) & (pos[None, :] < hi[:, None])  # [T, S]
+        sm = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m = jnp.maximum(sm.max(-1), -1e30)
+        p = jnp.exp2(sm - m[..., None])
+        lsum = p.sum(-1)
+        o = jnp.einsum("thgs,thsd->thgd", p, jnp.where(mask[:, None, :, None], vv, 0.0))
+        o = o / jnp.maximum(lsum, 1e-30)[..., None]
+        os_.append(o)
+        ls_.append(m + jnp.log2(jnp.maximum(lsum, 1e-30)))
+    o = jnp.stack(os_, 2)  # [T, hkv, splits, g, d]
+    lse = jnp.stack(ls_, 2)
+    o = jnp.pad(o, ((0, 0), (0, 0), (0, 0), (0, gp - g), (0, 0))).reshape(-1, d)
+    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, 0), (0, gp - g))).reshape(-1, 1)
+    return o, jnp.tile(lse, (1, 32))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_rpa_xla_parts_match_reference(splits):
+    """token_metadata + write_new_kv + combine_partials (around an XLA stand-in for the kernel)."""
+    rng = np.random.default_rng(splits)
+    hq, hkv, d, ps = 8, 2, 64, 16
+    c = rpa_ref.make_case(rng, q_lens=[1, 4, 1, 2], kv_lens=[9, 40, 70, 2], num_q_heads=hq, num_kv_heads=hkv,
+                          head_dim=d, page_size=ps, num_pages=20, pages_per_seq=6, num_tokens=10)
+    sinks = rng.standard_normal(hq).astype(np.float32)
+    ref_out, ref_cache = rpa_ref.reference(**c, sinks=sinks)
+    a = {k: jnp.asarray(v) for k, v in c.items()}
+    cache = rg.write_new_kv(a["kv_cache"], a["k"], a["v"], a["kv_lens"], a["page_indices"], a["cu_q_lens"],
+                            a["distribution"])
+    written = ~np.isnan(ref_cache)
+    np.testing.assert_array_equal(np.asarray(cache)[written], ref_cache[written].astype(np.float32))
+    ts, te = rg.token_metadata(a["kv_lens"], a["cu_q_lens"], a["distribution"], 10)
+    np.testing.assert_array_equal(np.asarray(te), [9, 37, 38, 39, 40, 70, 1, 2, 0, 0])
+    cache0 = jnp.nan_to_num(cache)  # the stand-in has no V sanitizing; the kernel does
+    o, lse = _xla_partials(a["q"], cache0, ts, te, a["page_indices"], hq, 1 / math.sqrt(d), splits)
+    out = rg.combine_partials(o, lse, num_tokens=10, num_kv_heads=hkv, group=hq // hkv, sinks=jnp.asarray(sinks),
+                              out_dtype=jnp.float32)
+    assert rpa_ref.rel_err(out, ref_out) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------- gmm
+
+
+@pytest.mark.parametrize("cfg,shape", [
+    (dict(tile_m=128, tile_n=128, num_stages=4), (8192, 4096, 14336, 8)),
+    (dict(tile_m=64, tile_n=128, wg_dim="m", num_stages=4), (8192, 2048, 1408, 64)),
+    (dict(tile_m=128, tile_n=64, num_stages=3), (640, 256, 512, 4)),
+])
+def test_gmm_lowers(cfg, shape):
+    m, k, n, e = shape
+    bs = mg.GmmBlockSizes(**cfg)
+    text = _lower_cuda(lambda a, b, g: mg.gmm_gpu(a, b, g, block_sizes=bs), sd((m, k), jnp.bfloat16),
+                       sd((e, k, n), jnp.bfloat16), sd((e,), jnp.int32))
+    assert "mosaic_gpu" in text
+
+
+def test_gmm_small_m_lowers():
+    text = _lower_cuda(lambda a, b, g: mg.gmm_gpu(a, b, g), sd((40, 256), jnp.bfloat16),
+                       sd((4, 256, 512), jnp.bfloat16), sd((4,), jnp.int32))
+    assert "mosaic_gpu" in text
+
+
+def test_gmm_schedule_covers_rows_once():
+    rng = np.random.default_rng(0)
+    m, cta_m, g_local, off = 1000, 128, 3, 1
+    sizes = np.asarray([50, 0, 300, 129, 200], np.int32)  # sum 679 < m
+    sched = np.asarray(mg.group_schedule(jnp.asarray(sizes), off, g_local, m, cta_m))
+    seen = np.zeros(m, np.int32)
+    owner = np.full(m, -1)
+    for grp, blk, lo, cnt in sched.T:
+        if cnt:
+            rows = np.arange(blk * cta_m + lo, blk * cta_m + lo + cnt)
+            assert lo + cnt <= cta_m
+            seen[rows] += 1
+            owner[rows] = grp
+    assert (seen == 1).all()
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    local = np.zeros(m, bool)
+    local[bounds[off]:bounds[off + g_local]] = True
+    assert ((owner >= 1) & (owner <= g_local) == local).all()
+    del rng
+
+
+def test_gmm_unsupported_raises():
+    with pytest.raises(NotImplementedError):
+        mg.check_supported((64, 256), jnp.float32, (2, 256, 256), jnp.float32, mg.GmmBlockSizes())
+    with pytest.raises(NotImplementedError):
+        mg.check_supported((64, 256), jnp.bfloat16, (2, 256, 384), jnp.bfloat16, mg.GmmBlockSizes())
+
+
+# ---------------------------------------------------------------------------------------- qmm
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("cfg", [dict(), dict(tk=128, num_stages=3, consumers=1, k_splits=1, tn=128),
+                                 dict(tk=64, num_stages=4, double_buffer=True, load_layout="upcast4x")])
+def test_qmm_lowers(fmt, cfg):
+    m, k, n = 16, 4096, 2048
+    kp = k // 2 if fmt == "int4" else k
+    text = _lower_cuda(lambda x, w, s: qg.quantized_matmul_decode(x, w, s, fmt=fmt, block_sizes=cfg),
+                       sd((m, k), jnp.bfloat16), sd((kp, n), jnp.int8), sd((1, n), jnp.float32))
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("cfg", [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
+                                 dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=128, load_layout="upcast2x")])
+def test_qmm_nk_lowers(fmt, cfg):
+    m, k, n = 16, 4096, 2048
+    kp = k // 2 if fmt == "int4" else k
+    text = _lower_cuda(lambda x, w, s: qg.quantized_matmul_decode_nk(x, w, s, fmt=fmt, block_sizes=cfg),
+                       sd((m, k), jnp.bfloat16), sd((n, kp), jnp.int8), sd((1, n), jnp.float32))
+    assert "mosaic_gpu" in text
+
+
+def test_qmm_unsupported_raises():
+    bs = qg.QmmDecodeBlockSizes()
+    with pytest.raises(NotImplementedError):  # grouped scales
+        qg.check_supported((16, 4096), jnp.bfloat16, (4096, 2048), jnp.int8, "int8", (128, 1), (4096, 2048), bs)
+    with pytest.raises(NotImplementedError):  # fp8 values
+        qg.check_supported((16, 4096), jnp.bfloat16, (4096, 2048), jnp.float8_e4m3fn, "float8_e4m3fn",
+                           (4096, 1), (4096, 2048), bs)
+    with pytest.raises(NotImplementedError):  # prefill-sized M
+        qg.check_supported((512, 4096), jnp.bfloat16, (4096, 2048), jnp.int8, "int8", (4096, 1), (4096, 2048), bs)
