@@ -1,0 +1,21 @@
+"""Ragged paged attention with a fused KV-cache write, for LLM serving on TPU.
+
+Public API:
+    out, kv_cache = rpa.ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens,
+                                               distribution, *, sm_scale=None, sliding_window=None,
+                                               soft_cap=None, sinks=None, k_scale=None, v_scale=None,
+                                               block_sizes=None, vmem_limit_bytes=None,
+                                               debug_checks=False, interpret=False)
+    rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype) -> tuple
+    rpa.pack_kv(k_pages, v_pages) -> kv_cache;  rpa.unpack_kv(kv_cache, num_kv_heads, head_dim)
+    rpa.traffic(batch, block_sizes, ...) -> autotune.cost_model.Traffic;  rpa.vmem_bytes(block_sizes, ...)
+    rpa.BlockSizes: the block-size config (rpa.tuning)
+The cache layout is documented in rpa/layout.py.
+"""
+
+from rpa.api import ragged_paged_attention
+from rpa.layout import kv_cache_shape, pack_kv, unpack_kv
+from rpa.tuning import BlockSizes, traffic, vmem_bytes
+
+__all__ = ["BlockSizes", "kv_cache_shape", "pack_kv", "ragged_paged_attention", "traffic", "unpack_kv",
+           "vmem_bytes"]

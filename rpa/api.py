@@ -1,0 +1,261 @@
+"""rpa.ragged_paged_attention: validate, pick block sizes, dispatch (TPU kernel / interpret / reference)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autotune.hardware import TPU_GENERATIONS, detect
+from autotune.tables import lookup
+from rpa import layout, tuning
+
+Q_DTYPES = ("bfloat16", "float32")
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _static_float(x, name):
+    if x is None:
+        return None
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError(f"{name}: must be a static Python number (it is baked into the kernel), got a traced value")
+    try:
+        val = float(np.asarray(x))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {x!r}") from None
+    if not math.isfinite(val):
+        raise ValueError(f"{name}: must be finite, got {val}")
+    return val
+
+
+def _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks):
+    """Trace-time checks: ranks, head counts, dtypes, shapes. ValueError naming the argument."""
+    def rank(x, name, n, what):
+        if getattr(x, "ndim", None) != n:
+            raise ValueError(f"{name}: expected rank {n} {what}, got shape {getattr(x, 'shape', None)}")
+
+    rank(q, "q", 3, "[T, Hq, D]")
+    rank(k, "k", 3, "[T, Hkv, D]")
+    rank(v, "v", 3, "[T, Hkv, D]")
+    rank(kv_cache, "kv_cache", 4, "[num_pages, page_size, 2*Hkv, Dp]")
+    rank(kv_lens, "kv_lens", 1, "[S]")
+    rank(page_indices, "page_indices", 2, "[S, pages_per_seq]")
+    rank(cu_q_lens, "cu_q_lens", 1, "[S+1]")
+    rank(distribution, "distribution", 1, "[3]")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if jnp.dtype(q.dtype).name not in Q_DTYPES:
+        raise ValueError(f"q: dtype {q.dtype} not supported; expected one of {Q_DTYPES}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape[0] != num_tokens or x.shape[2] != head_dim:
+            raise ValueError(f"{name}: shape {x.shape} does not match q {q.shape} (same T and head_dim expected)")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}: dtype {x.dtype} differs from q's {q.dtype}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: shape {v.shape} differs from k {k.shape}")
+    num_kv_heads = k.shape[1]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"k: num_kv_heads {num_kv_heads} does not divide q's num_q_heads {num_q_heads}")
+    if jnp.dtype(kv_cache.dtype).name not in layout.SUPPORTED_CACHE_DTYPES:
+        raise ValueError(f"kv_cache: dtype {kv_cache.dtype} not supported; expected one of "
+                         f"{layout.SUPPORTED_CACHE_DTYPES}")
+    num_pages, page_size = kv_cache.shape[:2]
+    want = layout.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, kv_cache.dtype)
+    if tuple(kv_cache.shape) != want:
+        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} is not rpa.kv_cache_shape(...) = {want} "
+                         f"for {num_kv_heads} KV heads and head_dim {head_dim}")
+    num_seqs_max = page_indices.shape[0]
+    for name, x, shape in (("kv_lens", kv_lens, (num_seqs_max,)), ("cu_q_lens", cu_q_lens, (num_seqs_max + 1,)),
+                           ("distribution", distribution, (3,))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (page_indices has {num_seqs_max} rows), got {x.shape}")
+    for name, x in (("kv_lens", kv_lens), ("page_indices", page_indices), ("cu_q_lens", cu_q_lens),
+                    ("distribution", distribution)):
+        if x.dtype != jnp.int32:
+            raise ValueError(f"{name}: dtype must be int32, got {x.dtype}")
+    if page_indices.shape[1] < 1:
+        raise ValueError("page_indices: needs at least one page per sequence")
+    if sinks is not None:
+        if getattr(sinks, "shape", None) != (num_q_heads,):
+            raise ValueError(f"sinks: expected shape ({num_q_heads},), got {getattr(sinks, 'shape', None)}")
+        if not jnp.issubdtype(sinks.dtype, jnp.floating):
+            raise ValueError(f"sinks: expected a float array, got {sinks.dtype}")
+
+
+def _value_problems(kv_lens, page_indices, cu_q_lens, distribution, *, num_tokens, num_pages, page_size):
+    """Value checks on concrete metadata (numpy). Returns a list of (argument, message)."""
+    kv_lens, pages, cu, dist = (np.asarray(a) for a in (kv_lens, page_indices, cu_q_lens, distribution))
+    s_max, pps = pages.shape
+    out = []
+    d0, d1, n = (int(x) for x in dist)
+    if not 0 <= d0 <= d1 <= n <= s_max:
+        out.append(("distribution", f"need 0 <= decode_end <= prefill_end <= num_seqs <= {s_max}, got {dist.tolist()}"))
+        return out
+    if cu[0] != 0 or np.any(np.diff(cu[: n + 1]) < 0):
+        out.append(("cu_q_lens", "must start at 0 and be non-decreasing over the first num_seqs + 1 entries"))
+        return out
+    if cu[n] > num_tokens:
+        out.append(("cu_q_lens", f"cu_q_lens[num_seqs] = {int(cu[n])} is past the {num_tokens} query tokens (T)"))
+    q_lens = np.diff(cu[: n + 1])
+    kv = kv_lens[:n]
+    if np.any(kv < q_lens):
+        i = int(np.argmax(kv < q_lens))
+        out.append(("kv_lens", f"sequence {i}: kv_len {int(kv[i])} < its {int(q_lens[i])} new tokens"))
+    if n and int(kv.max()) > pps * page_size:
+        out.append(("page_indices", f"a page table of {pps} pages x {page_size} slots is too small for kv_len "
+                                    f"{int(kv.max())}"))
+    if d0 and np.any(q_lens[:d0] != 1):
+        out.append(("distribution", "decode sequences [0, decode_end) must have exactly one new token"))
+    needed = [pages[i, : -(-int(kv[i]) // page_size)] for i in range(n) if kv[i] > 0]
+    if needed:
+        used = np.concatenate(needed)
+        if used.size and (used.min() < 0 or used.max() >= num_pages):
+            out.append(("page_indices", f"page index out of range [0, {num_pages}): {int(used.min())}..{int(used.max())}"))
+    return out
+
+
+def _raise_problems(problems):
+    if problems:
+        arg, msg = problems[0]
+        raise ValueError(f"{arg}: {msg}")
+
+
+def _runtime_check(kv_lens, page_indices, cu_q_lens, distribution, *, num_tokens, num_pages, page_size):
+    """Validate metadata values when the step runs (under jit); returns kv_lens made to depend on the
+    check, so the kernel never runs on metadata that failed it."""
+    from jax.experimental import io_callback
+
+    def host_check(kv, pages, cu, dist):
+        _raise_problems(_value_problems(kv, pages, cu, dist, num_tokens=num_tokens, num_pages=num_pages,
+                                        page_size=page_size))
+        return np.int32(1)
+
+    ok = io_callback(host_check, jax.ShapeDtypeStruct((), jnp.int32), kv_lens, page_indices, cu_q_lens,
+                     distribution)
+    return jnp.where(ok == 1, kv_lens, 0)
+
+
+def resolve_block_sizes(block_sizes, key: dict, generation: str | None):
+    """(BlockSizes, vmem_limit_bytes | None, match) from a BlockSizes, a dict, or None (table lookup)."""
+    if block_sizes is None:
+        found, match = lookup("rpa", key, generation)
+    elif isinstance(block_sizes, tuning.BlockSizes):
+        return block_sizes, None, "given"
+    elif isinstance(block_sizes, dict):
+        found, match = dict(block_sizes), "given"
+    else:
+        raise ValueError(f"block_sizes: expected None, a dict or rpa.BlockSizes, got {type(block_sizes).__name__}")
+    limit = found.pop("vmem_limit_bytes", None)
+    return tuning.BlockSizes.from_dict(found), limit, match
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale",
+                                             "groups", "vmem_limits", "interpret"))
+def _kernel_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks, *, sm_scale,
+                 sliding_window, soft_cap, k_scale, v_scale, groups, vmem_limits, interpret):
+    from rpa import tpu
+
+    return tpu.ragged_paged_attention_tpu(
+        q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
+        groups=dict(groups), vmem_limits=dict(vmem_limits), interpret=interpret)
+
+
+def reference_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
+                   sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None):
+    """The pure-JAX reference on the packed cache (padding lanes and unwritten slots kept bit-exact)."""
+    from reference.ragged_paged_attention import ragged_paged_attention as ref
+
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache, v_cache = layout.unpack_kv(kv_cache, num_kv_heads, head_dim)
+    out, k_cache, v_cache = ref(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribution,
+                                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
+                                k_scale=k_scale, v_scale=v_scale)
+    kv_cache = kv_cache.at[:, :, 0::2, :head_dim].set(k_cache).at[:, :, 1::2, :head_dim].set(v_cache)
+    return out, kv_cache
+
+
+def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
+                           sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None,
+                           block_sizes=None, vmem_limit_bytes=None, debug_checks=False, interpret=False):
+    """Ragged paged attention over a paged KV cache, storing this step's new K/V first.
+
+    q [T, Hq, D] (bfloat16 / float32); k, v [T, Hkv, D] (q's dtype); kv_cache of shape
+    rpa.kv_cache_shape(num_pages, page_size, Hkv, D, dtype) (bfloat16, float32, float8_e4m3fn,
+    float8_e5m2, int8); kv_lens i32[S]; page_indices i32[S, pages_per_seq]; cu_q_lens i32[S+1];
+    distribution i32[3] = (decode_end, prefill_end, num_seqs). Returns (out [T, Hq, D] in q's dtype,
+    the updated cache) — the cache is updated in place when the caller donates it under jit.
+
+    sm_scale defaults to 1/sqrt(D); sliding_window, soft_cap, k_scale, v_scale are static numbers;
+    sinks is f32[Hq]. block_sizes: None (table lookup for the running chip), a dict or rpa.BlockSizes.
+    debug_checks=True validates metadata values at run time (kv_lens within the page table, page
+    indices in range, cu_q_lens monotone and within T). interpret=True runs the Pallas kernel in TPU
+    interpret mode (or pass a pltpu.InterpretParams). Off TPU with interpret=False the pure-JAX
+    reference runs instead, with a warning.
+    """
+    q, k, v = (jnp.asarray(x) if not hasattr(x, "shape") else x for x in (q, k, v))
+    kv_lens, page_indices, cu_q_lens, distribution = (
+        jnp.asarray(x) if not hasattr(x, "dtype") else x for x in (kv_lens, page_indices, cu_q_lens, distribution))
+    if sinks is not None and not hasattr(sinks, "shape"):
+        sinks = jnp.asarray(sinks)
+    _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    num_pages, page_size = kv_cache.shape[:2]
+    sm_scale = _static_float(sm_scale, "sm_scale")
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    soft_cap = _static_float(soft_cap, "soft_cap")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap: must be positive, got {soft_cap}")
+    k_scale = _static_float(k_scale, "k_scale")
+    v_scale = _static_float(v_scale, "v_scale")
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is not None and s <= 0:
+            raise ValueError(f"{name}: must be positive, got {s}")
+    if sliding_window is not None:
+        if isinstance(sliding_window, jax.core.Tracer) or int(sliding_window) != sliding_window \
+                or int(sliding_window) <= 0:
+            raise ValueError(f"sliding_window: must be a positive static int, got {sliding_window!r}")
+        sliding_window = int(sliding_window)
+    if vmem_limit_bytes is not None and int(vmem_limit_bytes) <= 0:
+        raise ValueError(f"vmem_limit_bytes: must be positive, got {vmem_limit_bytes}")
+
+    meta = (kv_lens, page_indices, cu_q_lens, distribution)
+    sizes = dict(num_tokens=num_tokens, num_pages=num_pages, page_size=page_size)
+    if _is_concrete(*meta):
+        _raise_problems(_value_problems(*meta, **sizes))
+    elif debug_checks:
+        kv_lens = _runtime_check(*meta, **sizes)
+        meta = (kv_lens, page_indices, cu_q_lens, distribution)
+
+    generation = detect()
+    on_tpu = generation in TPU_GENERATIONS
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
+    if not (interpret or on_tpu):
+        warnings.warn("rpa.ragged_paged_attention: no TPU and interpret=False; running the pure-JAX reference",
+                      stacklevel=2)
+        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
+
+    key = tuning.make_key(q.dtype, kv_cache.dtype, num_q_heads, num_kv_heads, head_dim, page_size, num_tokens,
+                          page_indices.shape[1] * page_size)
+    bs, table_limit, _ = resolve_block_sizes(block_sizes, key, generation if on_tpu else None)
+    groups = bs.groups(num_kv_heads)
+    shape_kw = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                    q_dtype=q.dtype, kv_dtype=kv_cache.dtype)
+    limits = {}
+    for name, t in groups.items():
+        if vmem_limit_bytes is not None:
+            limits[name] = int(vmem_limit_bytes)
+        elif table_limit is not None:
+            limits[name] = int(table_limit)
+        else:
+            limits[name] = tuning.vmem_limit_for(tuning.group_vmem_bytes(*t, **shape_kw), generation if on_tpu else None)
+    return _kernel_path(q, k, v, kv_cache, *meta, sinks, groups=tuple(sorted(groups.items())),
+                        vmem_limits=tuple(sorted(limits.items())), interpret=interpret, **kw)

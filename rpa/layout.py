@@ -1,0 +1,92 @@
+"""The paged KV cache layout of rpa: shape, packing and unpacking.
+
+Layout (one array per layer):
+
+    kv_cache[num_pages, page_size, 2 * Hkv, Dp]      dtype = the cache dtype
+    kv_cache[p, s, 2 * h]     = key   of KV head h at page p, slot s
+    kv_cache[p, s, 2 * h + 1] = value of KV head h at page p, slot s
+    Dp = round_up(head_dim, 128); lanes head_dim..Dp are padding (zeros from pack_kv / new tokens).
+
+Why this shape:
+  * The slot is a major (untiled) dimension, so one token's keys and values for all heads form whole
+    TPU tiles: writing a new token, or a run of them inside a page, is a DMA at a tile-aligned offset,
+    and never touches a neighbouring slot. (Offsets along a tiled dimension must be tile-aligned for a
+    Mosaic DMA: a head-major layout with the slot on sublanes cannot write single slots.)
+  * K and V of a head are interleaved so that the K and V of a block of KV heads are one contiguous
+    row range [2*h0, 2*h0 + 2*hb): one DMA per page per head block fetches both.
+  * The two minor dims (2*Hkv, Dp) are what the TPU tiles. Sub-32-bit values of consecutive rows
+    share 32-bit words through the native tiling that XLA assigns (seen in compiled HLO: bf16
+    T(8,128)(2,1), int8 / float8 T(8,128)(4,1) for 2*Hkv = 16), so the cache is dense in HBM
+    whenever 2*Hkv is a multiple of 8 (or 2*Hkv <= packing); K and V of one head share words.
+  * head_dim is padded to a multiple of 128 lanes so every row is a whole number of lane tiles.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from autotune.kernel_util import LANES, round_up
+from reference.ragged_paged_attention import quantize_store
+
+SUPPORTED_CACHE_DTYPES = ("bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
+
+__all__ = ["SUPPORTED_CACHE_DTYPES", "kv_cache_shape", "pack_kv", "padded_head_dim", "quantize_store",
+           "unpack_kv"]
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return round_up(int(head_dim), LANES)
+
+
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype=None) -> tuple:
+    """Shape of the packed cache: (num_pages, page_size, 2 * num_kv_heads, round_up(head_dim, 128)).
+
+    `dtype` (the cache dtype) does not change the shape: packing of sub-32-bit values into words is
+    done by the TPU tiling of the two minor dims (see the module docstring).
+    """
+    for name, val in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
+                      ("head_dim", head_dim)):
+        if int(val) <= 0:
+            raise ValueError(f"{name}: must be positive, got {val}")
+    if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_CACHE_DTYPES:
+        raise ValueError(f"dtype: cache dtype {jnp.dtype(dtype).name} not supported; "
+                         f"expected one of {SUPPORTED_CACHE_DTYPES}")
+    return (int(num_pages), int(page_size), 2 * int(num_kv_heads), padded_head_dim(head_dim))
+
+
+def pack_kv(k_pages, v_pages):
+    """[num_pages, page_size, Hkv, D] keys and values (same shape and dtype) -> the packed cache."""
+    k_pages = jnp.asarray(k_pages)
+    v_pages = jnp.asarray(v_pages)
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages: expected [num_pages, page_size, Hkv, D], got shape {k_pages.shape}")
+    if v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"v_pages: shape/dtype {v_pages.shape}/{v_pages.dtype} differ from k_pages "
+                         f"{k_pages.shape}/{k_pages.dtype}")
+    num_pages, page_size, hkv, d = k_pages.shape
+    kv = jnp.stack([k_pages, v_pages], axis=3).reshape(num_pages, page_size, 2 * hkv, d)
+    dp = padded_head_dim(d)
+    if dp != d:
+        kv = jnp.pad(kv, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
+    return kv
+
+
+def unpack_kv(kv_cache, num_kv_heads: int, head_dim: int):
+    """The packed cache -> (k_pages, v_pages), each [num_pages, page_size, Hkv, head_dim]."""
+    kv_cache = jnp.asarray(kv_cache)
+    if kv_cache.ndim != 4 or kv_cache.shape[2] != 2 * num_kv_heads or kv_cache.shape[3] < head_dim:
+        raise ValueError(f"kv_cache: shape {kv_cache.shape} is not a packed cache of {num_kv_heads} KV heads "
+                         f"and head_dim {head_dim}")
+    return kv_cache[:, :, 0::2, :head_dim], kv_cache[:, :, 1::2, :head_dim]
+
+
+def new_kv_rows(k, v, cache_dtype, *, k_scale=None, v_scale=None):
+    """New tokens' k, v [T, Hkv, D] -> rows [T, 2*Hkv, Dp] in the cache's layout and dtype (quantized)."""
+    kq = quantize_store(k, cache_dtype, k_scale)
+    vq = quantize_store(v, cache_dtype, v_scale)
+    t, hkv, d = k.shape
+    kv = jnp.stack([kq, vq], axis=2).reshape(t, 2 * hkv, d)
+    dp = padded_head_dim(d)
+    if dp != d:
+        kv = jnp.pad(kv, ((0, 0), (0, 0), (0, dp - d)))
+    return kv

@@ -1,0 +1,163 @@
+"""rpa.tuning: traffic() against the bytes the kernel really moves (interpret mode), VMEM-safe defaults,
+the search space, the tuning-module protocol and the modelled MBU / MFU report."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rpa
+from autotune import lookup
+from autotune.cost_model import predict
+from autotune.hardware import TPU_GENERATIONS, chip
+from rpa import tuning
+from tests.rpa.harness import SMALL_BLOCKS, Shape, batch_from_lengths, make_inputs, run_both
+
+GENS = (None, *TPU_GENERATIONS)
+
+
+@contextlib.contextmanager
+def recorded_dmas():
+    """Every DMA the interpreted kernel completes: (source space, destination space, bytes)."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+
+    log = []
+    original = ipc.DMA.execute_write
+
+    def execute_write(self):
+        rec = None
+        if self.state == ipc.DmaState.READ and self.data is not None:
+            rec = (ipc.TPU_MEMORY_SPACE_NAMES[self.src_memory_space],
+                   ipc.TPU_MEMORY_SPACE_NAMES[self.dst_memory_space], int(self.data.nbytes))
+        original(self)
+        if rec is not None:
+            log.append(rec)
+
+    ipc.DMA.execute_write = execute_write
+    try:
+        yield log
+    finally:
+        ipc.DMA.execute_write = original
+
+
+HBM = ("any", "hbm")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("window", [None, 21])
+def test_traffic_matches_kernel_dmas(window):
+    """simulate()/traffic() count exactly the bytes and DMAs the kernel issues, on several batches."""
+    shape = Shape(head_dim=80)
+    rng = np.random.default_rng(3)
+    batches = [([1, 1, 1], [17, 64, 3], 3, 3), ([20, 9], [20, 90], 0, 2), ([1, 14, 0, 6], [33, 14, 5, 71], 1, 2)]
+    for q_lens, kv_lens, d0, d1 in batches:
+        b = batch_from_lengths(q_lens, kv_lens, decode_end=d0, prefill_end=d1, shape=shape, rng=rng)
+        inputs = make_inputs(b, shape, rng)
+        kw = {} if window is None else {"sliding_window": window}
+        with recorded_dmas() as log:
+            run_both(b, shape, inputs, **kw)
+        read = sum(n for src, _, n in log if src in HBM)
+        written = sum(n for _, dst, n in log if dst in HBM)
+        sim = tuning.simulate(b, SMALL_BLOCKS, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
+                              head_dim=shape.head_dim, sliding_window=window)
+        assert (sim["kernel_read"], sim["kernel_write"], sim["dmas"]) == (read, written, len(log)), (q_lens, kv_lens)
+        t = tuning.traffic(b, SMALL_BLOCKS, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
+                           head_dim=shape.head_dim, sliding_window=window)
+        assert t.bytes_read == read + sim["prologue_read"] and t.bytes_written == written + sim["prologue_write"]
+        assert t.dmas == len(log) and t.useful_bytes <= t.bytes_moved and t.useful_flops <= t.flops
+
+
+def test_traffic_reads_each_page_once_per_query_block():
+    """Decode at 2k context reads the cache once; a sliding window reads only its pages."""
+    kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
+    batch = tuning.uniform_batch([1] * 64, [2048] * 64, 128)
+    bs = tuning.BlockSizes(decode_kv_pages=16)
+    sim = tuning.simulate(batch, bs, **kw)
+    row = 16 * 128 * 2  # one slot: K and V of 8 heads
+    kv_bytes = 64 * 2048 * row
+    # per sequence: 2047 cached rows + the new row (attention) + the new row again (cache write) + q
+    assert sim["kernel_read"] == 64 * (2049 * row + 32 * 128 * 2)
+    assert sim["kernel_write"] == 64 * (row + 32 * 128 * 2)
+    assert sim["dmas"] == 64 * (16 + 1 + 2 + 1)  # pages, new row, q + out, cache write
+    windowed = tuning.simulate(batch, bs, sliding_window=128, **kw)
+    assert windowed["kernel_read"] < kv_bytes / 7
+
+
+@pytest.mark.parametrize("gen", GENS)
+def test_default_block_sizes_fit_vmem(gen):
+    for hq, hkv, d in ((32, 8, 128), (64, 8, 128), (64, 8, 64), (8, 1, 256), (40, 8, 80)):
+        for kvdt in ("bfloat16", "int8", "float8_e4m3fn"):
+            for t, length in ((64, 2048), (2048, 8192), (8192, 131072)):
+                key = tuning.make_key("bfloat16", kvdt, hq, hkv, d, tuning.recommended_page_size(length), t, length)
+                bs = tuning.default_block_sizes(key, gen)
+                need = tuning.vmem_estimate(key, bs)
+                limit = bs.get("vmem_limit_bytes") or (chip(gen).default_scoped_vmem_bytes if gen else 16 << 20)
+                assert need <= limit, (gen, key, bs, need, limit)
+                if gen:
+                    assert limit <= chip(gen).vmem_bytes
+                for name, (bq, _pages, heads) in rpa.BlockSizes.from_dict(bs).groups(hkv).items():
+                    assert heads in tuning.head_block_options(hq, hkv), (name, heads)
+                    assert bq == 1 or bq % 8 == 0
+
+
+def test_search_space_is_legal():
+    key = tuning.make_key("bfloat16", "bfloat16", 32, 8, 128, 128, 2048, 8192)
+    space = tuning.search_space(key, "v6e")
+    assert len(space) > 10
+    assert tuning.default_block_sizes(key, "v6e")["prefill_q"] in {s["prefill_q"] for s in space}
+    for s in space:
+        assert tuning.vmem_estimate(key, s) <= chip("v6e").vmem_bytes
+
+
+def test_lookup_falls_back_to_heuristic(recwarn):
+    key = tuning.make_key("bfloat16", "bfloat16", 32, 8, 128, 128, 256, 4096)
+    bs, match = lookup("rpa", key, None)
+    assert match == "default" and bs == tuning.default_block_sizes(key, None)
+
+
+def test_protocol_inputs_match_specs():
+    key = tuning.demo_key()
+    specs = tuning.input_specs(key)
+    inputs = tuning.example_inputs(key, np.random.default_rng(0))
+    assert [(s.shape, s.dtype) for s in specs] == [(x.shape, x.dtype) for x in inputs]
+    out, cache = tuning.reference_fn(key)(*inputs)
+    assert out.shape == specs[0].shape and cache.shape == specs[3].shape
+    c = tuning.cost(key, tuning.default_block_sizes(key, "v5e"), "v5e")
+    assert c.bytes_moved > 0 and c.flops > 0
+    for preset_key in tuning.keys_for_preset({"num_heads": 64, "num_kv_heads": 8, "head_dim": 64,
+                                              "sliding_window": 128, "sinks": True}):
+        assert set(tuning.STATIC_KEYS + tuning.DYNAMIC_KEYS) <= set(preset_key)
+    for case in ("decode-heavy", "prefill-heavy", "mixed"):
+        assert tuning.bench_cases(case)
+
+
+def test_model_report():
+    rows = tuning.model_report()
+    assert len(rows) == 3 * len(TPU_GENERATIONS)
+    for r in rows:
+        assert r["label"] == "model" and 0 < r["mbu"] <= 1 and 0 < r["mfu"] <= 1
+    decode = [r for r in rows if r["scenario"].startswith("decode")]
+    assert all(r["bound"] != "compute" for r in decode)
+    batch = tuning.uniform_batch([2048], [2048], 128, decode_end=0)
+    t = tuning.traffic(batch, tuning.BlockSizes(prefill_q=256, prefill_kv_pages=4), **tuning.LLAMA3_8B)
+    assert predict(t, "v5e").bound == "compute"
+
+
+def test_kernel_fn_runs_in_interpret_mode():
+    """The protocol's kernel_fn agrees with its reference_fn on the example inputs."""
+    key = tuning.demo_key()
+    inputs = tuning.example_inputs(key, np.random.default_rng(1))
+    out, cache = jax.jit(tuning.kernel_fn(key, tuning.default_block_sizes(key, None), interpret=True))(*inputs)
+    ref_out, ref_cache = tuning.reference_fn(key)(*inputs)
+    n = int(inputs[6][int(inputs[7][2])])
+    err = float(jnp.linalg.norm((out[:n] - ref_out[:n]).astype(jnp.float32)) /
+                jnp.linalg.norm(ref_out[:n].astype(jnp.float32)))
+    assert err < 1.5e-2
+    assert np.array_equal(np.asarray(cache).view(np.uint8), np.asarray(ref_cache).view(np.uint8))
+
+
+test_kernel_fn_runs_in_interpret_mode = pytest.mark.interpret(test_kernel_fn_runs_in_interpret_mode)
