@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/python -m engine.demo
 	$(VENV)/bin/python -m bench.demo
 
 test: $(STAMP)
