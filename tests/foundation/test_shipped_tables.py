@@ -1,0 +1,50 @@
+"""The shipped tables: valid schema, never predicted slower than the default, entries still compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from autotune import lookup
+from autotune.cli import check_entries
+from autotune.hardware import TPU_GENERATIONS, parse_generation
+from autotune.registry import KERNEL_MODULES
+from tuned_configs import ROOT
+
+TABLES = sorted(ROOT.glob("*/*.json"))
+
+
+def test_tables_are_shipped_for_every_tpu_generation():
+    gens = {p.parent.name for p in TABLES}
+    assert set(TPU_GENERATIONS) - {"v4"} <= gens
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_table_schema_and_gain(path):
+    data = json.loads(path.read_text())
+    assert data["schema_version"] == 1 and data["kernel"] == path.stem and data["kernel"] in KERNEL_MODULES
+    assert parse_generation(data["generation"]) == path.parent.name
+    assert data["entries"]
+    for e in data["entries"]:
+        assert isinstance(e["key"], dict) and isinstance(e["block_sizes"], dict)
+        p = e["provenance"]
+        assert p["source"] in ("model", "measured")
+        if p["source"] == "model":
+            assert p["cost_model_version"] and p["date"]
+            # the default heuristic is always a candidate: the winner is never predicted slower
+            assert p["predicted_us"] <= p["default_predicted_us"] + 1e-9
+    # a shipped key looks itself up exactly
+    key = data["entries"][0]["key"]
+    assert lookup(data["kernel"], key, data["generation"])[1] == "exact"
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("generation", sorted({p.parent.name for p in TABLES} & set(TPU_GENERATIONS)))
+def test_sample_of_shipped_entries_compiles(generation):
+    """`autotune check --sample 1`: one random entry per kernel table still compiles with libtpu
+    (the full check is `autotune check`)."""
+    results = check_entries([generation], sorted(KERNEL_MODULES), sample=1, seed=len(generation))
+    assert results, "no entries checked"
+    bad = [r for r in results if r[3] is not None]
+    assert not bad, bad
