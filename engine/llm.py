@@ -92,7 +92,10 @@ class LLM:
         if kv_dtype.name in KV_SCALES:
             kv_scales = (KV_SCALES[kv_dtype.name], KV_SCALES[kv_dtype.name])
         reader = weights.CheckpointReader(model_dir)
-        self.params = load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype)
+        # Committed to one device, so every leaf has the same sharding at warm-up and while serving
+        # (a weight that is committed only later, e.g. by a quantization step, would recompile the step).
+        self.params = jax.device_put(load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype),
+                                     jax.devices()[0])
         t_loaded = time.perf_counter()
 
         page_size = page_size or (16 if self.ops.backend == "reference" else 32)

@@ -57,8 +57,10 @@ class ModelRunner:
         self.kv_scales = kv_scales
         self.inv_freq = rope_inv_freq(cfg)
         self.counter = counter()
-        self.caches = [ops.init_kv_cache(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
-                       for _ in range(cfg.num_layers)]
+        # Committed to the device like the step's outputs, so warm-up compiles what serving runs.
+        self.caches = jax.device_put([ops.init_kv_cache(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
+                                                        self.kv_dtype) for _ in range(cfg.num_layers)],
+                                     jax.devices()[0])
         self.lookups: list[kernel_tables.Lookup] = []
         self._fns: dict[int, object] = {}
         self.baseline_compiles: int | None = None
