@@ -1,0 +1,244 @@
+"""The quantization scheme of pallaskit, in pure JAX: its one home (quant, moe and the engine use it).
+
+Scheme (symmetric absmax, reproducible anywhere):
+  * weights `w[..., K, N]` are split into blocks of `bk` rows (along K) by `bn` columns (along N);
+    a leading batch (expert) axis is allowed: everything works on the LAST TWO axes.
+  * subnormal float32 inputs count as 0 (TPUs and XLA:CPU flush them; making it part of the scheme
+    keeps every implementation bit-identical).
+  * scale = absmax(block) / qmax, in float32, with qmax 127 (int8), 7 (int4), 448 (float8_e4m3fn),
+    57344 (float8_e5m2). A block whose scale would be below the smallest normal float32 (an all-zero
+    block, or absmax / qmax underflowing) gets scale 1: never NaN or inf.
+  * the quotient q = w / scale is computed in float32 (w converted to float32 first);
+    integer formats: values = clip(round_half_to_even(q), -qmax, qmax);
+    float8 formats:  values = cast(clip(q, -qmax, qmax)) (the clip only guards the last-ulp overshoot).
+  * block_size: None -> one scale per output column, i.e. (bk, bn) = (K, 1), scales [..., 1, N];
+    an int b -> (b, 1): one scale per b rows of K per column, scales [..., K // b, N];
+    a pair (bk, bn) -> one scale per 2-D block, scales [..., K // bk, N // bn].
+    bk must divide K and bn must divide N.
+  * int4 values are returned UNPACKED here, in an int8 container holding values in [-7, 7]
+    (packing two per byte is a storage concern: quant.tensor.pack_int4).
+
+Activations (act_quant): `quantize_rows(x, dtype)` quantizes each row of x[..., M, K] dynamically
+with the same rules (one float32 scale per row, shape [..., M, 1]).
+
+This module imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+QMAX: dict[str, float] = {
+    "int8": 127.0,
+    "int4": 7.0,
+    "float8_e4m3fn": 448.0,
+    "float8_e5m2": 57344.0,
+}
+DTYPES: tuple[str, ...] = tuple(QMAX)
+ACT_DTYPES: tuple[str, ...] = ("int8", "float8_e4m3fn")
+
+# Storage dtype of the (unpacked) values of each format.
+_STORAGE = {
+    "int8": jnp.int8,
+    "int4": jnp.int8,  # unpacked int4 lives in an int8 container, values in [-7, 7]
+    "float8_e4m3fn": jnp.float8_e4m3fn,
+    "float8_e5m2": jnp.float8_e5m2,
+}
+
+
+def dtype_name(dtype, *, arg: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> str:
+    """Canonical name of a quantized format ("int8", "int4", "float8_e4m3fn", "float8_e5m2").
+
+    Accepts the name or a numpy/jax dtype; ValueError naming `arg` otherwise.
+    """
+    name = dtype
+    if not isinstance(dtype, str):
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in allowed:
+        raise ValueError(f"{arg}: unknown quantized dtype {dtype!r}; expected one of {', '.join(allowed)}")
+    return name
+
+
+def qmax(dtype) -> float:
+    """Largest quantized magnitude of a format: 127, 7, 448 or 57344."""
+    return QMAX[dtype_name(dtype)]
+
+
+def storage_dtype(dtype):
+    """The jnp dtype the unpacked values of a format are stored in (int4 -> int8 container)."""
+    return _STORAGE[dtype_name(dtype)]
+
+
+def is_integer_format(dtype) -> bool:
+    return dtype_name(dtype) in ("int8", "int4")
+
+
+def normalize_block_size(block_size, k: int, n: int, *, arg: str = "block_size") -> tuple[int, int]:
+    """(bk, bn) for a block_size given as None (per column: (K, 1)), an int b ((b, 1)) or a pair.
+
+    ValueError naming `arg` when a size is not a positive int or does not divide K (resp. N).
+    """
+    if block_size is None:
+        bk, bn = k, 1
+    elif isinstance(block_size, (int,)) and not isinstance(block_size, bool):
+        bk, bn = int(block_size), 1
+    elif isinstance(block_size, (tuple, list)) and len(block_size) == 2:
+        bk, bn = block_size
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in (bk, bn)):
+            raise ValueError(f"{arg}: expected None, an int or a pair of ints, got {block_size!r}")
+        bk, bn = int(bk), int(bn)
+    else:
+        raise ValueError(f"{arg}: expected None, an int or a pair of ints, got {block_size!r}")
+    if bk <= 0 or bn <= 0:
+        raise ValueError(f"{arg}: block sizes must be positive, got {block_size!r}")
+    if k % bk:
+        raise ValueError(f"{arg}: block size {bk} along K does not divide K={k}")
+    if n % bn:
+        raise ValueError(f"{arg}: block size {bn} along N does not divide N={n}")
+    return bk, bn
+
+
+def scales_shape(shape, block: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the scales of a [..., K, N] tensor quantized with (bk, bn) blocks."""
+    *lead, k, n = shape
+    return (*lead, k // block[0], n // block[1])
+
+
+def _divide(a, b):
+    """a / b, correctly rounded in float32 wherever XLA runs it.
+
+    XLA rewrites a division by a broadcast (or constant) divisor into a multiplication by its
+    reciprocal, which is not correctly rounded; materialising the divisor behind an optimization
+    barrier keeps it a true elementwise division.
+    """
+    a = a.astype(jnp.float32)
+    b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.float32), a.shape))
+    return a / b
+
+
+_TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32
+
+
+def _flush_subnormals(x):
+    x = x.astype(jnp.float32)
+    return jnp.where(jnp.abs(x) < _TINY, jnp.float32(0.0), x)
+
+
+def _safe_scale(absmax, qm: float):
+    scale = _divide(absmax, qm)
+    return jnp.where(scale >= _TINY, scale, jnp.float32(1.0))
+
+
+def _to_values(q, name: str):
+    qm = jnp.float32(QMAX[name])
+    q = jnp.clip(q, -qm, qm)
+    if name in ("int8", "int4"):
+        return jnp.round(q).astype(jnp.int8)  # jnp.round rounds half to even
+    return q.astype(_STORAGE[name])
+
+
+def quantize(w, dtype, block_size=None):
+    """Quantize w[..., K, N] -> (values [..., K, N], scales float32 [..., K//bk, N//bn]).
+
+    int4 values are unpacked (int8 container, values in [-7, 7]). See the module docstring.
+    Concrete inputs are quantized on the host CPU (whose division is correctly rounded; GPUs'
+    is not) and the results placed on w's device (default device for host arrays); traced inputs
+    are quantized where the trace runs, where a scale may differ in its last bit.
+    """
+    name = dtype_name(dtype)
+    w = w if isinstance(w, (jax.Array, jax.core.Tracer)) else jnp.asarray(w)
+    if w.ndim < 2:
+        raise ValueError(f"w: expected at least 2 dims [..., K, N], got shape {w.shape}")
+    *lead, k, n = w.shape
+    block = normalize_block_size(block_size, k, n)
+    return _on_host(_quantize_impl, w, name, block)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_impl(w, name, block):
+    *lead, k, n = w.shape
+    bk, bn = block
+    wf = _flush_subnormals(w)
+    blocks = wf.reshape(*lead, k // bk, bk, n // bn, bn)
+    absmax = jnp.max(jnp.abs(blocks), axis=(-3, -1))  # [..., K//bk, N//bn]
+    scales = _safe_scale(absmax, QMAX[name])
+    q = _divide(blocks, scales[..., :, None, :, None])
+    values = _to_values(q, name).reshape(*lead, k, n)
+    return values, scales
+
+
+def _on_host(fn, x, *static):
+    """fn(x, *static) computed on the CPU backend when x is concrete, results put back on x's device."""
+    if isinstance(x, jax.core.Tracer):
+        return fn(x, *static)
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend in this process: compute where we are
+        return fn(x, *static)
+    devices = getattr(x, "devices", lambda: set())()
+    if len(devices) > 1:  # a sharded array: keep it where it is
+        return fn(x, *static)
+    target = next(iter(devices)) if devices else None
+    with jax.default_device(cpu):
+        out = fn(jax.device_put(x, cpu), *static)
+    if target is None or target.platform == "cpu":
+        if target is None and jax.default_backend() != "cpu":
+            return jax.device_put(out, jax.devices()[0])
+        return out
+    return jax.device_put(out, target)
+
+
+def expand_scales(scales, block_size, shape):
+    """Scales [..., K//bk, N//bn] broadcast to one per element of `shape` [..., K, N] (float32)."""
+    *lead, k, n = shape
+    bk, bn = normalize_block_size(block_size, k, n)
+    s = jnp.asarray(scales, jnp.float32)
+    s = jnp.broadcast_to(s[..., :, None, :, None], (*lead, k // bk, bk, n // bn, bn))
+    return s.reshape(*lead, k, n)
+
+
+def dequantize(values, scales, block_size=None, out_dtype=jnp.float32):
+    """values [..., K, N] (unpacked) times their block scales -> out_dtype (default float32).
+
+    `block_size` as given to `quantize` (None, an int or a pair).
+    """
+    values = jnp.asarray(values)
+    *lead, k, n = values.shape
+    bk, bn = normalize_block_size(block_size, k, n)
+    s = jnp.asarray(scales, jnp.float32)
+    if s.shape != (*lead, k // bk, n // bn):
+        raise ValueError(f"scales: shape {s.shape} does not match values {values.shape} with blocks {(bk, bn)}")
+    v = values.astype(jnp.float32).reshape(*lead, k // bk, bk, n // bn, bn)
+    out = (v * s[..., :, None, :, None]).reshape(*lead, k, n)
+    return out.astype(out_dtype)
+
+
+def quantize_rows(x, dtype):
+    """Dynamic per-row quantization of activations x[..., M, K] -> (values [..., M, K], scales [..., M, 1]).
+
+    Same rules as `quantize` with one block per row (absmax over K). dtype "int8" or "float8_e4m3fn"
+    (any weight format is accepted here; act_quant in quant.quantized_matmul allows those two).
+    Concrete inputs are computed on the host CPU like `quantize`.
+    """
+    name = dtype_name(dtype)
+    x = x if isinstance(x, (jax.Array, jax.core.Tracer)) else jnp.asarray(x)
+    return _on_host(_quantize_rows_impl, x, name)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _quantize_rows_impl(x, name):
+    xf = _flush_subnormals(x)
+    absmax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    scales = _safe_scale(absmax, QMAX[name])
+    return _to_values(_divide(xf, scales), name), scales
+
+
+def dequantize_rows(values, scales, out_dtype=jnp.float32):
+    """Inverse of quantize_rows: values [..., M, K] * scales [..., M, 1]."""
+    return (jnp.asarray(values).astype(jnp.float32) * jnp.asarray(scales, jnp.float32)).astype(out_dtype)

@@ -1,0 +1,91 @@
+"""Bad input: ValueErrors naming the argument; unsupported MXU combos raise NotImplementedError; the
+CPU fallback warns and returns the reference result."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quant
+from quant import tpu
+from reference.quantized_matmul import quantized_matmul_qt
+
+
+@pytest.fixture
+def qw(rng):
+    return quant.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), "int8")
+
+
+@pytest.fixture
+def x(rng):
+    return jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+
+
+def test_k_mismatch(qw, rng):
+    x = jnp.asarray(rng.standard_normal((4, 128)), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"^x: K mismatch"):
+        quant.quantized_matmul(x, qw, interpret=True)
+
+
+def test_int4_odd_k(rng):
+    with pytest.raises(ValueError, match=r"^w: int4 .* even K"):
+        quant.quantize(jnp.asarray(rng.standard_normal((255, 8)), jnp.float32), "int4")
+
+
+@pytest.mark.parametrize("block_size", [100, (96, 1), (128, 7), 0, -1, "128", (128,), 3.0])
+def test_block_size_that_does_not_divide(block_size, rng):
+    with pytest.raises(ValueError, match=r"^block_size"):
+        quant.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), "int8", block_size=block_size)
+
+
+@pytest.mark.parametrize("dtype", ["int2", "uint8", "float16", "fp8", jnp.float32, None])
+def test_unknown_dtype(dtype, rng):
+    with pytest.raises(ValueError, match=r"^dtype"):
+        quant.quantize(jnp.asarray(rng.standard_normal((256, 96)), jnp.float32), dtype)
+
+
+def test_unknown_act_quant(x, qw):
+    for act in ("int4", "float8_e5m2", "bf16"):
+        with pytest.raises(ValueError, match=r"^act_quant"):
+            quant.quantized_matmul(x, qw, act_quant=act, interpret=True)
+
+
+def test_other_arguments(x, qw, rng):
+    with pytest.raises(ValueError, match=r"^qw"):
+        quant.quantized_matmul(x, jnp.zeros((256, 96)), interpret=True)
+    with pytest.raises(ValueError, match=r"^x"):
+        quant.quantized_matmul(x[0], qw, interpret=True)
+    with pytest.raises(ValueError, match=r"^x"):
+        quant.quantized_matmul(x.astype(jnp.int8), qw, interpret=True)
+    with pytest.raises(ValueError, match=r"^bias"):
+        quant.quantized_matmul(x, qw, bias=jnp.ones((95,)), interpret=True)
+    with pytest.raises(ValueError, match=r"^out_dtype"):
+        quant.quantized_matmul(x, qw, out_dtype=jnp.int32, interpret=True)
+    with pytest.raises(ValueError, match=r"^block_sizes"):
+        quant.quantized_matmul(x, qw, block_sizes={"tm": 8, "tn": 128, "tk": 100}, interpret=True)
+    with pytest.raises(ValueError, match=r"^block_sizes"):
+        quant.quantized_matmul(x, qw, block_sizes={"tm": 8}, interpret=True)
+    with pytest.raises(ValueError, match=r"^w"):
+        quant.quantize(jnp.ones((256,)), "int8")
+    with pytest.raises(ValueError, match=r"^w"):
+        quant.quantize(jnp.ones((256, 8), jnp.int32), "int8")
+
+
+def test_unsupported_mxu_path_raises_not_implemented(x, qw):
+    with pytest.raises(NotImplementedError):
+        tpu.quantized_matmul(x, qw.values, qw.scales, w_dtype="int8", block=qw.block_size, shape=qw.shape,
+                             act_quant=None, tm=4, tn=96, tk=256, mxu="int8", interpret=True)
+    with pytest.raises(NotImplementedError):
+        tpu.quantized_matmul(x, qw.values, qw.scales, w_dtype="int8", block=qw.block_size, shape=qw.shape,
+                             act_quant="float8_e4m3fn", tm=4, tn=96, tk=256, mxu="fp8", interpret=True)
+
+
+def test_cpu_fallback_warns_and_matches_reference(x, qw):
+    import quant.api as api
+
+    api._warned.clear()
+    with pytest.warns(UserWarning, match="reference"):
+        y = quant.quantized_matmul(x, qw, act_quant="int8")
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
+                                  np.asarray(quantized_matmul_qt(x, qw, act_quant="int8").astype(jnp.float32)))

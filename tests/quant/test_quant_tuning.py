@@ -1,0 +1,130 @@
+"""quant.tuning: legal, VMEM-safe defaults; the search space; traffic / vmem models; table lookup."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import quant
+from autotune import lookup
+from autotune.cost_model import predict
+from autotune.hardware import chip
+from quant import tuning
+
+GENS = (None, "v5e", "v6e", "v5p", "tpu7x")
+FORMATS = (("int8", None, (0, 1)), ("int8", "int8", (0, 1)), ("int4", None, (128, 1)),
+           ("int4", "int8", (0, 1)), ("float8_e4m3fn", "float8_e4m3fn", (128, 128)), ("float8_e5m2", None, (0, 1)))
+SHAPES = ((1, 4096, 14336), (16, 4096, 6144), (128, 14336, 4096), (4096, 4096, 14336), (37, 200, 130),
+          (8192, 8192, 28672), (5, 16384, 72))
+
+
+def keys():
+    for m, k, n in SHAPES:
+        for w, a, (bk, bn) in FORMATS:
+            if n % bn or (bk and (k // 2) % bk):
+                bk, bn = 0, 1
+            yield tuning.make_key(m=m, k=k, n=n, x_dtype="bfloat16", w_dtype=w, act_quant=a,
+                                  block_size=(bk or k, bn))
+
+
+@pytest.mark.parametrize("gen", GENS)
+def test_default_block_sizes_legal_and_within_budget(gen):
+    budget, limit = tuning.vmem_budget(gen)
+    for key in keys():
+        b = tuning.default_block_sizes(key, gen)
+        assert tuning.valid_tk(key, b["tk"]), (key, b)
+        assert tuning.legal_tm(key["m"], b["tm"]) == b["tm"] or b["tm"] >= key["m"]
+        assert tuning.vmem_bytes(key, b, gen) <= budget, (key, b)
+        if gen is not None:  # what the blocks need with headroom, within the generation's limit
+            assert tuning.vmem_bytes(key, b, gen) < b["vmem_limit_bytes"] <= limit
+        if gen is None:  # no limit requested: must fit the smallest default scoped VMEM (v5e 16 MiB)
+            assert tuning.vmem_bytes(key, b, gen) <= 16 * 2**20
+
+
+def test_search_space_has_decode_and_prefill_shapes():
+    dec = tuning.make_key(m=16, k=4096, n=14336, x_dtype="bfloat16", w_dtype="int8", act_quant="int8")
+    pre = dict(dec, m=4096)
+    for gen in ("v5e", "tpu7x"):
+        sd, sp = tuning.search_space(dec, gen), tuning.search_space(pre, gen)
+        assert {c["tm"] for c in sd} == {16}
+        assert {512, 1024} <= {c["tm"] for c in sp}
+        assert all(tuning.valid_tk(dec, c["tk"]) for c in sd + sp)
+        assert max(c["tn"] for c in sd) >= 2048 and min(c["tn"] for c in sd) <= 256
+        strip = lambda c: {k: c[k] for k in ("tm", "tn", "tk")}  # noqa: E731
+        assert strip(tuning.default_block_sizes(dec, gen)) in [strip(c) for c in sd]
+        assert strip(tuning.default_block_sizes(pre, gen)) in [strip(c) for c in sp]
+
+
+def test_mxu_paths():
+    assert tuning.mxu_path("int8", "int8", "v5e") == "int8"
+    assert tuning.mxu_path("int4", "int8", "v6e") == "int8"
+    assert tuning.mxu_path("int8", "int8", "tpu7x") == "bf16"
+    assert tuning.mxu_path("float8_e4m3fn", "float8_e4m3fn", "tpu7x") == "fp8"
+    assert tuning.mxu_path("float8_e5m2", "float8_e4m3fn", "v6e") == "bf16"
+    assert tuning.mxu_path("int8", None, "v5p") == "bf16"
+
+
+def test_traffic_counts():
+    key = tuning.make_key(m=16, k=4096, n=14336, x_dtype="bfloat16", w_dtype="int8")
+    b = {"tm": 16, "tn": 1792, "tk": 4096}
+    t = tuning.traffic(key, b, "v6e")
+    assert t.bytes_read >= 4096 * 14336  # the weights, once
+    assert t.bytes_read < 4096 * 14336 * 1.05
+    assert t.useful_bytes <= t.bytes_moved and t.flops >= t.useful_flops == 2 * 16 * 4096 * 14336
+    assert t.grid_steps == 8 and t.flops_kind == "bf16"
+    t4 = tuning.traffic(dict(key, w_dtype="int4"), b, "v6e")
+    assert t4.bytes_read < 0.6 * t.bytes_read
+    w8a8 = tuning.traffic(dict(key, act_quant="int8", m=4096), {"tm": 512, "tn": 1792, "tk": 1024}, "v5e")
+    assert w8a8.flops_kind == "int8"
+    # several M tiles re-read the weights; several N tiles re-read x
+    assert w8a8.bytes_read >= 8 * 4096 * 14336 + 8 * 4096 * 4096
+    assert quant.traffic(16, 4096, 14336, generation="v6e").flops_kind == "bf16"
+    assert quant.vmem_bytes(16, 4096, 14336, generation="v6e") <= tuning.vmem_budget("v6e")[0]
+
+
+@pytest.mark.parametrize("gen", ("v5e", "v6e", "v5p", "tpu7x"))
+def test_modelled_speedups_are_sane(gen):
+    """Model, Llama-3-8B gate/up: decode reads 2x / 4x fewer weight bytes (bounded by the MXU's
+    weight-tile rate on the bf16 path); prefill gains 2x exactly where the chip has the MXU path."""
+    spec = chip(gen)
+
+    def best(m, w, a=None):
+        key = tuning.make_key(m=m, k=4096, n=14336, x_dtype="bfloat16", w_dtype=w, act_quant=a)
+        return predict(tuning.traffic(key, tuning.default_block_sizes(key, gen), gen), spec).seconds
+
+    bf16 = best(16, "bfloat16")
+    dec8, dec4 = bf16 / best(16, "int8"), bf16 / best(16, "int4")
+    assert 1.25 < dec8 < 2.05 and dec8 * 0.98 <= dec4 < 4.05
+    w8a8 = bf16 / best(16, "int8", "int8")
+    assert (w8a8 > 1.9) if gen in tuning.INT8_MXU else (0.98 * dec8 < w8a8 < 1.02 * dec8)
+    pre = best(4096, "bfloat16")
+    assert 0.95 < pre / best(4096, "int8") < 1.2  # smaller weight blocks may allow larger tiles
+    pre8 = pre / best(4096, "int8", "int8")
+    assert (pre8 > 1.9) if gen in tuning.INT8_MXU else (0.9 < pre8 < 1.1)
+    pre_fp8 = pre / best(4096, "float8_e4m3fn", "float8_e4m3fn")
+    assert (pre_fp8 > 1.9) if gen in tuning.FP8_MXU else (0.9 < pre_fp8 < 1.1)
+
+
+def test_lookup_falls_back_to_the_heuristic():
+    key = tuning.make_key(m=16, k=4096, n=14336, x_dtype="bfloat16", w_dtype="int8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b, match = lookup("quantized_matmul", key, "v6e")
+    if match == "default":
+        assert b == tuning.default_block_sizes(key, "v6e")
+    assert tuning.valid_tk(key, b["tk"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b, match = lookup("quantized_matmul", key, "not-a-chip")
+    assert match == "default" and "vmem_limit_bytes" not in b  # conservative: fits 16 MiB scoped VMEM
+
+
+def test_protocol_functions(rng):
+    key = tuning.demo_key()
+    x, qw = tuning.input_specs(key)
+    xe, qe = tuning.example_inputs(key, rng)
+    assert x.shape == xe.shape and qw.values.shape == qe.values.shape and qw.scales.shape == qe.scales.shape
+    assert tuning.keys_for_preset({"hidden": 4096, "intermediate": 14336, "num_heads": 32, "num_kv_heads": 8})
+    assert tuning.bench_cases("quant") and not tuning.bench_cases("moe")
+    assert tuning.vmem_estimate(key, tuning.default_block_sizes(key, None)) > 0
