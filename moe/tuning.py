@@ -118,7 +118,7 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None, *,
     with several K blocks every step fetches both.
     """
     tm, tk, tn = (int(block_sizes[b]) for b in ("tm", "tk", "tn"))
-    mxu_rows = chip(generation).mxu_shape[0] if generation else 128
+    mxu_rows = chip(generation).mxu_shape[0] if generation and chip(generation).is_tpu else 128
     glu, n_out, quantized = _shape(key)
     m, k, n, g = key["m"], key["k"], key["n"], key["num_groups"]
     tm = min(tm, round_up(m, sublane_tile(key["lhs_dtype"])))

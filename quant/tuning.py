@@ -252,7 +252,8 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None) -> Traf
     # The MXU is weight-stationary: each weight tile costs at least as many cycles as the array has
     # rows, so an M tile smaller than that issues the work of a full one (decode pays this); a
     # K step or N tile narrower than the array leaves part of it idle.
-    rows, cols = chip(generation).mxu_shape if generation else (LANES, LANES)
+    # GPUs have no weight-stationary array (mxu_shape (0, 0)): count lane-tile padding only.
+    rows, cols = chip(generation).mxu_shape if generation and chip(generation).is_tpu else (LANES, LANES)
     piece = rows_per_step(key, tk)
     flops = (2 * nm * max(round_up(tm, 8), rows) * nk * (k // nk // piece) * round_up(piece, rows)
              * nn * round_up(tn, cols) * f32_passes)

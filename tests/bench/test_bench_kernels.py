@@ -27,3 +27,16 @@ def test_bench_kernels_model_outputs(tmp_path, capsys, shape_set, kernel):
     assert (tmp_path / "roofline.png").stat().st_size > 1000
     md = (tmp_path / "kernels.md").read_text()
     assert md.startswith("| kernel | case | generation | source |") and md in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kernel", ["quantized_matmul", "gmm", "rpa"])
+def test_cost_model_handles_gpu_generations(kernel):
+    """GPUs have no MXU shape in the hardware table; the traffic models must still price them."""
+    from autotune.cost_model import predict
+    from autotune.registry import tuning_module
+
+    module = tuning_module(kernel)
+    for _, key in module.bench_cases({"rpa": "decode-heavy", "gmm": "moe", "quantized_matmul": "quant"}[kernel])[:2]:
+        for gen in ("h100", "h200"):
+            t = module.cost(key, module.default_block_sizes(key, gen), gen)
+            assert predict(t, gen).seconds > 0
