@@ -450,6 +450,14 @@ def format_report(rows) -> str:
 # ---------------------------------------------------------------- tuning-module protocol (autotune/registry.py)
 
 DEFAULT_MAX_SEQS = 128
+# Cached KV of a representative batch, at most: it must fit beside the inputs in every generation's
+# HBM (v5e: 16 GB), or the compile check of a long-context entry fails on memory, not on the kernel.
+KV_BUDGET_BYTES = 4 * 1024**3
+
+
+def _max_cached_tokens(key: dict) -> int:
+    _, hkv, d, _, _, kvdt = _shape(key)
+    return max(1, KV_BUDGET_BYTES // (2 * hkv * round_up(d, 128) * kvdt.itemsize))
 
 
 def _key_dims(key: dict):
@@ -467,14 +475,15 @@ def representative_batch(key: dict) -> dict:
     ps = int(key["page_size"])
     seqs = int(key.get("max_num_seqs", min(DEFAULT_MAX_SEQS, t)))
     workload = key.get("workload", "mixed")
+    budget = _max_cached_tokens(key)
     if workload == "decode":
-        n = min(t, seqs)
+        n = max(1, min(t, seqs, budget // max(1, length // 2)))
         b = uniform_batch([1] * n, [max(1, length // 2)] * n, ps, num_tokens=t)
     elif workload == "prefill":
         q = min(t, length)
         b = uniform_batch([q], [q], ps, num_tokens=t, decode_end=0)
     else:
-        n_dec = min(t // 2, seqs - 1)
+        n_dec = max(0, min(t // 2, seqs - 1, budget // max(1, length // 2) - 1))
         q = min(t - n_dec, length)
         hist = min(length - q, length // 4)
         b = uniform_batch([1] * n_dec + [q], [max(1, length // 2)] * n_dec + [q + hist], ps, num_tokens=t,
