@@ -115,6 +115,12 @@ def _get(body: dict, name: str, types, default=None, *, check=None, what=""):
     return value
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """The OpenAI usage object of one request."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
 def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, dict]:
     n = _get(body, "n", int, 1)
     if n != 1:
@@ -302,8 +308,7 @@ def create_app(llm: LLM, model_name: str | None = None):
                                    "model": name, "choices": [choice]})
                     if extras["include_usage"]:
                         yield sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
-                                   "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                                                            "total_tokens": n_prompt + n_out}})
+                                   "choices": [], "usage": usage(n_prompt, n_out)})
                     yield "data: [DONE]\n\n"
                 finally:
                     if reason is None:
@@ -315,8 +320,7 @@ def create_app(llm: LLM, model_name: str | None = None):
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason,
                              "logprobs": completion_logprobs(toks, lps) if want_lp else None}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(toks),
-                          "total_tokens": n_prompt + len(toks)}}
+                "usage": usage(n_prompt, len(toks))}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -370,8 +374,7 @@ def create_app(llm: LLM, model_name: str | None = None):
                                                 if want_lp else None}]})
                     if extras["include_usage"]:
                         yield sse({**head, "created": int(time.time()), "choices": [],
-                                   "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out,
-                                             "total_tokens": n_prompt + n_out}})
+                                   "usage": usage(n_prompt, n_out)})
                     yield "data: [DONE]\n\n"
                 finally:
                     if reason is None:
@@ -383,6 +386,6 @@ def create_app(llm: LLM, model_name: str | None = None):
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                              "logprobs": chat_logprobs(toks, lps) if want_lp else None}],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(toks), "total_tokens": n_prompt + len(toks)}}
+                "usage": usage(n_prompt, len(toks))}
 
     return app
