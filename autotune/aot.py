@@ -7,9 +7,7 @@ raises the compiler's own error (e.g. RESOURCE_EXHAUSTED ... CompileTimeScopedVm
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 import threading
 
 import numpy as np
@@ -40,28 +38,12 @@ def abstract_args(args, generation: str):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args), mesh
 
 
-@contextlib.contextmanager
-def _static_profile_dir(directory: str | None):
-    """Ask libtpu to dump the static cycle estimate of each compiled kernel into `directory`.
-
-    libtpu reads LIBTPU_INIT_ARGS once, when it is first initialised in the process, so this only
-    takes effect for the first compile of the process; callers that need estimates start a fresh one.
-    """
-    if directory is None:
-        yield
-        return
-    old = os.environ.get("LIBTPU_INIT_ARGS")
-    os.environ["LIBTPU_INIT_ARGS"] = f"{old or ''} --xla_jf_dump_static_llo_profile_to={directory}".strip()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LIBTPU_INIT_ARGS", None)
-        else:
-            os.environ["LIBTPU_INIT_ARGS"] = old
+def topology_started() -> bool:
+    """Whether this process has started libtpu for a compile-only topology."""
+    return _topology.cache_info().currsize > 0
 
 
-def compile_for(fn, args, generation: str, *, static_profile_dir: str | None = None):
+def compile_for(fn, args, generation: str):
     """Lower and compile `fn(*args)` for one device of `generation`; returns the Compiled object.
 
     `args` is a tuple of arrays or ShapeDtypeStructs (shapes and dtypes only are used).
@@ -69,7 +51,7 @@ def compile_for(fn, args, generation: str, *, static_profile_dir: str | None = N
     import jax
 
     generation = parse_generation(generation)
-    with _LOCK, _static_profile_dir(static_profile_dir):
+    with _LOCK:
         specs, mesh = abstract_args(tuple(args), generation)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return jax.jit(fn).lower(*specs).compile()

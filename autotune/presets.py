@@ -17,7 +17,10 @@ MODEL_PRESETS: dict[str, dict] = {
                         moe_intermediate=2880, top_k=4, sliding_window=128, sinks=True),
 }
 
-# What an engine uses: tokens per step and model lengths the tables cover.
+# What an engine uses: tokens per step and model lengths the tables cover. A decode step has as many
+# tokens as running sequences, below the smallest budget: DECODE_BATCHES keys cover those (lookup
+# takes the nearest key not larger, so 16..63 decode sequences use the 16 entry, 64..255 the 64 one).
+DECODE_BATCHES = (16, 64)
 TOKEN_BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
 MODEL_LENGTHS = (1024, 4096, 16384, 32768, 131072)
 

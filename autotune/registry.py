@@ -4,6 +4,8 @@ A tuning module is the kernel's side of one protocol that the lookup, the tuner,
 `bench kernels` and the kernel demo all use. A table key is a flat JSON dict of shapes and dtypes.
 
     STATIC_KEYS, DYNAMIC_KEYS                      key fields; dynamic ones are bucketed by lookup
+    STATIC_GRID (optional, default False)          the grid is fixed by the shapes: libtpu's static
+                                                   cycle estimate applies (autotune/static_estimate.py)
     default_block_sizes(key, generation) -> dict   analytic, VMEM-safe heuristic (generation None:
                                                    no chip known, be conservative)
     search_space(key, generation) -> list[dict]    candidate block sizes for the tuner

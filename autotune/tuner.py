@@ -1,4 +1,4 @@
-"""The block-size tuner: prune by VMEM, compile every candidate for the target, rank, write the table.
+"""The block-size tuner: prune by VMEM, compile candidates for the target, rank, write the table.
 
 A kernel takes part through the protocol of its tuning module (see autotune/registry.py).
 
@@ -6,6 +6,17 @@ Ranking: measured time when the target device is attached (warm-up, median of ma
 rotating input sets), otherwise the cost model (autotune/cost_model.py). Candidates that do not fit
 VMEM or do not compile are recorded as infeasible, never raised. Large spaces are searched with
 optuna's TPE sampler, the study kept in SQLite so an interrupted run resumes.
+
+Compile modes (`compile=`):
+  "all"     every candidate is compiled for the target before it is ranked;
+  "ranked"  (model ranking) candidates are ranked first, then compiled best-first until one
+            compiles: the same winner as "all" (a candidate that fails to compile is out either
+            way, and the model's ranking of the rest does not change), at one or a few compiles a
+            key instead of hundreds. With a measured ranking every candidate runs, so it is "all";
+  "none"    no compile (model only; `autotune check` compiles the written entries afterwards).
+Where the kernel's grid is static (its tuning module sets STATIC_GRID) and estimates are enabled
+(autotune/static_estimate.py), the top `static_top` compiled candidates also get libtpu's static
+cycle estimate, and the entry records whether it ranks the winner first too.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from autotune import cost_model
+from autotune import cost_model, static_estimate
 from autotune.aot import compile_for
 from autotune.hardware import chip, detect, parse_generation
 from autotune.registry import tuning_module
@@ -34,6 +45,8 @@ class Candidate:
     prediction: cost_model.Prediction | None = None
     vmem_bytes: int | None = None
     error: str | None = None
+    compiled: bool = False  # libtpu compiled it for the target in this run
+    static_cycles: int | None = None  # libtpu's static estimate, when asked for
 
     @property
     def feasible(self) -> bool:
@@ -48,6 +61,7 @@ class TuneResult:
     best: Candidate
     default: Candidate
     candidates: list[Candidate]
+    static_agrees: bool | None = None  # the static estimate also ranks `best` first (within 5%)
 
     @property
     def gain(self) -> float:
@@ -74,12 +88,8 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
         cand.status, cand.error = "vmem", f"needs {need} B of VMEM, {generation} has {spec.vmem_bytes}"
         return cand
     cand.block_sizes.setdefault("vmem_limit_bytes", _vmem_limit(spec, need))
-    if compile and spec.is_tpu:
-        try:
-            compile_for(module.kernel_fn(key, cand.block_sizes), module.input_specs(key), generation)
-        except Exception as err:  # noqa: BLE001 - the compiler's verdict on this candidate
-            cand.status, cand.error = "compile_error", str(err).splitlines()[0][:300] if str(err) else repr(err)
-            return cand
+    if compile and spec.is_tpu and not compile_candidate(kernel, key, cand, generation):
+        return cand
     cand.prediction = cost_model.predict(module.cost(key, cand.block_sizes, generation), spec)
     if measure is not None:
         cand.seconds, cand.source = measure(kernel, key, cand.block_sizes), "measured"
@@ -89,35 +99,100 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
     return cand
 
 
+def compile_candidate(kernel: str, key: dict, cand: Candidate, generation: str) -> bool:
+    """Compile `cand` for `generation` (libtpu); on failure mark it "compile_error". For a static-
+    grid kernel, also read libtpu's static cycle estimate when it is enabled in this process (every
+    compile of the process pays for it then)."""
+    module = tuning_module(kernel)
+    build = lambda: compile_for(module.kernel_fn(key, cand.block_sizes), module.input_specs(key), generation)
+    try:
+        if static_estimate.enabled() and getattr(module, "STATIC_GRID", False):
+            cand.static_cycles = static_estimate.cycles_of(build)
+        else:
+            build()
+    except Exception as err:  # noqa: BLE001 - the compiler's verdict on this candidate
+        cand.status, cand.error = "compile_error", str(err).splitlines()[0][:300] if str(err) else repr(err)
+        return False
+    cand.compiled = True
+    return True
+
+
+def _compile_mode(compile) -> str:
+    if compile is True:
+        return "all"
+    if compile is False or compile is None:
+        return "none"
+    if compile not in ("all", "ranked", "none"):
+        raise ValueError(f"compile must be 'all', 'ranked' or 'none', got {compile!r}")
+    return compile
+
+
 def _same(a: dict, b: dict) -> bool:
     strip = lambda d: {k: v for k, v in d.items() if k != "vmem_limit_bytes"}
     return strip(a) == strip(b)
 
 
-def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = None, compile: bool = True,
+def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = None, compile: bool | str = True,
              measure: Callable | None = None, study_dir: Path | None = None, seed: int = 0,
-             progress: Callable[[int, int], None] | None = None) -> TuneResult:
-    """Tune one table key. `budget` caps the candidates evaluated (optuna TPE when the space is larger)."""
+             progress: Callable[[int, int], None] | None = None, static_top: int = 0,
+             max_compile_tries: int = 16) -> TuneResult:
+    """Tune one table key. `budget` caps the candidates evaluated (optuna TPE when the space is larger).
+
+    compile: "all" | "ranked" | "none" (True / False mean "all" / "none"); see the module docstring.
+    static_top: read libtpu's static estimate for this many of the best compiled candidates (static-
+    grid kernels only, and only where autotune.static_estimate.enable() ran first in the process).
+    """
     generation = parse_generation(generation)
     module = tuning_module(kernel)
+    mode = _compile_mode(compile)
+    if measure is not None and mode == "ranked":
+        mode = "all"  # a measured candidate runs, so it is compiled anyway
+    if not chip(generation).is_tpu:
+        mode = "none"  # libtpu compiles TPU generations only; GPU candidates compile when measured
     default_bs = module.default_block_sizes(key, generation)
     space = [dict(c) for c in module.search_space(key, generation)]
-    default = evaluate(kernel, key, default_bs, generation, compile=compile, measure=measure)
+    each = mode == "all"
+    default = evaluate(kernel, key, default_bs, generation, compile=each, measure=measure)
     cands = [default]
     space = [c for c in space if not _same(c, default_bs)]
     if budget is None or len(space) <= budget:
         for i, bs in enumerate(space):
-            cands.append(evaluate(kernel, key, bs, generation, compile=compile, measure=measure))
+            cands.append(evaluate(kernel, key, bs, generation, compile=each, measure=measure))
             if progress:
                 progress(i + 1, len(space))
     else:
-        cands += _optuna_search(kernel, key, generation, space, budget, compile, measure, study_dir, seed, progress)
-    ok = [c for c in cands if c.feasible]
-    best = min(ok, key=lambda c: c.seconds) if ok else default
-    return TuneResult(kernel, generation, dict(key), best, default, cands)
+        cands += _optuna_search(kernel, key, generation, space, budget, each, measure, study_dir, seed, progress)
+    ranked = sorted((c for c in cands if c.feasible), key=lambda c: c.seconds)
+    if mode == "ranked":
+        # best-first until one compiles; those that fail are recorded and drop out
+        for c in ranked[:max_compile_tries]:
+            if compile_candidate(kernel, key, c, generation):
+                break
+        ranked = [c for c in ranked if c.feasible]
+        if ranked and not ranked[0].compiled:  # no entry rather than an unchecked one
+            tries = min(len(ranked), max_compile_tries)
+            ranked = [Candidate(dict(ranked[0].block_sizes), "compile_error",
+                                error=f"none of the {tries} best-ranked candidates compiled")]
+    best = ranked[0] if ranked else default
+    result = TuneResult(kernel, generation, dict(key), best, default, cands)
+    if static_top and getattr(module, "STATIC_GRID", False) and static_estimate.enabled() and chip(generation).is_tpu:
+        result.static_agrees = _static_check(kernel, key, generation, ranked[:static_top])
+    return result
 
 
-def _optuna_search(kernel, key, generation, space, budget, compile, measure, study_dir, seed, progress):
+def _static_check(kernel, key, generation, top: list[Candidate]) -> bool | None:
+    """Static estimates of the model's top candidates; True when the model's winner is also the
+    static estimate's (within 5%)."""
+    for c in top:
+        if c.static_cycles is None:
+            compile_candidate(kernel, key, c, generation)
+    est = [c.static_cycles for c in top if c.feasible and c.static_cycles]
+    if not top or top[0].static_cycles is None or not est:
+        return None
+    return top[0].static_cycles <= min(est) * 1.05
+
+
+def _optuna_search(kernel, key, generation, space, budget, each, measure, study_dir, seed, progress):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -172,6 +247,14 @@ def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODE
                       "mfu": round(p.mfu, 4), "bound": p.bound, "cost_model_version": model_version,
                       "default_predicted_us": round(result.default.seconds * 1e6, 3)
                       if result.default.seconds else None, "date": today}
+    provenance["compiled"] = best.compiled
+    tops = [c for c in result.candidates if c.static_cycles]
+    if tops:
+        provenance["static_estimate"] = {
+            "cycles": best.static_cycles, "agrees": result.static_agrees,
+            "candidates": [{"block_sizes": {k: v for k, v in c.block_sizes.items() if k != "vmem_limit_bytes"},
+                            "cycles": c.static_cycles, "model_us": round(c.seconds * 1e6, 3)}
+                           for c in sorted(tops, key=lambda c: c.seconds)]}
     return {"key": result.key, "block_sizes": bs, "vmem_limit_bytes": best.block_sizes.get("vmem_limit_bytes"),
             "provenance": provenance}
 

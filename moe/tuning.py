@@ -27,6 +27,9 @@ from moe.tpu import fuses_activation, packed_int4_ok, sub_block_rows
 
 STATIC_KEYS = ("lhs_dtype", "rhs_dtype", "quant_block", "num_groups", "k", "n", "activation")
 DYNAMIC_KEYS = ("m",)
+# libtpu's static cycle estimate applies: the grid's size is fixed by M, N, K and the group count
+# (group sizes change which tiles a step visits, not how many).
+STATIC_GRID = True
 
 CONSERVATIVE_SCOPED_VMEM = 16 * MiB  # generation None: the smallest default scoped limit (v5e)
 _TM_CHOICES = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -324,17 +327,16 @@ def moe_keys(*, tokens, hidden, intermediate, num_experts, top_k, x_dtype="bfloa
                              rhs_dtype=w_dtype, quant_block=quant_block, activation=None)}
 
 
-DECODE_TOKENS = (16, 64)
 
 
 def keys_for_preset(preset: dict) -> list[dict]:
     """Both gmm keys of the preset's MoE layer at decode sizes and the engine's token budgets."""
-    from autotune.presets import TOKEN_BUDGETS
+    from autotune.presets import DECODE_BATCHES, TOKEN_BUDGETS
 
     if "num_experts" not in preset:
         return []
     out = []
-    for tokens in DECODE_TOKENS + tuple(TOKEN_BUDGETS):
+    for tokens in DECODE_BATCHES + TOKEN_BUDGETS:
         keys = moe_keys(tokens=tokens, hidden=preset["hidden"], intermediate=preset["moe_intermediate"],
                         num_experts=preset["num_experts"], top_k=preset["top_k"])
         out += [keys["gate_up"], keys["down"]]

@@ -30,6 +30,8 @@ from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
 
 STATIC_KEYS = ("x_dtype", "w_dtype", "act_quant", "block_k", "block_n", "k", "n")
 DYNAMIC_KEYS = ("m",)
+# libtpu's static cycle estimate applies (the grid is (M/tm, N/tn, K/tk), fixed by the shapes).
+STATIC_GRID = True
 
 QUANT_FORMATS = ("int8", "int4", "float8_e4m3fn", "float8_e5m2")
 CONSERVATIVE_SCOPED_VMEM = 16 * MiB  # generation None: the smallest default scoped limit (v5e)
@@ -414,29 +416,30 @@ LLAMA3_SHAPES = {
     "llama3-8b": {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)},
     "llama3-70b": {"qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 28672), "down": (28672, 8192)},
 }
-DECODE_M = (1, 16, 64)
 FORMATS = (("int8", None), ("int8", "int8"), ("int4", None), ("float8_e4m3fn", None),
            ("float8_e4m3fn", "float8_e4m3fn"))
 
 
 def keys_for_preset(preset: dict) -> list[dict]:
-    """Keys of a dense model's projections (preset with hidden, intermediate, heads...) at decode
-    sizes and the engine's token budgets, int8 per-column weights (w8a16 and w8a8)."""
-    try:
-        from autotune.presets import TOKEN_BUDGETS
-    except ImportError:  # the presets module is not there yet
-        TOKEN_BUDGETS = (512, 2048, 8192)
+    """Keys of a model's dense projections at decode sizes (1 row too) and the engine's token
+    budgets: per-column int8 weights (w8a16, w8a8) and int4 weights (w4a16; the engine's formats),
+    for q/k/v fused and o of every preset, and gate/up and down of a dense MLP (an MoE preset's
+    experts are gmm keys)."""
+    from autotune.presets import DECODE_BATCHES, TOKEN_BUDGETS
+
     h = preset.get("hidden")
-    inter = preset.get("intermediate")
-    if not h or not inter:
+    if not h:
         return []
     heads, kv, hd = preset.get("num_heads", h // 128), preset.get("num_kv_heads", 8), preset.get("head_dim", 128)
-    shapes = [(h, (heads + 2 * kv) * hd), (heads * hd, h), (h, inter), (inter, h)]
+    shapes = [(h, (heads + 2 * kv) * hd), (heads * hd, h)]
+    if preset.get("intermediate"):
+        shapes += [(h, preset["intermediate"]), (preset["intermediate"], h)]
     out = []
-    for m in DECODE_M + tuple(TOKEN_BUDGETS):
+    for m in (1, *DECODE_BATCHES, *TOKEN_BUDGETS):
         for k, n in shapes:
             for w, a in (("int8", None), ("int8", "int8")):
                 out.append(make_key(m=m, k=k, n=n, x_dtype="bfloat16", w_dtype=w, act_quant=a))
+            out.append(make_key(m=m, k=k, n=n, x_dtype="bfloat16", w_dtype="int4"))
     return out
 
 

@@ -20,6 +20,8 @@ from autotune.kernel_util import LANES, cdiv, dtype_bytes, next_power_of_2, roun
 
 STATIC_KEYS = ("q_dtype", "kv_dtype", "num_q_heads", "num_kv_heads", "head_dim", "page_size")
 DYNAMIC_KEYS = ("num_tokens", "max_model_len")
+# libtpu's static cycle estimate does not apply (loop trip counts are read from SMEM at run time).
+STATIC_GRID = False
 GROUPS = ("decode", "prefill", "mixed")
 CONSERVATIVE_VMEM = 16 * MiB  # generation unknown: the smallest default scoped VMEM limit
 
@@ -597,13 +599,13 @@ def cost(key: dict, block_sizes, generation=None) -> Traffic:
 
 
 def keys_for_preset(preset: dict, *, kv_dtypes=("bfloat16",)) -> list[dict]:
-    """Table keys for a model preset: every token budget x model length the engine compiles."""
-    from autotune.presets import MODEL_LENGTHS, TOKEN_BUDGETS
+    """Table keys for a model preset: every decode batch and token budget x model length."""
+    from autotune.presets import DECODE_BATCHES, MODEL_LENGTHS, TOKEN_BUDGETS
 
     keys = []
     for kvdt in kv_dtypes:
         for length in MODEL_LENGTHS:
-            for t in TOKEN_BUDGETS:
+            for t in DECODE_BATCHES + TOKEN_BUDGETS:
                 k = make_key("bfloat16", kvdt, preset["num_heads"], preset["num_kv_heads"], preset["head_dim"],
                              recommended_page_size(length), t, length)
                 if preset.get("sliding_window"):

@@ -41,3 +41,25 @@ def test_interpret_params():
     assert p.detect_races and p.uninitialized_memory == "nan" and p.out_of_bounds_reads == "raise"
     with pytest.raises(ValueError, match="interpret"):
         interpret_params("yes")
+
+
+def test_block_sizes_from_any():
+    import dataclasses
+
+    import pytest
+
+    from autotune.kernel_util import BlockSizesFromAny
+
+    @dataclasses.dataclass(frozen=True)
+    class Sizes(BlockSizesFromAny):
+        tile: int = 64
+        stages: int = 2
+
+    assert Sizes.from_any(None) == Sizes()
+    s = Sizes(128, 3)
+    assert Sizes.from_any(s) is s
+    assert Sizes.from_any({"tile": 256, "vmem_limit_bytes": 1 << 20}) == Sizes(256, 2)
+    with pytest.raises(ValueError, match="unknown keys \\['tiel'\\]"):
+        Sizes.from_any({"tiel": 256})
+    with pytest.raises(ValueError, match="block_sizes"):
+        Sizes.from_any([64, 2])

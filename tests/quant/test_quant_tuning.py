@@ -128,3 +128,15 @@ def test_protocol_functions(rng):
     assert tuning.keys_for_preset({"hidden": 4096, "intermediate": 14336, "num_heads": 32, "num_kv_heads": 8})
     assert tuning.bench_cases("quant") and not tuning.bench_cases("moe")
     assert tuning.vmem_estimate(key, tuning.default_block_sizes(key, None)) > 0
+
+
+def test_preset_keys_cover_the_engine_formats_and_moe_attention():
+    from autotune.presets import preset
+
+    dense = tuning.keys_for_preset(preset("qwen3-8b"))
+    formats = {(k["w_dtype"], k["act_quant"]) for k in dense}
+    assert formats == {("int8", "none"), ("int8", "int8"), ("int4", "none")}
+    assert {k["m"] for k in dense} >= {1, 16, 64, 256, 8192}
+    assert {(k["k"], k["n"]) for k in dense} == {(4096, 6144), (4096, 4096), (4096, 12288), (12288, 4096)}
+    moe = tuning.keys_for_preset(preset("gpt-oss-20b"))  # experts are gmm keys: q/k/v and o only
+    assert {(k["k"], k["n"]) for k in moe} == {(2880, (64 + 16) * 64), (64 * 64, 2880)}
