@@ -6,11 +6,14 @@ Backends:
                and cannot run inside a compiled step; tests check one against the other), MoE through
                reference.fused_moe, quantized linears through reference.quantized_matmul.
   "interpret"  this library's Pallas kernels in TPU interpret mode (slow; tests).
-  "pallas"     the kernels compiled for the device (TPU now; GPU once kernels exist there).
-  "auto"       "pallas" when the default device is a TPU, else "reference".
+  "pallas"     the kernels compiled for the device: a TPU, or a Hopper GPU (rpa/gpu.py, moe/gpu.py,
+               quant/gpu.py; each falls back to XLA for what it does not cover).
+  "auto"       "pallas" when the default device is a TPU, else "reference" (GPU kernels are opt-in
+               until the engine's GPU run has been measured).
 
 KV cache of one layer: the reference keeps (k_cache, v_cache), each [num_pages, page_size, Hkv, D];
-the kernels keep rpa's packed layout (rpa.kv_cache_shape). Either is an opaque pytree to the model.
+the kernels keep rpa's layout for the device (rpa.kv_cache_shape: packed on TPU, [P, 2, Hkv, page, D]
+on a GPU). Either is an opaque pytree to the model.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "auto":
+        # GPU kernels are opt-in (backend="pallas") until the engine's GPU run is measured (issue 9)
         return "pallas" if jax.default_backend() == "tpu" else "reference"
-    if backend == "pallas" and jax.default_backend() != "tpu":
-        raise ValueError(f"backend 'pallas': this library's kernels need a TPU; the default device is "
-                         f"{jax.default_backend()!r} (use backend='reference' or 'auto')")
+    if backend == "pallas" and jax.default_backend() not in ("tpu", "gpu"):
+        raise ValueError(f"backend 'pallas': this library's kernels need a TPU or a Hopper GPU; the default "
+                         f"device is {jax.default_backend()!r} (use backend='reference' or 'auto')")
     return backend
 
 

@@ -274,6 +274,29 @@ def create_app(llm: LLM, model_name: str | None = None):
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    async def stream_events(rid, queue, head: dict, choice, n_prompt: int, include_usage: bool, first=None):
+        """Server-sent events of one streamed request: an optional first chunk, one chunk per engine
+        output (`choice(item)`), the usage chunk when asked for, then [DONE]. A client that goes away
+        before the end aborts the request in the engine."""
+        reason, n_out = None, 0
+        try:
+            if first is not None:
+                yield sse({**head, "created": int(time.time()), "choices": [first]})
+            while reason is None:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    yield sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
+                    return
+                reason = item.finish_reason
+                n_out += len(item.new_token_ids)
+                yield sse({**head, "created": int(time.time()), "choices": [choice(item)]})
+            if include_usage:
+                yield sse({**head, "created": int(time.time()), "choices": [], "usage": usage(n_prompt, n_out)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if reason is None:
+                engine.abort(rid)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
@@ -291,30 +314,13 @@ def create_app(llm: LLM, model_name: str | None = None):
         n_prompt = len(llm.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
 
         if extras["stream"]:
-            async def stream():
-                reason, n_out = None, 0
-                try:
-                    while reason is None:
-                        item = await queue.get()
-                        if isinstance(item, BaseException):
-                            yield sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
-                            return
-                        reason = item.finish_reason
-                        n_out += len(item.new_token_ids)
-                        choice = {"index": 0, "text": item.delta_text, "finish_reason": reason,
-                                  "logprobs": completion_logprobs(item.new_token_ids, item.new_logprobs)
-                                  if want_lp else None}
-                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()),
-                                   "model": name, "choices": [choice]})
-                    if extras["include_usage"]:
-                        yield sse({"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
-                                   "choices": [], "usage": usage(n_prompt, n_out)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    if reason is None:
-                        engine.abort(rid)
+            def choice(item):
+                return {"index": 0, "text": item.delta_text, "finish_reason": item.finish_reason,
+                        "logprobs": completion_logprobs(item.new_token_ids, item.new_logprobs) if want_lp else None}
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            head = {"id": cid, "object": "text_completion", "model": name}
+            return StreamingResponse(stream_events(rid, queue, head, choice, n_prompt, extras["include_usage"]),
+                                     media_type="text/event-stream")
 
         toks, lps, text, reason = await collect(rid, queue)
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
@@ -353,34 +359,15 @@ def create_app(llm: LLM, model_name: str | None = None):
         n_prompt = len(prompt_ids)
 
         if extras["stream"]:
-            async def stream():
-                reason, n_out = None, 0
-                head = {"id": cid, "object": "chat.completion.chunk", "model": name}
-                try:
-                    yield sse({**head, "created": int(time.time()),
-                               "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None, "logprobs": None}]})
-                    while reason is None:
-                        item = await queue.get()
-                        if isinstance(item, BaseException):
-                            yield sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
-                            return
-                        reason = item.finish_reason
-                        n_out += len(item.new_token_ids)
-                        delta = {"content": item.delta_text} if item.delta_text else {}
-                        yield sse({**head, "created": int(time.time()),
-                                   "choices": [{"index": 0, "delta": delta, "finish_reason": reason,
-                                                "logprobs": chat_logprobs(item.new_token_ids, item.new_logprobs)
-                                                if want_lp else None}]})
-                    if extras["include_usage"]:
-                        yield sse({**head, "created": int(time.time()), "choices": [],
-                                   "usage": usage(n_prompt, n_out)})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    if reason is None:
-                        engine.abort(rid)
+            def choice(item):
+                return {"index": 0, "delta": {"content": item.delta_text} if item.delta_text else {},
+                        "finish_reason": item.finish_reason,
+                        "logprobs": chat_logprobs(item.new_token_ids, item.new_logprobs) if want_lp else None}
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            head = {"id": cid, "object": "chat.completion.chunk", "model": name}
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+            return StreamingResponse(stream_events(rid, queue, head, choice, n_prompt, extras["include_usage"], first),
+                                     media_type="text/event-stream")
 
         toks, lps, text, reason = await collect(rid, queue)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,

@@ -7,13 +7,12 @@ does not handle (it raises NotImplementedError), the call falls back to referenc
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from autotune.hardware import GPU_GENERATIONS, detect
+from autotune.kernel_util import check_implementation, no_kernel
 from autotune.tables import lookup
 from moe import routing, tpu, tuning
 from quant.tensor import QuantizedTensor, unpack_int4
@@ -22,13 +21,6 @@ from reference.gmm import gmm as reference_gmm
 ACTIVATIONS = tpu.ACTIVATIONS
 FUSED_ACTIVATIONS = {"silu": "swiglu", "gelu": "gelu_glu"}
 SCORINGS = ("softmax", "sigmoid")
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        warnings.warn(message, stacklevel=3)
-        _warned.add(message)
 
 
 # ---------------------------------------------------------------- validation
@@ -155,15 +147,18 @@ def _kernel_args(rhs):
 
 
 def _gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_sizes, interpret,
-         fill_zeros=True):
-    """Kernel when possible, else the reference (with a warning)."""
+         fill_zeros=True, implementation=None):
+    """Kernel when possible, else the reference (with a warning; an error under "pallas")."""
+    if implementation == "xla":
+        return reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype,
+                             activation=activation)
     platform = "tpu" if interpret else _platform()
     if platform == "gpu":
         try:
             return _gpu_gmm(lhs, rhs, group_sizes, group_offset=group_offset, out_dtype=out_dtype,
                             activation=activation, block_sizes=block_sizes)
         except (NotImplementedError, ImportError) as err:
-            _warn_once(f"moe.gmm: the GPU kernel does not handle this call ({err}); using reference.gmm")
+            no_kernel(f"moe.gmm: the GPU kernel does not handle this call ({err})", implementation, "reference.gmm")
     elif platform == "tpu":
         values, scales, scale_block, int4 = _kernel_args(rhs)
         fused = activation is None or tpu.fuses_activation(values.shape[-1])
@@ -179,15 +174,15 @@ def _gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_si
             half = out.shape[1] // 2
             return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
         except NotImplementedError as err:
-            _warn_once(f"moe.gmm: the TPU kernel does not handle this call ({err}); using reference.gmm")
+            no_kernel(f"moe.gmm: the TPU kernel does not handle this call ({err})", implementation, "reference.gmm")
     else:
-        _warn_once("moe.gmm: no TPU or GPU attached and interpret=False; using reference.gmm (pure JAX)")
+        no_kernel("moe.gmm: no TPU or GPU attached and interpret=False", implementation, "reference.gmm")
     return reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype,
                        activation=activation)
 
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, activation=None,
-        block_sizes=None, interpret=False, debug_checks=False):
+        block_sizes=None, interpret=False, debug_checks=False, implementation=None):
     """Grouped matmul: rows of lhs [M, K] (sorted by group) times their group's rhs [K, N].
 
     group_sizes i32[G] covers all groups; rhs [G_local, K, N] (array or quant.QuantizedTensor) holds
@@ -195,8 +190,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, a
     sum(group_sizes) come back as zeros. activation "swiglu" | "gelu_glu": rhs columns [0, N/2) are
     the gate and [N/2, N) the up projection; output act(gate) * up, [M, N/2]. block_sizes None
     reads tuned_configs (autotune.lookup("gmm", ...)). debug_checks=True checks group_sizes' values
-    (concrete arrays only).
+    (concrete arrays only). implementation None | "pallas" | "xla" (autotune/kernel_util.py):
+    "pallas" raises NotImplementedError instead of falling back, "xla" runs reference.gmm.
     """
+    check_implementation(implementation)
     m, k, n, g_local, rhs_dtype, quant_block = _validate_gmm(lhs, rhs, group_sizes, group_offset,
                                                              activation, debug_checks)
     if isinstance(rhs, QuantizedTensor):
@@ -207,9 +204,9 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, a
         return jnp.zeros((0, n // 2 if activation else n), out_dtype)
     key = tuning.make_key(m=m, k=k, n=n, num_groups=g_local, lhs_dtype=lhs.dtype, rhs_dtype=rhs_dtype,
                           quant_block=quant_block, activation=activation)
-    bs = block_sizes_for(key, block_sizes, interpret)
+    bs = None if implementation == "xla" else block_sizes_for(key, block_sizes, interpret)
     return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), group_offset=group_offset, out_dtype=out_dtype,
-                activation=activation, block_sizes=bs, interpret=interpret)
+                activation=activation, block_sizes=bs, interpret=interpret, implementation=implementation)
 
 
 # ---------------------------------------------------------------- fused MoE
@@ -254,7 +251,7 @@ def moe_block_sizes(block_sizes, keys: dict, interpret=False) -> dict:
 
 
 def expert_layer(x, weights, experts, w_gate_up, w_down, *, group_offset, num_experts, activation,
-                 block_sizes, interpret):
+                 block_sizes, interpret, implementation=None):
     """Sort, gate/up gmm with the fused activation, down gmm, weighted combine (f32 [T, D]).
 
     Computes the experts [group_offset, group_offset + G_local) that w_gate_up / w_down hold; the
@@ -267,9 +264,10 @@ def expert_layer(x, weights, experts, w_gate_up, w_down, *, group_offset, num_ex
     local_all = g_local == num_experts
     h = _gmm(x_sorted, w_gate_up, group_sizes, group_offset=group_offset, out_dtype=x.dtype,
              activation=FUSED_ACTIVATIONS[activation], block_sizes=block_sizes["gate_up"],
-             interpret=interpret, fill_zeros=local_all)
+             interpret=interpret, fill_zeros=local_all, implementation=implementation)
     y = _gmm(h, w_down, group_sizes, group_offset=group_offset, out_dtype=jnp.float32, activation=None,
-             block_sizes=block_sizes["down"], interpret=interpret, fill_zeros=local_all)
+             block_sizes=block_sizes["down"], interpret=interpret, fill_zeros=local_all,
+             implementation=implementation)
     keep = None
     if not local_all:
         keep = (experts >= group_offset) & (experts < group_offset + g_local)
@@ -291,20 +289,22 @@ def gmm_keys(t, d, f, g_local, top_k, x_dtype, w_gate_up, w_down, activation) ->
 
 
 def fused_moe(x, router_logits, w_gate_up, w_down, *, top_k, renormalize=True, scoring="softmax",
-              activation="silu", block_sizes=None, interpret=False):
+              activation="silu", block_sizes=None, interpret=False, implementation=None):
     """Mixture-of-experts layer: x [T, D], router_logits [T, E], w_gate_up [E, D, 2F] (gate columns
     first, then up), w_down [E, F, D] (arrays or quant.QuantizedTensor) -> [T, D] in x.dtype.
 
     out[t] = sum over the top_k experts e of weight * ((act(x @ gate_e) * (x @ up_e)) @ down_e), with
     probs = softmax(router_logits) (or sigmoid), the top_k largest probs (ties: lower expert index),
     weight = probs there, divided by their sum when renormalize. activation "silu" | "gelu".
+    implementation None | "pallas" | "xla" applies to both gmm calls (see gmm).
     """
+    check_implementation(implementation)
     t, d, e, f = validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation)
     if t == 0:
         return jnp.zeros_like(x)
     keys = gmm_keys(t, d, f, e, top_k, x.dtype, w_gate_up, w_down, activation)
-    bs = moe_block_sizes(block_sizes, keys, interpret)
+    bs = {"gate_up": None, "down": None} if implementation == "xla" else moe_block_sizes(block_sizes, keys, interpret)
     weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring=scoring)
     out = expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=0, num_experts=e,
-                       activation=activation, block_sizes=bs, interpret=interpret)
+                       activation=activation, block_sizes=bs, interpret=interpret, implementation=implementation)
     return out.astype(x.dtype)

@@ -29,9 +29,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from autotune.kernel_util import BlockSizesFromAny
+
 
 @dataclasses.dataclass(frozen=True)
-class GmmBlockSizes:
+class GmmBlockSizes(BlockSizesFromAny):
     """tile_m x tile_n: one consumer warpgroup's accumulator; the CTA tile doubles tile_n
     (wg_dim "n") or tile_m (wg_dim "m"). tile_k: K per pipeline step; num_stages: TMA buffers;
     epi_n: columns per epilogue store; grid_tile_width: snake width over the (row, col) tiles."""
@@ -45,15 +47,6 @@ class GmmBlockSizes:
     grid_tile_width: int = 8
     num_sms: int = 132
 
-    @classmethod
-    def from_any(cls, bs) -> GmmBlockSizes:
-        if bs is None:
-            return cls()
-        if isinstance(bs, cls):
-            return bs
-        if isinstance(bs, dict):
-            return cls(**bs)
-        raise ValueError(f"block_sizes: expected None, a dict or GmmBlockSizes, got {bs!r}")
 
     @property
     def cta_m(self) -> int:

@@ -8,23 +8,14 @@ back the same way. interpret=True runs the TPU kernel in TPU interpret mode anyw
 
 from __future__ import annotations
 
-import warnings
-
 import jax.numpy as jnp
 
 from autotune.hardware import chip, detect
+from autotune.kernel_util import check_implementation, no_kernel
 from quant import tuning
 from quant.tensor import QuantizedTensor
 from reference import quantization as qref
 from reference.quantized_matmul import quantized_matmul_qt as _reference_qt
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def _validate(x, qw, act_quant, out_dtype, bias):
@@ -73,24 +64,28 @@ def _check_block_sizes(key: dict, block_sizes) -> tuning.QuantizedMatmulConfig:
 
 
 def quantized_matmul(x, qw: QuantizedTensor, *, act_quant=None, out_dtype=None, bias=None, block_sizes=None,
-                     interpret=False):
+                     interpret=False, implementation=None):
     """y[M, N] = x[M, K] @ qw (+ bias), in out_dtype (default x.dtype).
 
     act_quant None | "int8" | "float8_e4m3fn" quantizes each row of x dynamically (absmax per row).
     block_sizes None: looked up in tuned_configs for the detected chip (heuristic when missing);
-    else a dict {"tm", "tn", "tk"} (+ optional "vmem_limit_bytes").
+    else a dict {"tm", "tn", "tk"} (+ optional "vmem_limit_bytes"). implementation None | "pallas" |
+    "xla" (autotune/kernel_util.py): "pallas" raises NotImplementedError where no kernel serves the
+    call instead of falling back; "xla" runs reference.quantized_matmul.
     """
+    check_implementation(implementation)
     act = _validate(x, qw, act_quant, out_dtype, bias)
+    if implementation == "xla":
+        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
     m, k = x.shape
     n = qw.shape[1]
     generation = detect()
     key = tuning.make_key(m=m, k=k, n=n, x_dtype=x.dtype, w_dtype=qw.dtype, act_quant=act,
                           block_size=qw.block_size)
     if generation is not None and not chip(generation).is_tpu and not interpret:
-        return _on_gpu(x, qw, act, out_dtype, bias)
+        return _on_gpu(x, qw, act, out_dtype, bias, implementation, "reference.quantized_matmul")
     if generation is None and not interpret:
-        _warn_once("quant.quantized_matmul: no TPU attached and interpret=False; using "
-                   "reference.quantized_matmul (pure JAX)")
+        no_kernel("quant.quantized_matmul: no TPU or GPU attached and interpret=False", implementation, "reference.quantized_matmul")
         return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
     if generation is not None and not chip(generation).is_tpu:
         generation = None  # interpret mode on a GPU host: no TPU table applies
@@ -113,12 +108,11 @@ def quantized_matmul(x, qw: QuantizedTensor, *, act_quant=None, out_dtype=None, 
             tm=tuning.legal_tm(m, cfg.tm), tn=tuning.legal_tn(n, cfg.tn), tk=cfg.tk, mxu=mxu,
             vmem_limit_bytes=cfg.vmem_limit_bytes, interpret=interpret)
     except NotImplementedError as err:
-        _warn_once(f"quant.quantized_matmul: the TPU kernel does not handle this call ({err}); "
-                   "using reference.quantized_matmul")
+        no_kernel(f"quant.quantized_matmul: the TPU kernel does not handle this call ({err})", implementation, "reference.quantized_matmul")
         return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
 
 
-def _on_gpu(x, qw, act, out_dtype, bias):
+def _on_gpu(x, qw, act, out_dtype, bias, implementation=None):
     """The Hopper decode kernel (quant.gpu) where it applies (weight-only int8/int4, per column,
     M <= 128), else the reference; bias is added by XLA."""
     if act is None:
@@ -130,10 +124,10 @@ def _on_gpu(x, qw, act, out_dtype, bias):
                 return y
             return (y + jnp.asarray(bias, jnp.float32).reshape(-1)).astype(out_dtype or x.dtype)
         except NotImplementedError as err:
-            _warn_once(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err}); "
-                       "using reference.quantized_matmul")
+            no_kernel(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err})",
+                       implementation)
     else:
-        _warn_once("quant.quantized_matmul: act_quant has no GPU kernel; using reference.quantized_matmul")
+        no_kernel("quant.quantized_matmul: act_quant has no GPU kernel", implementation, "reference.quantized_matmul")
     return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
 
 

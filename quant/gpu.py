@@ -26,9 +26,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from autotune.kernel_util import BlockSizesFromAny
+
 
 @dataclasses.dataclass(frozen=True)
-class QmmDecodeBlockSizes:
+class QmmDecodeBlockSizes(BlockSizesFromAny):
     """tk: packed weight rows per pipeline step; num_stages: TMA buffers in flight; consumers:
     consumer warpgroups of tn columns each (cta_n = tn * consumers); k_splits: K ranges per column
     tile (partials summed by the epilogue)."""
@@ -41,15 +43,6 @@ class QmmDecodeBlockSizes:
     double_buffer: bool = False  # [K, N] kernel: two widening buffers per consumer (measured no gain)
     load_layout: str | None = None  # register layout of the loaded weight tile: None (WGMMA), "8bit", "upcast2x", "upcast4x"
 
-    @classmethod
-    def from_any(cls, bs) -> QmmDecodeBlockSizes:
-        if bs is None:
-            return cls()
-        if isinstance(bs, cls):
-            return bs
-        if isinstance(bs, dict):
-            return cls(**bs)
-        raise ValueError(f"block_sizes: expected None, a dict or QmmDecodeBlockSizes, got {bs!r}")
 
 
 _SMEM_LIMIT = 227 * 1024

@@ -1,13 +1,14 @@
-"""Ragged paged attention with a fused KV-cache write, for LLM serving on TPU.
+"""Ragged paged attention with a fused KV-cache write, for LLM serving on TPU (and Hopper GPUs).
 
 Public API:
     out, kv_cache = rpa.ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens,
                                                distribution, *, sm_scale=None, sliding_window=None,
                                                soft_cap=None, sinks=None, k_scale=None, v_scale=None,
                                                block_sizes=None, vmem_limit_bytes=None,
-                                               debug_checks=False, interpret=False)
-    rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype) -> tuple
-    rpa.pack_kv(k_pages, v_pages) -> kv_cache;  rpa.unpack_kv(kv_cache, num_kv_heads, head_dim)
+                                               debug_checks=False, interpret=False, implementation=None)
+    rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype, *, backend=None) -> tuple
+        (backend "tpu" | "gpu"; None: the running chip's layout)
+    rpa.pack_kv(k_pages, v_pages, *, backend=None) -> kv_cache;  rpa.unpack_kv(kv_cache, num_kv_heads, head_dim)
     rpa.traffic(batch, block_sizes, ...) -> autotune.cost_model.Traffic;  rpa.vmem_bytes(block_sizes, ...)
     rpa.BlockSizes: the block-size config (rpa.tuning)
 The cache layout is documented in rpa/layout.py.

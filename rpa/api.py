@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autotune.hardware import TPU_GENERATIONS, detect
+from autotune.hardware import GPU_GENERATIONS, TPU_GENERATIONS, detect
+from autotune.kernel_util import check_implementation
 from autotune.tables import lookup
 from rpa import layout, tuning
 
@@ -35,6 +36,13 @@ def _static_float(x, name):
     return val
 
 
+def _pages(kv_cache) -> tuple[int, int]:
+    """(num_pages, page_size) of a cache in either layout."""
+    if layout.cache_backend(kv_cache) == "gpu":
+        return int(kv_cache.shape[0]), int(kv_cache.shape[3])
+    return int(kv_cache.shape[0]), int(kv_cache.shape[1])
+
+
 def _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks):
     """Trace-time checks: ranks, head counts, dtypes, shapes. ValueError naming the argument."""
     def rank(x, name, n, what):
@@ -44,7 +52,8 @@ def _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribut
     rank(q, "q", 3, "[T, Hq, D]")
     rank(k, "k", 3, "[T, Hkv, D]")
     rank(v, "v", 3, "[T, Hkv, D]")
-    rank(kv_cache, "kv_cache", 4, "[num_pages, page_size, 2*Hkv, Dp]")
+    if getattr(kv_cache, "ndim", None) != 5:  # the GPU layout is 5-D; anything else must be the TPU one
+        rank(kv_cache, "kv_cache", 4, "[num_pages, page_size, 2*Hkv, Dp] (or the GPU layout, 5-D)")
     rank(kv_lens, "kv_lens", 1, "[S]")
     rank(page_indices, "page_indices", 2, "[S, pages_per_seq]")
     rank(cu_q_lens, "cu_q_lens", 1, "[S+1]")
@@ -65,11 +74,12 @@ def _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribut
     if jnp.dtype(kv_cache.dtype).name not in layout.SUPPORTED_CACHE_DTYPES:
         raise ValueError(f"kv_cache: dtype {kv_cache.dtype} not supported; expected one of "
                          f"{layout.SUPPORTED_CACHE_DTYPES}")
-    num_pages, page_size = kv_cache.shape[:2]
-    want = layout.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, kv_cache.dtype)
+    backend = layout.cache_backend(kv_cache)
+    num_pages, page_size = _pages(kv_cache)
+    want = layout.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, kv_cache.dtype, backend=backend)
     if tuple(kv_cache.shape) != want:
-        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} is not rpa.kv_cache_shape(...) = {want} "
-                         f"for {num_kv_heads} KV heads and head_dim {head_dim}")
+        raise ValueError(f"kv_cache: shape {tuple(kv_cache.shape)} is not rpa.kv_cache_shape(..., backend="
+                         f"{backend!r}) = {want} for {num_kv_heads} KV heads and head_dim {head_dim}")
     num_seqs_max = page_indices.shape[0]
     for name, x, shape in (("kv_lens", kv_lens, (num_seqs_max,)), ("cu_q_lens", cu_q_lens, (num_seqs_max + 1,)),
                            ("distribution", distribution, (3,))):
@@ -169,7 +179,8 @@ def _kernel_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distributi
 
 def reference_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
                    sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None):
-    """The pure-JAX reference on the packed cache (padding lanes and unwritten slots kept bit-exact)."""
+    """The pure-JAX reference on a cache in either layout (padding lanes and unwritten slots kept
+    bit-exact)."""
     from reference.ragged_paged_attention import ragged_paged_attention as ref
 
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -177,13 +188,32 @@ def reference_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribu
     out, k_cache, v_cache = ref(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribution,
                                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
                                 k_scale=k_scale, v_scale=v_scale)
+    if layout.cache_backend(kv_cache) == "gpu":
+        return out, layout.pack_kv(k_cache, v_cache, backend="gpu")
     kv_cache = kv_cache.at[:, :, 0::2, :head_dim].set(k_cache).at[:, :, 1::2, :head_dim].set(v_cache)
     return out, kv_cache
 
 
+def _gpu_path(q, k, v, kv_cache, meta, sinks, *, block_sizes, implementation, kw):
+    """The Hopper kernel (rpa/gpu.py) on a GPU-layout cache; XLA when it does not cover the call
+    (unless implementation="pallas", which re-raises its NotImplementedError)."""
+    from rpa import gpu
+
+    gpu_bs = block_sizes if isinstance(block_sizes, (dict, gpu.DecodeBlockSizes)) and (
+        not isinstance(block_sizes, dict) or "block_kv" in block_sizes) else None
+    try:
+        return gpu.ragged_paged_attention_gpu(q, k, v, kv_cache, *meta, sinks=sinks, block_sizes=gpu_bs, **kw)
+    except NotImplementedError as err:
+        if implementation == "pallas":
+            raise
+        warnings.warn(f"rpa.ragged_paged_attention: {err}; running the XLA reference", stacklevel=3)
+        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
+
+
 def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
                            sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None,
-                           block_sizes=None, vmem_limit_bytes=None, debug_checks=False, interpret=False):
+                           block_sizes=None, vmem_limit_bytes=None, debug_checks=False, interpret=False,
+                           implementation=None):
     """Ragged paged attention over a paged KV cache, storing this step's new K/V first.
 
     q [T, Hq, D] (bfloat16 / float32); k, v [T, Hkv, D] (q's dtype); kv_cache of shape
@@ -198,7 +228,14 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
     indices in range, cu_q_lens monotone and within T). interpret=True runs the Pallas kernel in TPU
     interpret mode (or pass a pltpu.InterpretParams). Off TPU with interpret=False the pure-JAX
     reference runs instead, with a warning.
+
+    implementation: None (the kernel of the running chip, XLA where there is none), "pallas" (the
+    kernel or an error: NotImplementedError for what it does not cover), "xla" (the pure-JAX
+    reference, on any backend). The cache layout picks the kernel: a TPU-layout cache runs rpa/tpu.py
+    (on a TPU or in interpret mode), a GPU-layout cache (rpa.kv_cache_shape(..., backend="gpu"))
+    runs rpa/gpu.py on a Hopper GPU.
     """
+    check_implementation(implementation)
     q, k, v = (jnp.asarray(x) if not hasattr(x, "shape") else x for x in (q, k, v))
     kv_lens, page_indices, cu_q_lens, distribution = (
         jnp.asarray(x) if not hasattr(x, "dtype") else x for x in (kv_lens, page_indices, cu_q_lens, distribution))
@@ -207,7 +244,7 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
     _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    num_pages, page_size = kv_cache.shape[:2]
+    num_pages, page_size = _pages(kv_cache)
     sm_scale = _static_float(sm_scale, "sm_scale")
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
@@ -238,6 +275,21 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
     generation = detect()
     on_tpu = generation in TPU_GENERATIONS
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
+    if implementation == "xla":
+        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
+    if layout.cache_backend(kv_cache) == "gpu":
+        if generation in GPU_GENERATIONS and not interpret:
+            return _gpu_path(q, k, v, kv_cache, meta, sinks, block_sizes=block_sizes,
+                             implementation=implementation, kw=kw)
+        if implementation == "pallas":
+            raise NotImplementedError("rpa.ragged_paged_attention: the GPU-layout kernel needs a Hopper GPU "
+                                      f"(running on {generation or 'cpu'}, interpret={bool(interpret)})")
+        warnings.warn("rpa.ragged_paged_attention: GPU-layout cache without a GPU; running the XLA reference",
+                      stacklevel=2)
+        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
+    if implementation == "pallas" and not (interpret or on_tpu):
+        raise NotImplementedError(f"rpa.ragged_paged_attention: the TPU-layout kernel needs a TPU or "
+                                  f"interpret=True (running on {generation or 'cpu'})")
     if not (interpret or on_tpu):
         warnings.warn("rpa.ragged_paged_attention: no TPU and interpret=False; running the pure-JAX reference",
                       stacklevel=2)

@@ -33,18 +33,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from autotune.kernel_util import BlockSizesFromAny
+from rpa.layout import gpu_kv_cache_shape  # noqa: F401 - the GPU layout's home is rpa/layout.py
+
 LOG2E = math.log2(math.e)
 _ROWS = 64  # wgmma M: query rows per consumer warpgroup
 _LSE_COLS = 32  # lse rows are 128 B wide so every TMA row start stays 128-B aligned
 
 
-def gpu_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:
-    """Shape of the GPU KV cache: [num_pages, 2 (K, V), num_kv_heads, page_size, head_dim]."""
-    return (int(num_pages), 2, int(num_kv_heads), int(page_size), int(head_dim))
-
-
 @dataclasses.dataclass(frozen=True)
-class DecodeBlockSizes:
+class DecodeBlockSizes(BlockSizesFromAny):
     """block_kv: KV tokens per pipeline step (multiple of 64); num_stages: TMA buffers in flight;
     num_splits: KV splits per (token, kv head) combined by the XLA epilogue."""
 
@@ -52,15 +50,6 @@ class DecodeBlockSizes:
     num_stages: int = 2
     num_splits: int = 1
 
-    @classmethod
-    def from_any(cls, bs) -> DecodeBlockSizes:
-        if bs is None:
-            return cls()
-        if isinstance(bs, cls):
-            return bs
-        if isinstance(bs, dict):
-            return cls(**{k: int(v) for k, v in bs.items() if k in ("block_kv", "num_stages", "num_splits")})
-        raise ValueError(f"block_sizes: expected None, a dict or DecodeBlockSizes, got {bs!r}")
 
 
 def smem_bytes(block_kv: int, num_stages: int, head_dim: int, itemsize: int = 2) -> int:

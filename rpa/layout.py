@@ -1,6 +1,8 @@
-"""The paged KV cache layout of rpa: shape, packing and unpacking.
+"""The paged KV cache layouts of rpa: shape, packing and unpacking.
 
-Layout (one array per layer):
+Two layouts, one per backend (`kv_cache_shape(..., backend=)`; None = the running chip's):
+
+TPU layout (one array per layer), what the TPU kernel (rpa/tpu.py) reads and writes:
 
     kv_cache[num_pages, page_size, 2 * Hkv, Dp]      dtype = the cache dtype
     kv_cache[p, s, 2 * h]     = key   of KV head h at page p, slot s
@@ -19,30 +21,60 @@ Why this shape:
     T(8,128)(2,1), int8 / float8 T(8,128)(4,1) for 2*Hkv = 16), so the cache is dense in HBM
     whenever 2*Hkv is a multiple of 8 (or 2*Hkv <= packing); K and V of one head share words.
   * head_dim is padded to a multiple of 128 lanes so every row is a whole number of lane tiles.
+
+GPU layout, what the Hopper kernel (rpa/gpu.py) reads:
+
+    kv_cache[num_pages, 2, Hkv, page_size, head_dim]
+    kv_cache[p, 0, h] = keys of KV head h at page p ([page_size, head_dim], contiguous)
+    kv_cache[p, 1, h] = values
+
+  * One page of one head is one contiguous slab: one TMA bulk copy each for K and V, no padding.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from autotune.hardware import GPU_GENERATIONS, detect
 from autotune.kernel_util import LANES, round_up
 from reference.ragged_paged_attention import quantize_store
 
 SUPPORTED_CACHE_DTYPES = ("bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
+BACKENDS = ("tpu", "gpu")
 
-__all__ = ["SUPPORTED_CACHE_DTYPES", "kv_cache_shape", "pack_kv", "padded_head_dim", "quantize_store",
-           "unpack_kv"]
+__all__ = ["BACKENDS", "SUPPORTED_CACHE_DTYPES", "cache_backend", "gpu_kv_cache_shape", "kv_cache_shape",
+           "pack_kv", "padded_head_dim", "quantize_store", "unpack_kv"]
+
+
+def _backend(backend) -> str:
+    if backend is None:
+        return "gpu" if detect() in GPU_GENERATIONS else "tpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def cache_backend(kv_cache) -> str:
+    """Which layout an array is in, from its rank: "gpu" (5-D) or "tpu" (4-D)."""
+    return "gpu" if getattr(kv_cache, "ndim", None) == 5 else "tpu"
+
+
+def gpu_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:
+    """Shape of the GPU layout: [num_pages, 2 (K, V), num_kv_heads, page_size, head_dim]."""
+    return (int(num_pages), 2, int(num_kv_heads), int(page_size), int(head_dim))
 
 
 def padded_head_dim(head_dim: int) -> int:
     return round_up(int(head_dim), LANES)
 
 
-def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype=None) -> tuple:
-    """Shape of the packed cache: (num_pages, page_size, 2 * num_kv_heads, round_up(head_dim, 128)).
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype=None, *,
+                   backend: str | None = None) -> tuple:
+    """Shape of the cache for `backend` ("tpu" | "gpu"; None: the running chip's, TPU layout on a CPU).
 
-    `dtype` (the cache dtype) does not change the shape: packing of sub-32-bit values into words is
-    done by the TPU tiling of the two minor dims (see the module docstring).
+    TPU: (num_pages, page_size, 2 * num_kv_heads, round_up(head_dim, 128)); `dtype` does not change
+    it (sub-32-bit values share words through the TPU tiling of the two minor dims).
+    GPU: (num_pages, 2, num_kv_heads, page_size, head_dim).
     """
     for name, val in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
                       ("head_dim", head_dim)):
@@ -51,11 +83,14 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
     if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_CACHE_DTYPES:
         raise ValueError(f"dtype: cache dtype {jnp.dtype(dtype).name} not supported; "
                          f"expected one of {SUPPORTED_CACHE_DTYPES}")
+    if _backend(backend) == "gpu":
+        return gpu_kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
     return (int(num_pages), int(page_size), 2 * int(num_kv_heads), padded_head_dim(head_dim))
 
 
-def pack_kv(k_pages, v_pages):
-    """[num_pages, page_size, Hkv, D] keys and values (same shape and dtype) -> the packed cache."""
+def pack_kv(k_pages, v_pages, *, backend: str | None = None):
+    """[num_pages, page_size, Hkv, D] keys and values (same shape and dtype) -> the cache in the layout
+    of `backend` (None: the running chip's)."""
     k_pages = jnp.asarray(k_pages)
     v_pages = jnp.asarray(v_pages)
     if k_pages.ndim != 4:
@@ -64,6 +99,8 @@ def pack_kv(k_pages, v_pages):
         raise ValueError(f"v_pages: shape/dtype {v_pages.shape}/{v_pages.dtype} differ from k_pages "
                          f"{k_pages.shape}/{k_pages.dtype}")
     num_pages, page_size, hkv, d = k_pages.shape
+    if _backend(backend) == "gpu":
+        return jnp.stack([k_pages, v_pages], axis=1).transpose(0, 1, 3, 2, 4)
     kv = jnp.stack([k_pages, v_pages], axis=3).reshape(num_pages, page_size, 2 * hkv, d)
     dp = padded_head_dim(d)
     if dp != d:
@@ -72,8 +109,13 @@ def pack_kv(k_pages, v_pages):
 
 
 def unpack_kv(kv_cache, num_kv_heads: int, head_dim: int):
-    """The packed cache -> (k_pages, v_pages), each [num_pages, page_size, Hkv, head_dim]."""
+    """A cache in either layout -> (k_pages, v_pages), each [num_pages, page_size, Hkv, head_dim]."""
     kv_cache = jnp.asarray(kv_cache)
+    if kv_cache.ndim == 5:
+        if kv_cache.shape[1] != 2 or kv_cache.shape[2] != num_kv_heads or kv_cache.shape[4] != head_dim:
+            raise ValueError(f"kv_cache: shape {kv_cache.shape} is not a GPU-layout cache of {num_kv_heads} KV "
+                             f"heads and head_dim {head_dim}")
+        return kv_cache[:, 0].transpose(0, 2, 1, 3), kv_cache[:, 1].transpose(0, 2, 1, 3)
     if kv_cache.ndim != 4 or kv_cache.shape[2] != 2 * num_kv_heads or kv_cache.shape[3] < head_dim:
         raise ValueError(f"kv_cache: shape {kv_cache.shape} is not a packed cache of {num_kv_heads} KV heads "
                          f"and head_dim {head_dim}")

@@ -93,3 +93,25 @@ def test_qmm_gpu_matches_reference(rng, fmt, layout):
                                             jnp.asarray(scales), fmt=fmt,
                                             block_sizes=dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64))
     assert rpa_ref.rel_err(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
+
+
+def test_public_rpa_runs_the_gpu_kernel_on_a_gpu_layout_cache(rng):
+    """rpa.ragged_paged_attention on a GPU picks rpa/gpu.py for a GPU-layout cache (rpa.kv_cache_shape's
+    default there) and matches implementation="xla" on the same inputs."""
+    import rpa
+
+    hq, hkv, d, ps = 32, 8, 128, 16
+    q_lens, kv_lens = [1, 1, 1, 6], [300, 17, 1000, 90]
+    pps = max(-(-kv // ps) for kv in kv_lens) + 1
+    npages = sum(-(-kv // ps) for kv in kv_lens) + 4
+    assert rpa.kv_cache_shape(npages, ps, hkv, d, jnp.bfloat16) == (npages, 2, hkv, ps, d)
+    c = rpa_ref.make_case(rng, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                          page_size=ps, num_pages=npages, pages_per_seq=pps, num_tokens=sum(q_lens) + 2)
+    args = [jnp.asarray(c[n], jnp.bfloat16) for n in ("q", "k", "v", "kv_cache")]
+    meta = [jnp.asarray(c[n]) for n in ("kv_lens", "page_indices", "cu_q_lens", "distribution")]
+    out, cache = rpa.ragged_paged_attention(*args, *meta, implementation="pallas")
+    ref_out, ref_cache = rpa.ragged_paged_attention(*args, *meta, implementation="xla")
+    n = sum(q_lens)
+    err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref_out[:n].astype(jnp.float32))))
+    assert err < 2e-2, err
+    np.testing.assert_array_equal(np.asarray(cache.astype(jnp.float32)), np.asarray(ref_cache.astype(jnp.float32)))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import moe
-from autotune import tables
+from autotune import kernel_util, tables
 from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS
 from autotune.presets import MODEL_PRESETS, preset
-from moe import api, tuning
+from moe import tuning
 from tests.common import assert_close, tolerance
 
 MOE_PRESETS = [name for name, p in MODEL_PRESETS.items() if "num_experts" in p]
@@ -119,7 +119,7 @@ def test_fallback_to_reference_off_tpu(rng):
     lhs = jax.numpy.asarray(rng.standard_normal((20, 128)), jax.numpy.float32)
     rhs = jax.numpy.asarray(rng.standard_normal((2, 128, 128)), jax.numpy.float32)
     sizes = jax.numpy.asarray([5, 15], jax.numpy.int32)
-    api._warned.clear()
+    kernel_util.WARNED.clear()
     with pytest.warns(UserWarning, match="no TPU or GPU attached"):
         out = moe.gmm(lhs, rhs, sizes)
     ref = jax.lax.ragged_dot(lhs, rhs, sizes, precision=jax.lax.Precision.HIGHEST)

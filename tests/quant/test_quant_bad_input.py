@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import quant
+from autotune import kernel_util
 from quant import tpu
 from reference.quantized_matmul import quantized_matmul_qt
 
@@ -82,9 +83,8 @@ def test_unsupported_mxu_path_raises_not_implemented(x, qw):
 
 
 def test_cpu_fallback_warns_and_matches_reference(x, qw):
-    import quant.api as api
 
-    api._warned.clear()
+    kernel_util.WARNED.clear()
     with pytest.warns(UserWarning, match="reference"):
         y = quant.quantized_matmul(x, qw, act_quant="int8")
     np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
