@@ -87,7 +87,8 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
     if need > spec.vmem_bytes:
         cand.status, cand.error = "vmem", f"needs {need} B of VMEM, {generation} has {spec.vmem_bytes}"
         return cand
-    cand.block_sizes.setdefault("vmem_limit_bytes", _vmem_limit(spec, need))
+    if spec.is_tpu:  # a TPU compiler option; GPU kernels size their shared memory themselves
+        cand.block_sizes.setdefault("vmem_limit_bytes", _vmem_limit(spec, need))
     if compile and spec.is_tpu and not compile_candidate(kernel, key, cand, generation):
         return cand
     cand.prediction = cost_model.predict(module.cost(key, cand.block_sizes, generation), spec)

@@ -18,6 +18,8 @@ from moe import routing, tpu, tuning
 from quant.tensor import QuantizedTensor, unpack_int4
 from reference.gmm import gmm as reference_gmm
 
+_REFERENCE = "reference.gmm"
+
 ACTIVATIONS = tpu.ACTIVATIONS
 FUSED_ACTIVATIONS = {"silu": "swiglu", "gelu": "gelu_glu"}
 SCORINGS = ("softmax", "sigmoid")
@@ -121,10 +123,10 @@ def _gpu_gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, bloc
 
 
 def block_sizes_for(key: dict, block_sizes=None, interpret=False):
-    """The caller's block sizes, else the table's (autotune.lookup("gmm", key)). On a GPU the TPU
-    tables do not apply: the caller's sizes (or None, the GPU kernel's default) pass through."""
+    """The caller's block sizes, else the table's (autotune.lookup("gmm", key)): on a GPU the GPU
+    generation's table (moe/gpu_tuning.py's default on a miss), whose entries pass through as is."""
     if not interpret and _platform() == "gpu":
-        return block_sizes
+        return lookup("gmm", key)[0] if block_sizes is None else block_sizes
     if block_sizes is None:
         block_sizes, _ = lookup("gmm", key)
     if not isinstance(block_sizes, dict) or not {"tm", "tk", "tn"} <= set(block_sizes):
@@ -158,7 +160,7 @@ def _gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_si
             return _gpu_gmm(lhs, rhs, group_sizes, group_offset=group_offset, out_dtype=out_dtype,
                             activation=activation, block_sizes=block_sizes)
         except (NotImplementedError, ImportError) as err:
-            no_kernel(f"moe.gmm: the GPU kernel does not handle this call ({err})", implementation, "reference.gmm")
+            no_kernel(f"moe.gmm: the GPU kernel does not handle this call ({err})", implementation, _REFERENCE)
     elif platform == "tpu":
         values, scales, scale_block, int4 = _kernel_args(rhs)
         fused = activation is None or tpu.fuses_activation(values.shape[-1])
@@ -174,9 +176,9 @@ def _gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_si
             half = out.shape[1] // 2
             return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
         except NotImplementedError as err:
-            no_kernel(f"moe.gmm: the TPU kernel does not handle this call ({err})", implementation, "reference.gmm")
+            no_kernel(f"moe.gmm: the TPU kernel does not handle this call ({err})", implementation, _REFERENCE)
     else:
-        no_kernel("moe.gmm: no TPU or GPU attached and interpret=False", implementation, "reference.gmm")
+        no_kernel("moe.gmm: no TPU or GPU attached and interpret=False", implementation, _REFERENCE)
     return reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype,
                        activation=activation)
 

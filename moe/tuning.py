@@ -21,7 +21,7 @@ import functools
 import jax.numpy as jnp
 
 from autotune.cost_model import Traffic, predict
-from autotune.hardware import MiB, chip
+from autotune.hardware import GPU_GENERATIONS, MiB, chip
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up, sublane_tile
 from moe.tpu import fuses_activation, packed_int4_ok, sub_block_rows
 
@@ -204,7 +204,12 @@ def vmem_budget(generation: str | None) -> tuple[int, int | None]:
 
 
 def search_space(key: dict, generation: str | None) -> list[dict]:
-    """Every (tm, tk, tn) that fits the generation's VMEM budget (block-size dicts)."""
+    """Every (tm, tk, tn) that fits the generation's VMEM budget (block-size dicts); on a GPU
+    generation, moe/gpu.py's candidates (moe/gpu_tuning.py)."""
+    if generation in GPU_GENERATIONS:
+        from moe import gpu_tuning
+
+        return gpu_tuning.search_space(key)
     _, n_out, _ = _shape(key)
     budget, limit = vmem_budget(generation)
     sub = sublane_tile(key["lhs_dtype"])
@@ -223,7 +228,12 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:
-    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None)."""
+    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None);
+    on a GPU generation, moe/gpu.py's measured default."""
+    if generation in GPU_GENERATIONS:
+        from moe import gpu_tuning
+
+        return gpu_tuning.default_block_sizes(key)
     return dict(_default(tuple(sorted((k, str(v)) for k, v in key.items())), generation))
 
 
@@ -247,8 +257,22 @@ def _default(frozen: tuple, generation: str | None) -> dict:
 
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
-vmem_estimate = vmem_bytes
-cost = traffic
+def vmem_estimate(key: dict, block_sizes: dict) -> int:
+    """VMEM bytes of a TPU candidate; shared-memory bytes of a GPU one."""
+    from moe import gpu_tuning
+
+    if gpu_tuning.is_gpu_block_sizes(block_sizes):
+        return gpu_tuning.smem_estimate(key, block_sizes)
+    return vmem_bytes(key, block_sizes)
+
+
+def cost(key: dict, block_sizes: dict, generation: str | None = None):
+    """traffic() of a TPU candidate; moe/gpu_tuning.py's count for a GPU one."""
+    from moe import gpu_tuning
+
+    if gpu_tuning.is_gpu_block_sizes(block_sizes):
+        return gpu_tuning.cost(key, block_sizes)
+    return traffic(key, block_sizes, generation)
 
 
 def _is_quantized(key: dict) -> bool:

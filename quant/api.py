@@ -17,6 +17,8 @@ from quant.tensor import QuantizedTensor
 from reference import quantization as qref
 from reference.quantized_matmul import quantized_matmul_qt as _reference_qt
 
+_REFERENCE = "reference.quantized_matmul"
+
 
 def _validate(x, qw, act_quant, out_dtype, bias):
     if not isinstance(qw, QuantizedTensor):
@@ -83,9 +85,9 @@ def quantized_matmul(x, qw: QuantizedTensor, *, act_quant=None, out_dtype=None, 
     key = tuning.make_key(m=m, k=k, n=n, x_dtype=x.dtype, w_dtype=qw.dtype, act_quant=act,
                           block_size=qw.block_size)
     if generation is not None and not chip(generation).is_tpu and not interpret:
-        return _on_gpu(x, qw, act, out_dtype, bias, implementation, "reference.quantized_matmul")
+        return _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implementation)
     if generation is None and not interpret:
-        no_kernel("quant.quantized_matmul: no TPU or GPU attached and interpret=False", implementation, "reference.quantized_matmul")
+        no_kernel("quant.quantized_matmul: no TPU or GPU attached and interpret=False", implementation, _REFERENCE)
         return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
     if generation is not None and not chip(generation).is_tpu:
         generation = None  # interpret mode on a GPU host: no TPU table applies
@@ -108,27 +110,36 @@ def quantized_matmul(x, qw: QuantizedTensor, *, act_quant=None, out_dtype=None, 
             tm=tuning.legal_tm(m, cfg.tm), tn=tuning.legal_tn(n, cfg.tn), tk=cfg.tk, mxu=mxu,
             vmem_limit_bytes=cfg.vmem_limit_bytes, interpret=interpret)
     except NotImplementedError as err:
-        no_kernel(f"quant.quantized_matmul: the TPU kernel does not handle this call ({err})", implementation, "reference.quantized_matmul")
+        no_kernel(f"quant.quantized_matmul: the TPU kernel does not handle this call ({err})", implementation,
+                  _REFERENCE)
         return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
 
 
-def _on_gpu(x, qw, act, out_dtype, bias, implementation=None):
+def _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implementation):
     """The Hopper decode kernel (quant.gpu) where it applies (weight-only int8/int4, per column,
-    M <= 128), else the reference; bias is added by XLA."""
-    if act is None:
-        try:
-            from quant import gpu
+    M <= 128), else the reference; bias is added by XLA. block_sizes None: the GPU generation's
+    table (tuned_configs/h100, ...), quant/gpu_tuning.py's default on a miss."""
+    if act is not None:
+        no_kernel("quant.quantized_matmul: act_quant has no GPU kernel", implementation, _REFERENCE)
+        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
+    from quant import gpu, gpu_tuning
 
-            y = gpu.quantized_matmul_gpu(x, qw, out_dtype=jnp.float32 if bias is not None else out_dtype)
-            if bias is None:
-                return y
-            return (y + jnp.asarray(bias, jnp.float32).reshape(-1)).astype(out_dtype or x.dtype)
-        except NotImplementedError as err:
-            no_kernel(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err})",
-                       implementation)
-    else:
-        no_kernel("quant.quantized_matmul: act_quant has no GPU kernel", implementation, "reference.quantized_matmul")
-    return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
+    if not (gpu_tuning.is_gpu_block_sizes(block_sizes) or isinstance(block_sizes, gpu.QmmDecodeBlockSizes)):
+        block_sizes = None  # TPU block sizes do not apply to the GPU kernel
+    if block_sizes is None and gpu_tuning.supported_key(key):
+        from autotune import lookup
+
+        block_sizes, _ = lookup("quantized_matmul", key, generation)
+    try:
+        y = gpu.quantized_matmul_gpu(x, qw, out_dtype=jnp.float32 if bias is not None else out_dtype,
+                                     block_sizes=block_sizes)
+    except NotImplementedError as err:
+        no_kernel(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err})", implementation,
+                  _REFERENCE)
+        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
+    if bias is None:
+        return y
+    return (y + jnp.asarray(bias, jnp.float32).reshape(-1)).astype(out_dtype or x.dtype)
 
 
 def traffic(m, k, n, *, x_dtype="bfloat16", w_dtype="int8", act_quant=None, block_size=None, block_sizes=None,

@@ -25,7 +25,7 @@ import functools
 import jax.numpy as jnp
 
 from autotune.cost_model import Traffic, predict
-from autotune.hardware import MiB, chip
+from autotune.hardware import GPU_GENERATIONS, MiB, chip
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
 
 STATIC_KEYS = ("x_dtype", "w_dtype", "act_quant", "block_k", "block_n", "k", "n")
@@ -295,7 +295,12 @@ def tk_choices(key: dict) -> list[int]:
 
 
 def search_space(key: dict, generation: str | None) -> list[dict]:
-    """Every legal (tm, tn, tk) that fits the generation's VMEM budget (block-size dicts)."""
+    """Every legal (tm, tn, tk) that fits the generation's VMEM budget (block-size dicts); on a GPU
+    generation, quant/gpu.py's decode-kernel candidates (quant/gpu_tuning.py)."""
+    if generation in GPU_GENERATIONS:
+        from quant import gpu_tuning
+
+        return gpu_tuning.search_space(key)
     m, n = key["m"], key["n"]
     budget, limit = vmem_budget(generation)
     tms = sorted({legal_tm(m, t) for t in _TM_CHOICES} | ({m} if m <= 512 else set()))
@@ -326,7 +331,12 @@ def score(key: dict, block_sizes: dict, generation: str | None) -> float:
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:
-    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None)."""
+    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None);
+    on a GPU generation, quant/gpu.py's decode-kernel default."""
+    if generation in GPU_GENERATIONS:
+        from quant import gpu_tuning
+
+        return gpu_tuning.default_block_sizes(key)
     return dict(_default(tuple(sorted((k, str(v)) for k, v in key.items())), generation))
 
 
@@ -356,8 +366,22 @@ def _default(frozen: tuple, generation: str | None) -> dict:
 
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
-vmem_estimate = vmem_bytes
-cost = traffic
+def vmem_estimate(key: dict, block_sizes: dict) -> int:
+    """VMEM bytes of a TPU candidate; shared-memory bytes of a GPU one."""
+    from quant import gpu_tuning
+
+    if gpu_tuning.is_gpu_block_sizes(block_sizes):
+        return gpu_tuning.smem_estimate(key, block_sizes)
+    return vmem_bytes(key, block_sizes)
+
+
+def cost(key: dict, block_sizes: dict, generation: str | None = None):
+    """traffic() of a TPU candidate; quant/gpu_tuning.py's count for a GPU one."""
+    from quant import gpu_tuning
+
+    if gpu_tuning.is_gpu_block_sizes(block_sizes):
+        return gpu_tuning.cost(key, block_sizes)
+    return traffic(key, block_sizes, generation)
 
 
 def _block_size(key: dict):

@@ -194,11 +194,16 @@ def reference_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribu
     return out, kv_cache
 
 
-def _gpu_path(q, k, v, kv_cache, meta, sinks, *, block_sizes, implementation, kw):
+def _gpu_path(q, k, v, kv_cache, meta, sinks, *, block_sizes, implementation, generation, kw):
     """The Hopper kernel (rpa/gpu.py) on a GPU-layout cache; XLA when it does not cover the call
     (unless implementation="pallas", which re-raises its NotImplementedError)."""
     from rpa import gpu
 
+    if block_sizes is None:  # the GPU table (tuned_configs/h100, ...), else rpa/gpu_tuning.py's default
+        _, page_size = _pages(kv_cache)
+        key = tuning.make_key(q.dtype, kv_cache.dtype, q.shape[1], k.shape[1], k.shape[2], page_size,
+                              q.shape[0], meta[1].shape[1] * page_size)
+        block_sizes, _ = lookup("rpa", key, generation)
     gpu_bs = block_sizes if isinstance(block_sizes, (dict, gpu.DecodeBlockSizes)) and (
         not isinstance(block_sizes, dict) or "block_kv" in block_sizes) else None
     try:
@@ -280,7 +285,7 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
     if layout.cache_backend(kv_cache) == "gpu":
         if generation in GPU_GENERATIONS and not interpret:
             return _gpu_path(q, k, v, kv_cache, meta, sinks, block_sizes=block_sizes,
-                             implementation=implementation, kw=kw)
+                             implementation=implementation, generation=generation, kw=kw)
         if implementation == "pallas":
             raise NotImplementedError("rpa.ragged_paged_attention: the GPU-layout kernel needs a Hopper GPU "
                                       f"(running on {generation or 'cpu'}, interpret={bool(interpret)})")

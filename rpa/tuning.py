@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune.cost_model import Traffic, predict
-from autotune.hardware import TPU_GENERATIONS, MiB, chip
+from autotune.hardware import GPU_GENERATIONS, TPU_GENERATIONS, MiB, chip
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, next_power_of_2, round_up, sublane_tile
 
 STATIC_KEYS = ("q_dtype", "kv_dtype", "num_q_heads", "num_kv_heads", "head_dim", "page_size")
@@ -174,7 +174,12 @@ def head_block_options(num_q_heads: int, num_kv_heads: int) -> list[int]:
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:
-    """Analytic, VMEM-safe block sizes for `key` on `generation` (None: fit 16 MiB scoped VMEM)."""
+    """Analytic, VMEM-safe block sizes for `key` on `generation` (None: fit 16 MiB scoped VMEM);
+    on a GPU generation, rpa/gpu.py's sizes (rpa/gpu_tuning.py)."""
+    if generation in GPU_GENERATIONS:
+        from rpa import gpu_tuning
+
+        return gpu_tuning.default_block_sizes(key)
     hq, hkv, d, ps, qdt, kvdt = _shape(key)
     kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=ps, q_dtype=qdt, kv_dtype=kvdt)
     budget = _budget(generation)
@@ -218,7 +223,12 @@ def default_block_sizes(key: dict, generation: str | None) -> dict:
 
 
 def search_space(key: dict, generation: str | None) -> list[dict]:
-    """Candidate block sizes for the tuner: coordinate variations around the heuristic, VMEM-filtered."""
+    """Candidate block sizes for the tuner: coordinate variations around the heuristic, VMEM-filtered
+    (GPU generations: rpa/gpu_tuning.py)."""
+    if generation in GPU_GENERATIONS:
+        from rpa import gpu_tuning
+
+        return gpu_tuning.search_space(key)
     hq, hkv, d, ps, qdt, kvdt = _shape(key)
     kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=ps, q_dtype=qdt, kv_dtype=kvdt)
     base = BlockSizes.from_dict(default_block_sizes(key, generation))
@@ -584,6 +594,11 @@ def reference_fn(key: dict):
 
 
 def vmem_estimate(key: dict, block_sizes) -> int:
+    """VMEM bytes of a TPU candidate; shared-memory bytes of a GPU one."""
+    from rpa import gpu_tuning
+
+    if gpu_tuning.is_gpu_block_sizes(block_sizes):
+        return gpu_tuning.smem_estimate(key, block_sizes)
     dims, ps = _key_dims(key)
     bs = {k: v for k, v in dict(block_sizes).items() if k != "vmem_limit_bytes"} \
         if not isinstance(block_sizes, BlockSizes) else block_sizes
@@ -591,7 +606,11 @@ def vmem_estimate(key: dict, block_sizes) -> int:
 
 
 def cost(key: dict, block_sizes, generation=None) -> Traffic:
-    """traffic() of the key's representative batch."""
+    """traffic() of the key's representative batch (a GPU candidate: rpa/gpu_tuning.py's count)."""
+    from rpa import gpu_tuning
+
+    if gpu_tuning.is_gpu_block_sizes(block_sizes):
+        return gpu_tuning.cost(key, block_sizes, representative_batch(key))
     dims, _ = _key_dims(key)
     bs = {k: v for k, v in dict(block_sizes).items() if k != "vmem_limit_bytes"} \
         if not isinstance(block_sizes, BlockSizes) else block_sizes
