@@ -25,6 +25,7 @@ import dataclasses
 import datetime
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from tuned_configs import ROOT as TABLES_ROOT
 @dataclasses.dataclass
 class Candidate:
     block_sizes: dict
-    status: str = "pending"  # "ok" | "vmem" | "compile_error"
+    status: str = "pending"  # "ok" | "vmem" | "compile_error" | "run_error"
     seconds: float | None = None  # the ranking figure (measured or modelled)
     source: str = "model"  # "model" | "measured"
     prediction: cost_model.Prediction | None = None
@@ -93,7 +94,11 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
         return cand
     cand.prediction = cost_model.predict(module.cost(key, cand.block_sizes, generation), spec)
     if measure is not None:
-        cand.seconds, cand.source = measure(kernel, key, cand.block_sizes), "measured"
+        try:
+            cand.seconds, cand.source = measure(kernel, key, cand.block_sizes), "measured"
+        except Exception as err:  # noqa: BLE001 - the device's verdict on this candidate
+            cand.status, cand.error = "run_error", str(err).splitlines()[0][:300] if str(err) else repr(err)
+            return cand
     else:
         cand.seconds = cand.prediction.seconds
     cand.status = "ok"
@@ -291,7 +296,11 @@ def measure_on_device(kernel: str, key: dict, block_sizes: dict, *, runs: int = 
     rng = np.random.default_rng(0)
     inputs = [module.example_inputs(key, rng) for _ in range(rotations)]
     jitted = jax.jit(fn)
-    jax.block_until_ready(jitted(*inputs[0]))
+    with warnings.catch_warnings():
+        # a candidate the kernel does not take falls back to the XLA reference with a warning:
+        # make that an error, so the reference's time is never recorded as the candidate's
+        warnings.filterwarnings("error", message=r".*(using reference|XLA reference|pure JAX).*")
+        jax.block_until_ready(jitted(*inputs[0]))
     times = []
     for i in range(runs):
         args = inputs[i % rotations]

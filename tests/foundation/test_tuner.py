@@ -193,3 +193,35 @@ def test_cli_model_presets_are_merged_and_gains_summarised(tmp_path, capsys):
     assert cli.main(["show", "--chip", "all", "--gains"]) == 0
     out = capsys.readouterr().out
     assert "median_gain" in out and "v6e" in out
+
+
+def test_a_candidate_that_fails_on_the_device_is_recorded_not_raised():
+    def measure(kernel, key, block_sizes):
+        if block_sizes["block_q"] == 64:
+            raise RuntimeError("CUDA_ERROR_ILLEGAL_ADDRESS")
+        return 1.0 / block_sizes["block_q"]
+
+    res = tune_key("fake", KEY, "v6e", compile="none", measure=measure)
+    bad = [c for c in res.candidates if c.block_sizes["block_q"] == 64][0]
+    assert bad.status == "run_error" and "ILLEGAL" in bad.error
+    assert res.best.source == "measured" and res.best.block_sizes["block_q"] == 256
+
+
+def test_measuring_refuses_a_reference_fallback(monkeypatch):
+    import warnings
+
+    import tests.foundation.fake_tuning as ft
+    from autotune.tuner import measure_on_device
+
+    def falls_back(key, block_sizes, interpret=False):
+        def fn(x):
+            warnings.warn("moe.gmm: no TPU or GPU attached; using reference.gmm", stacklevel=2)
+            return x * 2.0
+
+        return fn
+
+    monkeypatch.setattr(ft, "kernel_fn", falls_back)
+    monkeypatch.setattr(ft, "example_inputs", lambda key, rng: (rng.standard_normal((8, 128)).astype("float32"),),
+                        raising=False)
+    with pytest.raises(UserWarning, match="using reference"):
+        measure_on_device("fake", KEY, {"block_q": 8}, runs=2, rotations=1)
