@@ -158,7 +158,7 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None, *,
     flops = 2 * issued_rows * k * n * f32_passes * weight_load
     useful_bytes = int(m * k * lb + active * (k * n * _stored_bytes(key) + scale_bytes) + m * n_out * ob)
     return Traffic(bytes_read=int(lhs_read + w_read), bytes_written=int(written), flops=int(flops),
-                   grid_steps=int(nn * items * nk), dmas=int(dmas), flops_kind="bf16",
+                   grid_steps=int(nn * items * nk), dmas=int(dmas), flops_kind="bf16", parallel_tiles=int(nn),
                    useful_bytes=useful_bytes, useful_flops=int(2 * m * k * n))
 
 

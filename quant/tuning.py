@@ -264,7 +264,7 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None) -> Traf
     return Traffic(bytes_read=int(x_reads + w_reads + scale_reads + extra_r),
                    bytes_written=int(out_w + extra_w), flops=int(flops), grid_steps=int(steps),
                    dmas=int(steps * dmas_per_step + nm * nn), flops_kind=mxu,
-                   useful_bytes=useful, useful_flops=int(2 * m * k * n))
+                   useful_bytes=useful, useful_flops=int(2 * m * k * n), parallel_tiles=int(nm * nn))
 
 
 def vmem_budget(generation: str | None) -> tuple[int, int | None]:
@@ -315,19 +315,10 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
     return out
 
 
-def _core_penalty(key, c, spec) -> float:
-    """A megacore device (v5p: 2 TensorCores behind one JAX device) splits the parallel (i, j) tiles
-    between its cores: odd counts leave one idle. tpu7x's cores are separate devices: no split."""
-    if spec.cores_per_chip // getattr(spec, "devices_per_chip", 1) < 2:
-        return 1.0
-    tiles = cdiv(key["m"], legal_tm(key["m"], c["tm"])) * cdiv(key["n"], legal_tn(key["n"], c["tn"]))
-    return (cdiv(tiles, 2) * 2) / tiles
-
-
 def score(key: dict, block_sizes: dict, generation: str | None) -> float:
     """Modelled seconds of one call (cost model of `generation`, v5e's when None)."""
     spec = chip(generation or "v5e")
-    return predict(traffic(key, block_sizes, generation), spec).seconds * _core_penalty(key, block_sizes, spec)
+    return predict(traffic(key, block_sizes, generation), spec).seconds
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:

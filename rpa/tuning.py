@@ -347,6 +347,11 @@ def simulate(batch, block_sizes, *, num_q_heads: int, num_kv_heads: int, head_di
             tail = num_tokens - int(cu[int(dist[2])])
             g["write"] += tail * q_row
             g["dmas"] += cdiv(tail, bq) if tail > 0 else 0
+        # the head blocks of the group with the most work are what a megacore device splits
+        # (weight: bytes + FLOPs / 200, roughly a TPU's FLOPs per HBM byte)
+        work = blocks * (g["read"] + g["flops"] / 200)
+        if work > c.get("_heaviest", 0):
+            c["_heaviest"], c["parallel_tiles"] = work, blocks
         c["kernel_read"] += blocks * g["read"]
         c["kernel_write"] += blocks * g["write"]
         c["dmas"] += blocks * g["dmas"]
@@ -375,6 +380,7 @@ def simulate(batch, block_sizes, *, num_q_heads: int, num_kv_heads: int, head_di
         useful_b += q_len * 2 * num_kv_heads * head_dim * kvb
         useful_f += 4 * num_q_heads * head_dim * keys
     c["useful_bytes"], c["useful_flops"] = useful_b, useful_f
+    c.pop("_heaviest", None)
     return c
 
 
@@ -391,7 +397,8 @@ def traffic(batch, block_sizes, *, num_q_heads: int, num_kv_heads: int, head_dim
     return Traffic(bytes_read=s["kernel_read"] + s["prologue_read"],
                    bytes_written=s["kernel_write"] + s["prologue_write"], flops=s["flops"],
                    grid_steps=s["grid_steps"] + s["kv_steps"], dmas=s["dmas"],
-                   flops_kind="bf16", useful_bytes=s["useful_bytes"], useful_flops=s["useful_flops"])
+                   flops_kind="bf16", useful_bytes=s["useful_bytes"], useful_flops=s["useful_flops"],
+                   parallel_tiles=s.get("parallel_tiles"))
 
 
 # ---------------------------------------------------------------- modelled MBU / MFU
