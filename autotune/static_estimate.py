@@ -10,7 +10,10 @@ kernel issues. An int8-weight matmul of 16 x 4096 x 14336 compiles in 0.7 s with
 v6e), but 4096 x 4096 x 14336 takes 56-75 s on v5e and 23 s on v6e, against 0.5-2 s without. The
 tuner asks for it on the top few candidates of static-grid kernels only, and `autotune run
 --static-estimate` is meant for decode-size keys or a few chosen prefill ones. Loops whose trip count is read at run
-time (ragged kernels such as RPA) are not multiplied out, so it is not asked for there.
+time (ragged kernels such as RPA) are not multiplied out, so it is not asked for there. The profiler
+runs on every op the compile contains, and on a gather fusion it aborts the process (libtpu 0.0.51:
+"Static LLO profiling of gather_fusion failed: Unsupported DMA direction"), which rules out gmm,
+whose group metadata is built by an XLA gather.
 
 The flag is the tuner's internal wiring to the compiler, not a kernel override: kernels never read
 the environment.
