@@ -13,7 +13,11 @@ tuner asks for it on the top few candidates of static-grid kernels only, and `au
 time (ragged kernels such as RPA) are not multiplied out, so it is not asked for there. The profiler
 runs on every op the compile contains, and on a gather fusion it aborts the process (libtpu 0.0.51:
 "Static LLO profiling of gather_fusion failed: Unsupported DMA direction"), which rules out gmm,
-whose group metadata is built by an XLA gather.
+whose group metadata is built by an XLA gather. On tpu7x it aborted on an int8/fp8 quantized_matmul
+("LLO_CHECK failure ... Expected vector-int16, got vector-f8packed"). And a profiled compile needs more
+VMEM than a plain one: a v5e 256 x 4096 x 7168 int8 block compiles in 96 MiB plainly but needs 165 MiB
+profiled, so a profiled run can reject a candidate that `autotune check` compiles. Shipped tables
+keep the plain run's winner where the two differ.
 
 The flag is the tuner's internal wiring to the compiler, not a kernel override: kernels never read
 the environment.
