@@ -254,6 +254,8 @@ def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODE
                       "default_predicted_us": round(result.default.seconds * 1e6, 3)
                       if result.default.seconds else None, "date": today}
     provenance["compiled"] = best.compiled
+    if result.default.status != "ok":  # e.g. the heuristic's blocks did not compile: no gain to claim
+        provenance["default_status"] = result.default.status
     tops = [c for c in result.candidates if c.static_cycles]
     if tops:
         provenance["static_estimate"] = {

@@ -33,7 +33,11 @@ def test_table_schema_and_gain(path):
         if p["source"] == "model":
             assert p["cost_model_version"] and p["date"]
             # the default heuristic is always a candidate: the winner is never predicted slower
-            assert p["predicted_us"] <= p["default_predicted_us"] + 1e-9
+            # (unless the default itself did not compile for this key, which the entry records)
+            if p.get("default_status", "ok") == "ok":
+                assert p["predicted_us"] <= p["default_predicted_us"] + 1e-9
+            else:
+                assert p["default_status"] in ("compile_error", "vmem") and p["compiled"]
     # a shipped key looks itself up exactly
     key = data["entries"][0]["key"]
     assert lookup(data["kernel"], key, data["generation"])[1] == "exact"
