@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,6 +90,59 @@ def interpret_params(interpret):
     if isinstance(interpret, pltpu.InterpretParams):
         return interpret
     raise ValueError(f"interpret must be a bool or pltpu.InterpretParams, got {interpret!r}")
+
+
+def gpu_interpret_params(interpret):
+    """The Mosaic GPU counterpart of `interpret_params`: False -> compile for the GPU; True -> GPU
+    interpret mode on the CPU (threads, shared memory, TMA, mbarriers and wgmma simulated) with race
+    detection and NaN-poisoned uninitialized memory; an `InterpretGPUParams` passes through."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if interpret is False or interpret is None:
+        return False
+    if interpret is True:
+        return plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="nan",
+                                        out_of_bounds_reads="raise")
+    if isinstance(interpret, plgpu.InterpretGPUParams):
+        return interpret
+    raise ValueError(f"interpret must be a bool or plgpu.InterpretGPUParams, got {interpret!r}")
+
+
+def wgmma_accumulate(acc, operands, *, a_smem=(), interpreting=False):
+    """acc + sum_j a_j @ b_j on Hopper tensor cores, inside a Mosaic GPU kernel body.
+
+    acc: f32 / i32 value in the WGMMA layout; operands: a sequence of (a, b), or a function returning
+    one (called inside the accumulation scope: ref views with static indices must be made there to
+    lower), with a a shared-memory ref or a value in registers and b a shared-memory ref. On the GPU the products accumulate into
+    `acc` in place (`run_state` + `ACC.init`, register A operands used directly). GPU interpret mode
+    handles neither `run_state` nor a register A operand, so when `interpreting` each register a_j
+    is first stored to the next ref of `a_smem` and the products go into a fresh accumulator that is
+    added to `acc`: the same sum, another schedule.
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    if not interpreting:
+        def mma(acc_ref):
+            for a, b in (operands() if callable(operands) else operands):
+                plgpu.wgmma(acc_ref, a, b)
+        return pl.run_state(mma)(plgpu.ACC.init(acc))
+    staged, scratch = [], list(a_smem)
+    for a, b in (operands() if callable(operands) else operands):
+        if not (isinstance(a, jax.ref.Ref) or hasattr(a, "transforms")):  # a value, not a ref
+            if not scratch:
+                raise ValueError("wgmma_accumulate: each register A operand needs an a_smem ref when interpreting")
+            ref = scratch.pop(0)
+            ref[...] = a
+            plgpu.commit_smem()
+            a = ref
+        staged.append((a, b))
+
+    def mma_fresh(acc_ref):
+        for a, b in staged:
+            plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+    return acc + pl.run_scoped(mma_fresh, plgpu.ACC(acc.shape, acc.dtype))
 
 
 def as_numpy_f64(x) -> np.ndarray:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny
+from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +129,10 @@ def default_block_sizes(m: int, k: int, n: int, g: int) -> GmmBlockSizes:
     return GmmBlockSizes(tile_m=128, tile_n=64, num_stages=3)
 
 
-def gmm_gpu(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, block_sizes=None):
+def gmm_gpu(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, block_sizes=None,
+            interpret=False):
     """moe.gmm contract on a Hopper GPU (see the module docstring). Raises NotImplementedError for
-    unsupported combinations."""
+    unsupported combinations. interpret=True runs the kernel in GPU interpret mode on the CPU."""
     if block_sizes is None:
         block_sizes = default_block_sizes(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0])
     bs = GmmBlockSizes.from_any(block_sizes)
@@ -140,21 +141,21 @@ def gmm_gpu(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=Non
     if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         raise NotImplementedError(f"GPU gmm: output dtype {out_dtype}")
     return _gmm_jit(lhs, rhs, jnp.asarray(group_sizes, jnp.int32), jnp.asarray(group_offset, jnp.int32),
-                    bs=bs, out_dtype=out_dtype)
+                    bs=bs, out_dtype=out_dtype, interpret=gpu_interpret_params(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("bs", "out_dtype"))
-def _gmm_jit(lhs, rhs, group_sizes, group_offset, *, bs, out_dtype):
+@functools.partial(jax.jit, static_argnames=("bs", "out_dtype", "interpret"))
+def _gmm_jit(lhs, rhs, group_sizes, group_offset, *, bs, out_dtype, interpret=False):
     m = lhs.shape[0]
     if m < bs.cta_m:  # a row tile must fit inside the array
         out = _gmm_jit(jnp.pad(lhs, ((0, bs.cta_m - m), (0, 0))), rhs, group_sizes, group_offset,
-                       bs=bs, out_dtype=out_dtype)
+                       bs=bs, out_dtype=out_dtype, interpret=interpret)
         return out[:m]
     sched = group_schedule(group_sizes, group_offset, rhs.shape[0], m, bs.cta_m)
-    return gmm_kernel(lhs, rhs, sched, bs=bs, out_dtype=out_dtype)
+    return gmm_kernel(lhs, rhs, sched, bs=bs, out_dtype=out_dtype, interpret=interpret)
 
 
-def gmm_kernel(lhs, rhs, sched, *, bs: GmmBlockSizes, out_dtype):
+def gmm_kernel(lhs, rhs, sched, *, bs: GmmBlockSizes, out_dtype, interpret=False):
     """The Mosaic GPU kernel: lhs [M, K], rhs [G_local, K, N], sched i32[4, max_tiles] -> [M, N]."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -276,5 +277,6 @@ def gmm_kernel(lhs, rhs, sched, *, bs: GmmBlockSizes, out_dtype):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name=f"gmm_{tm}x{tn}x{tk}_{bs.wg_dim}_st{bs.num_stages}",
+        interpret=gpu_interpret_params(interpret),
     )
     return call(sched, lhs, rhs)

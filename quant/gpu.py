@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny
+from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, wgmma_accumulate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +86,14 @@ def check_supported(x_shape, x_dtype, values_shape, values_dtype, fmt: str, bloc
         raise NotImplementedError(f"GPU quantized matmul: {bs} needs too much shared memory")
 
 
-def quantized_matmul_decode(x, values, scales, *, fmt: str, out_dtype=None, block_sizes=None):
+def quantized_matmul_decode(x, values, scales, *, fmt: str, out_dtype=None, block_sizes=None, interpret=False):
     """y [M, N] = x [M, K] @ dequantize(values, scales), per-channel scales [1, N] (see module doc)."""
     bs = QmmDecodeBlockSizes.from_any(block_sizes)
     k = x.shape[1]
     n = values.shape[-1]
     check_supported(x.shape, x.dtype, values.shape, values.dtype, fmt, (k, 1), (k, n), bs)
-    return _qmm_jit(x, values, scales, fmt=fmt, bs=bs, out_dtype=jnp.dtype(out_dtype or x.dtype))
+    return _qmm_jit(x, values, scales, fmt=fmt, bs=bs, out_dtype=jnp.dtype(out_dtype or x.dtype),
+                    interpret=gpu_interpret_params(interpret))
 
 
 # Best measured on the H100 for M 16, K = N = 8192 (bench/GPU_NOTES.md).
@@ -100,7 +101,7 @@ NK_INT4_DEFAULT = QmmDecodeBlockSizes(tk=128, num_stages=4, consumers=2, k_split
 NK_INT8_DEFAULT = QmmDecodeBlockSizes(tk=256, num_stages=3, consumers=2, k_splits=2, tn=64)
 
 
-def quantized_matmul_gpu(x, qw, *, values_nk=None, out_dtype=None, block_sizes=None):
+def quantized_matmul_gpu(x, qw, *, values_nk=None, out_dtype=None, block_sizes=None, interpret=False):
     """quant.quantized_matmul(x, qw) on a Hopper GPU for decode shapes (weight-only, bf16/fp16 x).
 
     values_nk: optional `prepare_weights_nk(qw.values)`, made once when the weights are loaded; with
@@ -112,24 +113,25 @@ def quantized_matmul_gpu(x, qw, *, values_nk=None, out_dtype=None, block_sizes=N
         if tuple(qw.block_size) != (qw.shape[-2], 1):
             raise NotImplementedError(f"GPU quantized matmul: scale block {qw.block_size} (per channel only)")
         return quantized_matmul_decode_nk(x, values_nk, qw.scales, fmt=qw.dtype, out_dtype=out_dtype,
-                                          block_sizes=bs)
+                                          block_sizes=bs, interpret=interpret)
     bs = QmmDecodeBlockSizes.from_any(block_sizes)
     check_supported(x.shape, x.dtype, qw.values.shape, qw.values.dtype, qw.dtype, qw.block_size, qw.shape, bs)
-    return _qmm_jit(x, qw.values, qw.scales, fmt=qw.dtype, bs=bs, out_dtype=jnp.dtype(out_dtype or x.dtype))
+    return _qmm_jit(x, qw.values, qw.scales, fmt=qw.dtype, bs=bs, out_dtype=jnp.dtype(out_dtype or x.dtype),
+                    interpret=gpu_interpret_params(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "bs", "out_dtype"))
-def _qmm_jit(x, values, scales, *, fmt, bs, out_dtype):
+@functools.partial(jax.jit, static_argnames=("fmt", "bs", "out_dtype", "interpret"))
+def _qmm_jit(x, values, scales, *, fmt, bs, out_dtype, interpret=False):
     m, k = x.shape
     m_pad = -(-m // 8) * 8
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    part = qmm_decode_kernel(x, values, int4=(fmt == "int4"), bs=bs)  # [k_splits, N, m_pad] f32
+    part = qmm_decode_kernel(x, values, int4=(fmt == "int4"), bs=bs, interpret=interpret)  # [k_splits, N, m_pad] f32
     y = part.sum(axis=0).T[:m] * scales.reshape(1, -1).astype(jnp.float32)
     return y.astype(out_dtype)
 
 
-def qmm_decode_kernel(x, values, *, int4: bool, bs: QmmDecodeBlockSizes):
+def qmm_decode_kernel(x, values, *, int4: bool, bs: QmmDecodeBlockSizes, interpret=False):
     """x [Mp, K] (Mp a multiple of 8), values int8 [Kp, N] -> f32 partials [k_splits, N, Mp] of W^T x^T.
 
     int4: the widening uses only byte-wise logic and Mosaic GPU's fast s8 -> bf16 conversion (no
@@ -151,6 +153,8 @@ def qmm_decode_kernel(x, values, *, int4: bool, bs: QmmDecodeBlockSizes):
     steps = kp // tk // splits
     half = k // 2
     dtype = x.dtype
+    interpret = gpu_interpret_params(interpret)
+    interpreting = interpret is not False
     w_tr = (plgpu.TilingTransform((8, tn)), plgpu.SwizzleTransform(tn))  # a consumer's slice = whole tiles
     bf_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
@@ -201,11 +205,8 @@ def qmm_decode_kernel(x, values, *, int4: bool, bs: QmmDecodeBlockSizes):
 
                 def body(step, acc):
                     slot = convert(step, 0)
-
-                    def mma(acc_ref):
-                        for j in range(parts):
-                            plgpu.wgmma(acc_ref, wb_s.at[wg, 0, j].T, x_s.at[slot, j].T)
-                    acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                    acc = wgmma_accumulate(acc, lambda: [(wb_s.at[wg, 0, j].T, x_s.at[slot, j].T) for j in range(parts)],
+                                           interpreting=interpreting)
                     plgpu.barrier_arrive(cons.at[slot])
                     return acc
 
@@ -255,6 +256,7 @@ def qmm_decode_kernel(x, values, *, int4: bool, bs: QmmDecodeBlockSizes):
         num_threads=nc + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
         kernel_name=f"qmm_decode_{'int4' if int4 else 'int8'}_tk{tk}_st{stages}_c{nc}x{tn}_ks{splits}_b{nbuf}",
     )
     return call(x, values)
@@ -273,7 +275,8 @@ def prepare_weights_nk(values):
     return jnp.asarray(values).T
 
 
-def quantized_matmul_decode_nk(x, values_nk, scales, *, fmt: str, out_dtype=None, block_sizes=None):
+def quantized_matmul_decode_nk(x, values_nk, scales, *, fmt: str, out_dtype=None, block_sizes=None,
+                               interpret=False):
     """y [M, N] = x [M, K] @ dequantize(values_nk.T, scales) with values_nk [N, Kp] (see
     prepare_weights_nk), per-channel scales [1, N]."""
     bs = QmmDecodeBlockSizes.from_any(block_sizes)
@@ -283,21 +286,22 @@ def quantized_matmul_decode_nk(x, values_nk, scales, *, fmt: str, out_dtype=None
     check_supported(x.shape, x.dtype, (kp, n), values_nk.dtype, fmt, (k, 1), (k, n), bs, layout="nk")
     if values_nk.shape != (n, kp):
         raise ValueError(f"values_nk: expected {(n, kp)}, got {values_nk.shape}")
-    return _qmm_nk_jit(x, values_nk, scales, fmt=fmt, bs=bs, out_dtype=jnp.dtype(out_dtype or x.dtype))
+    return _qmm_nk_jit(x, values_nk, scales, fmt=fmt, bs=bs, out_dtype=jnp.dtype(out_dtype or x.dtype),
+                       interpret=gpu_interpret_params(interpret))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "bs", "out_dtype"))
-def _qmm_nk_jit(x, values_nk, scales, *, fmt, bs, out_dtype):
+@functools.partial(jax.jit, static_argnames=("fmt", "bs", "out_dtype", "interpret"))
+def _qmm_nk_jit(x, values_nk, scales, *, fmt, bs, out_dtype, interpret=False):
     m, k = x.shape
     m_pad = -(-m // 8) * 8
     if m_pad != m:
         x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    part = qmm_decode_kernel_nk(x, values_nk, int4=(fmt == "int4"), bs=bs)
+    part = qmm_decode_kernel_nk(x, values_nk, int4=(fmt == "int4"), bs=bs, interpret=interpret)
     y = part.sum(axis=0).T[:m] * scales.reshape(1, -1).astype(jnp.float32)
     return y.astype(out_dtype)
 
 
-def qmm_decode_kernel_nk(x, values_nk, *, int4: bool, bs: QmmDecodeBlockSizes):
+def qmm_decode_kernel_nk(x, values_nk, *, int4: bool, bs: QmmDecodeBlockSizes, interpret=False):
     """x [Mp, K], values_nk int8 [N, Kp] -> f32 partials [k_splits, N, Mp] of W^T x^T."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -310,13 +314,17 @@ def qmm_decode_kernel_nk(x, values_nk, *, int4: bool, bs: QmmDecodeBlockSizes):
     steps = kp // tk // splits
     half = k // 2
     dtype = x.dtype
+    interpret = gpu_interpret_params(interpret)
+    interpreting = interpret is not False
     load_layout = {None: None, "8bit": plgpu.Layout.WGMMA_8BIT, "upcast2x": plgpu.Layout.WGMMA_UPCAST_2X,
                    "upcast4x": plgpu.Layout.WGMMA_UPCAST_4X}[bs.load_layout]
     w_swz = min(128, tk)
     w_tr = (plgpu.TilingTransform((8, w_swz)), plgpu.SwizzleTransform(w_swz))
     bf_tr = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
-    def kernel(x_ref, w_ref, o_ref, w_s, x_s, o_s, w_bar, cons):
+    def kernel(x_ref, w_ref, o_ref, w_s, x_s, o_s, *rest):
+        *a_scratch, w_bar, cons = rest
+        a_s = a_scratch[0] if a_scratch else None  # interpret mode only: register A staged here
         ni = lax.axis_index("n")
         ks = lax.axis_index("k")
         wg = lax.axis_index("wg")
@@ -358,11 +366,9 @@ def qmm_decode_kernel_nk(x, values_nk, *, int4: bool, bs: QmmDecodeBlockSizes):
                 if load_layout is not None:
                     a_parts = tuple(plgpu.layout_cast(a, plgpu.Layout.WGMMA) for a in a_parts)
 
-                def mma(acc_ref):
-                    for j in range(parts):
-                        plgpu.wgmma(acc_ref, a_parts[j], x_s.at[slot, j].T)
-
-                acc = pl.run_state(mma)(plgpu.ACC.init(acc))
+                acc = wgmma_accumulate(acc, lambda: [(a_parts[j], x_s.at[slot, j].T) for j in range(parts)],
+                                       a_smem=[a_s.at[wg, j] for j in range(parts)] if interpreting else (),
+                                       interpreting=interpreting)
                 plgpu.barrier_arrive(cons.at[slot])
                 return acc
 
@@ -378,6 +384,8 @@ def qmm_decode_kernel_nk(x, values_nk, *, int4: bool, bs: QmmDecodeBlockSizes):
             plgpu.SMEM((stages, parts, mp, tk), dtype, transforms=bf_tr),
             plgpu.SMEM((nc, tn, mp), jnp.float32),
         )
+        if interpreting:
+            scratch += (plgpu.SMEM((nc, parts, tn, tk), dtype, transforms=bf_tr),)
         bars = (plgpu.Barrier(num_arrivals=1 + parts, num_barriers=stages),
                 plgpu.Barrier(num_arrivals=nc, num_barriers=stages))
         pl.run_scoped(lambda s, b: kernel(x_ref, w_ref, o_ref, *s, *b), scratch, bars, collective_axes="wg")
@@ -390,6 +398,7 @@ def qmm_decode_kernel_nk(x, values_nk, *, int4: bool, bs: QmmDecodeBlockSizes):
         num_threads=nc + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(),
+        interpret=interpret,
         kernel_name=f"qmm_nk_{'int4' if int4 else 'int8'}_tk{tk}_st{stages}_c{nc}x{tn}_ks{splits}",
     )
     return call(x, values_nk)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny
+from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, wgmma_accumulate
 from rpa.layout import gpu_kv_cache_shape  # noqa: F401 - the GPU layout's home is rpa/layout.py
 
 LOG2E = math.log2(math.e)
@@ -192,11 +192,13 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
     scale2 = float(sm_scale) * LOG2E
     window = None if sliding_window is None else int(sliding_window)
     rows_out = t_total * hkv * splits * gp
+    interpret = gpu_interpret_params(interpret)
+    interpreting = interpret is not False
     if q2d.shape[0] < _ROWS:
         raise ValueError("q2d: pad to at least 64 rows")
 
     def kernel(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref, smem, bars, cons):
-        q_smem, k_smem, v_smem, o_smem, lse_smem = smem
+        q_smem, k_smem, v_smem, o_smem, lse_smem, *p_scratch = smem  # p_scratch: interpret mode only
         k_bar, v_bar, q_bar = bars
         k_cons, v_cons = cons
         h = lax.axis_index("h")
@@ -265,10 +267,7 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
                 if sanitize_v:
                     pl.when((base < lo) | (base + bkv > end))(_sanitize)
 
-                def pv_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+                acc = wgmma_accumulate(acc, [(p16, v_smem.at[slot])], a_smem=p_scratch, interpreting=interpreting)
                 plgpu.barrier_arrive(v_cons.at[slot])
                 return acc, m_new, l_i
 
@@ -326,6 +325,8 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
             plgpu.SMEM((_ROWS, d), jnp.float32),
             plgpu.SMEM((_ROWS, _LSE_COLS), jnp.float32),
         )
+        if interpreting:  # P goes through shared memory only in interpret mode (see wgmma_accumulate)
+            smem += (plgpu.SMEM((_ROWS, bkv), dtype, transforms=(tiling, swizzle)),)
         bars = (
             plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),
             plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),
@@ -358,9 +359,9 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes",
-                                             "k_scale", "v_scale"), donate_argnames=("kv_cache",))
+                                             "k_scale", "v_scale", "interpret"), donate_argnames=("kv_cache",))
 def _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks, *,
-                 sm_scale, sliding_window, soft_cap, block_sizes, k_scale, v_scale):
+                 sm_scale, sliding_window, soft_cap, block_sizes, k_scale, v_scale, interpret=False):
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[2]
     kv_cache = write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution, k_scale, v_scale)
@@ -371,7 +372,7 @@ def _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distributi
     scale = sm_scale * (1.0 if k_scale is None else float(k_scale))
     o_part, lse_part = paged_attention_partials(
         q2d, kv_cache, tok_seq, tok_end, page_indices, num_q_heads=hq, sm_scale=scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, block_sizes=block_sizes)
+        soft_cap=soft_cap, sliding_window=sliding_window, block_sizes=block_sizes, interpret=interpret)
     out = combine_partials(o_part, lse_part, num_tokens=t_total, num_kv_heads=hkv, group=hq // hkv,
                            sinks=sinks, v_scale=v_scale, out_dtype=q.dtype)
     return out, kv_cache
@@ -379,7 +380,7 @@ def _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distributi
 
 def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
                                sm_scale=None, sliding_window=None, soft_cap=None, sinks=None,
-                               k_scale=None, v_scale=None, block_sizes=None):
+                               k_scale=None, v_scale=None, block_sizes=None, interpret=False):
     """The RPA public contract on a Hopper GPU.
 
     q [T, Hq, D], k / v [T, Hkv, D] (the step's new rows), kv_cache [P, 2, Hkv, page_size, D]
@@ -388,6 +389,7 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
     block_sizes: None | dict(block_kv=, num_stages=, num_splits=) | DecodeBlockSizes.
     Raises NotImplementedError for what the kernel does not cover (fp8/int8 caches, head_dim not a
     multiple of 64, more than 64 query heads per kv head, ...): fall back to XLA then.
+    interpret=True runs the kernels in GPU interpret mode on the CPU (tests).
     """
     t_total, hq, d = q.shape
     if kv_cache.ndim != 5 or kv_cache.shape[1] != 2:
@@ -404,4 +406,5 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
         sm_scale = 1.0 / math.sqrt(d)
     return _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks,
                         sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
-                        block_sizes=bs, k_scale=k_scale, v_scale=v_scale)
+                        block_sizes=bs, k_scale=k_scale, v_scale=v_scale,
+                        interpret=gpu_interpret_params(interpret))

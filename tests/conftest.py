@@ -45,6 +45,11 @@ def _reset_interpret_state():
     from jax.experimental.pallas import tpu as pltpu
 
     pltpu.reset_tpu_interpret_mode_state()
+    try:  # GPU interpret mode (tests/gpu); no public reset yet
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as gpu_interpret
+    except ImportError:
+        return
+    gpu_interpret.reset_gpu_interpret_mode_state()
 
 
 AOT_GENERATIONS = ("v5e", "v6e", "v5p", "tpu7x")

@@ -1,0 +1,147 @@
+"""CPU tier for the GPU kernels, run for real: Mosaic GPU interpret mode (jax >= 0.12) simulates the
+warpgroups, shared memory, TMA copies, mbarriers and wgmma on the CPU, with race detection on and
+uninitialized shared memory NaN-poisoned (autotune.kernel_util.gpu_interpret_params).
+
+Two things run differently from the GPU, both inside `kernel_util.wgmma_accumulate`: a register A
+operand of wgmma is staged through shared memory, and accumulation goes through a fresh accumulator
+(interpret mode has no `run_state`). Everything else (page-table walks, TMA boxes, pipelining,
+barriers, masking, epilogues) is the device code path. Fresh random inputs, NaN-filled unused
+cache pages and slots, garbage page-table entries; float64 / float32 references.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from tests.gpu import rpa_ref
+
+pytestmark = pytest.mark.interpret
+
+
+def _bf16(x):
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+
+
+def _rpa_case(rng, q_lens, kv_lens, hq=8, hkv=2, d=64, ps=16, pad=3):
+    pps = max(-(-kv // ps) for kv in kv_lens) + 1
+    npages = sum(-(-kv // ps) for kv in kv_lens) + 3
+    c = rpa_ref.make_case(rng, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                          page_size=ps, num_pages=npages, pages_per_seq=pps, num_tokens=sum(q_lens) + pad)
+    for key in ("q", "k", "v", "kv_cache"):
+        c[key] = _bf16(c[key])
+    return c
+
+
+def _run_rpa(c, **kw):
+    from rpa import gpu as rg
+
+    a = {k: jnp.asarray(v, jnp.bfloat16 if k in ("q", "k", "v", "kv_cache") else None) for k, v in c.items()}
+    out, cache = rg.ragged_paged_attention_gpu(a["q"], a["k"], a["v"], a["kv_cache"], a["kv_lens"],
+                                               a["page_indices"], a["cu_q_lens"], a["distribution"],
+                                               interpret=True, **kw)
+    return np.asarray(out.astype(jnp.float32)), np.asarray(cache.astype(jnp.float32))
+
+
+def _check_rpa(c, out, cache, **ref_kw):
+    ref_out, ref_cache = rpa_ref.reference(**c, **ref_kw)
+    n = int(c["cu_q_lens"][-1])
+    assert not np.isnan(out[:n]).any()
+    assert rpa_ref.rel_err(out[:n], ref_out[:n]) < 1e-2
+    written = ~np.isnan(ref_cache)
+    np.testing.assert_array_equal(cache[written], ref_cache[written].astype(np.float32))
+
+
+@st.composite
+def ragged_batches(draw, max_seqs=4, max_q=20, max_kv=300):
+    """(q_lens, kv_lens): decode sequences (q 1) first, then prefill / chunked-prefill ones."""
+    n_dec = draw(st.integers(0, max_seqs))
+    n_pre = draw(st.integers(0 if n_dec else 1, max_seqs - n_dec))
+    q_lens = [1] * n_dec + [draw(st.integers(2, max_q)) for _ in range(n_pre)]
+    kv_lens = [draw(st.integers(q, max_kv)) for q in q_lens]
+    return q_lens, kv_lens
+
+
+@settings(max_examples=6)  # ~8 s each: every (token, kv head, split) CTA is simulated in turn
+@given(batch=ragged_batches(), bkv=st.sampled_from([64, 128]), splits=st.sampled_from([1, 2, 3]))
+def test_rpa_gpu_kernel_interpret_ragged(batch, bkv, splits):
+    q_lens, kv_lens = batch
+    rng = np.random.default_rng(sum(q_lens) * 1009 + sum(kv_lens))
+    c = _rpa_case(rng, q_lens, kv_lens)
+    c["distribution"] = np.asarray([q_lens.count(1), len(q_lens), len(q_lens)], np.int32)
+    out, cache = _run_rpa(c, block_sizes=dict(block_kv=bkv, num_stages=2, num_splits=splits))
+    _check_rpa(c, out, cache)
+
+
+@pytest.mark.parametrize("kw", [dict(sliding_window=40, soft_cap=30.0), dict(sliding_window=17)])
+def test_rpa_gpu_kernel_interpret_window_softcap(rng, kw):
+    c = _rpa_case(rng, [1, 1, 5], [200, 33, 150])
+    out, cache = _run_rpa(c, block_sizes=dict(block_kv=64, num_stages=3, num_splits=2), **kw)
+    _check_rpa(c, out, cache, **kw)
+
+
+def test_rpa_gpu_kernel_interpret_sinks_and_group_8(rng):
+    c = _rpa_case(rng, [1, 4], [90, 70], hq=16, hkv=2, d=128, ps=32)
+    sinks = rng.standard_normal(16).astype(np.float32)
+    out, cache = _run_rpa(c, sinks=jnp.asarray(sinks), block_sizes=dict(block_kv=64, num_stages=2, num_splits=2))
+    _check_rpa(c, out, cache, sinks=sinks)
+
+
+@st.composite
+def group_sizes(draw, m=192, groups=5):
+    """Group sizes summing to at most m, empty groups included."""
+    cuts = sorted(draw(st.lists(st.integers(0, m), min_size=groups - 1, max_size=groups - 1)))
+    total = draw(st.integers(cuts[-1], m))
+    return np.diff([0, *cuts, total]).astype(np.int32)
+
+
+@given(sizes=group_sizes(), offset=st.integers(0, 3), wg_dim=st.sampled_from(["m", "n"]))
+def test_gmm_gpu_kernel_interpret(sizes, offset, wg_dim):
+    from moe import gpu as mg
+
+    gref = importlib.import_module("reference.gmm")
+    rng = np.random.default_rng(int(sizes.sum()) * 31 + offset)
+    m, k, n, g_local = 192, 128, 256, 2
+    lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((g_local, k, n)), jnp.bfloat16)
+    ref = np.asarray(gref.gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), jnp.asarray(sizes),
+                              group_offset=offset))
+    bs = (mg.GmmBlockSizes(tile_m=64, tile_n=64, wg_dim="m", num_stages=2, num_sms=3) if wg_dim == "m"
+          else mg.GmmBlockSizes(tile_m=64, tile_n=64, num_stages=3, num_sms=4))
+    out = np.asarray(mg.gmm_gpu(lhs, rhs, jnp.asarray(sizes), group_offset=offset, block_sizes=bs,
+                                interpret=True).astype(jnp.float32))
+    assert not np.isnan(out).any()
+    assert rpa_ref.rel_err(out, ref) < 1e-2
+    np.testing.assert_array_equal(out[int(sizes.sum()):], 0.0)  # rows past sum(group_sizes)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("layout,cfg", [
+    ("kn", dict(tk=64, num_stages=3, consumers=1, k_splits=2, tn=128)),
+    ("kn", dict(tk=64, num_stages=2, consumers=2, k_splits=1, tn=64, double_buffer=True)),
+    ("nk", dict(tk=64, num_stages=2, consumers=2, k_splits=2, tn=64)),
+    ("nk", dict(tk=128, num_stages=2, consumers=1, k_splits=1, tn=64, load_layout="upcast2x")),
+])
+def test_qmm_gpu_kernel_interpret(rng, fmt, layout, cfg):
+    from quant import gpu as qg
+    from quant.tensor import pack_int4
+
+    m, k, n = 5, 512, 256
+    lim = 127 if fmt == "int8" else 7
+    vals = rng.integers(-lim, lim + 1, (k, n)).astype(np.int8)
+    scales = (rng.uniform(0.5, 1.5, (1, n)) / lim).astype(np.float32)
+    x = _bf16(rng.standard_normal((m, k)))
+    ref = x.astype(np.float64) @ (vals.astype(np.float64) * scales)
+    w = pack_int4(jnp.asarray(vals)) if fmt == "int4" else jnp.asarray(vals)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    if layout == "kn":
+        out = qg.quantized_matmul_decode(xb, w, jnp.asarray(scales), fmt=fmt, block_sizes=cfg, interpret=True)
+    else:
+        out = qg.quantized_matmul_decode_nk(xb, qg.prepare_weights_nk(w), jnp.asarray(scales), fmt=fmt,
+                                            block_sizes=cfg, interpret=True)
+    assert rpa_ref.rel_err(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
