@@ -2,20 +2,21 @@
 
 What runs where
 ---------------
-* New K/V rows are written into the cache by an XLA scatter *before* the kernel (`write_new_kv`),
+* New K/V rows are written into the cache by an XLA scatter *before* the kernels (`write_new_kv`),
   not inside the kernel as on TPU: a Hopper kernel would need a grid-wide barrier between the
   write and the reads of the same page, and the scatter moves only T * 2 * Hkv * D elements.
-* Attention: one Mosaic GPU kernel (`paged_attention_partials`) over (kv head, kv split, query
-  token). Each CTA has two warpgroups: a producer that reads the token's pages through the page
-  table with TMA (one bulk copy per page per K/V, `num_stages` deep, mbarrier-tracked) and a
-  consumer that runs flash attention with `wgmma`: S = Q_g K^T with the G = Hq / Hkv query heads
-  of the group in rows 0..G-1 of a 64-row tile (wgmma's M is 64; the other rows are finite
-  neighbouring heads and are dropped), online softmax in f32 (exp2), O += P V.
-  Every query token is treated as its own "decode" query whose visible length is its causal end:
-  exact for prefill and mixed batches too, but prefill re-reads the KV once per query token, so it
-  is only fast for decode (q_len 1 per sequence). A prefill-shaped kernel is future work.
-* The kv splits (flash-decoding) are combined by a small XLA epilogue (`combine_partials`), which
-  also applies attention sinks and v_scale.
+* Decode tokens (sequences with q_len 1): one Mosaic GPU kernel (`paged_attention_partials`) over
+  (kv head, kv split, query token). Each CTA has two warpgroups: a producer that reads the token's
+  pages through the page table with TMA (one bulk copy per page per K/V, `num_stages` deep,
+  mbarrier-tracked) and a consumer that runs flash attention with `wgmma`: S = Q_g K^T with the
+  G = Hq / Hkv query heads of the group in rows 0..G-1 of a 64-row tile (wgmma's M is 64; the other
+  rows are finite neighbouring heads and are dropped), online softmax in f32 (exp2), O += P V.
+  The kv splits (flash-decoding) are combined by a small XLA epilogue (`combine_partials`), which
+  also applies attention sinks and v_scale. CTAs of tokens it does not serve exit at once.
+* Prefill tokens (sequences with q_len >= 2): rpa/gpu_prefill.py, query blocks of 128 (token, head)
+  rows that read the sequence's KV once per block instead of once per token. Where that kernel does
+  not cover the shapes (G not a divisor of 64, shared memory), the decode kernel serves every token
+  (exact, but it re-reads the KV per query token).
 
 Cache layout (GPU): `gpu_kv_cache_shape(num_pages, page_size, Hkv, D) = [num_pages, 2, Hkv,
 page_size, D]`: K of head h of page p is the contiguous [page_size, D] slab `cache[p, 0, h]`, V
@@ -43,19 +44,32 @@ _LSE_COLS = 32  # lse rows are 128 B wide so every TMA row start stays 128-B ali
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes(BlockSizesFromAny):
-    """block_kv: KV tokens per pipeline step (multiple of 64); num_stages: TMA buffers in flight;
-    num_splits: KV splits per (token, kv head) combined by the XLA epilogue."""
+    """Decode kernel: block_kv: KV tokens per pipeline step (multiple of 64); num_stages: TMA buffers
+    in flight; num_splits: KV splits per (token, kv head) combined by the XLA epilogue.
+    Prefill kernel (rpa/gpu_prefill.py): prefill_block_kv (None: 128, or 64 where 128 does not fit
+    in shared memory) and prefill_num_stages."""
 
     block_kv: int = 128
     num_stages: int = 2
     num_splits: int = 1
+    prefill_block_kv: int | None = None
+    prefill_num_stages: int = 2
+
+    def prefill_blocks(self, head_dim: int) -> tuple[int, int]:
+        """(block_kv, num_stages) of the prefill kernel for this head_dim."""
+        from rpa import gpu_prefill
+
+        if self.prefill_block_kv is not None:
+            return self.prefill_block_kv, self.prefill_num_stages
+        fits = gpu_prefill.smem_bytes(128, self.prefill_num_stages, head_dim) <= gpu_prefill._SMEM_LIMIT
+        return (128 if fits else 64), self.prefill_num_stages
 
 
 
 def smem_bytes(block_kv: int, num_stages: int, head_dim: int, itemsize: int = 2) -> int:
     """Shared memory one CTA of the decode kernel allocates (q tile, K/V stages, f32 out tile)."""
     return (_ROWS * head_dim * itemsize + 2 * num_stages * block_kv * head_dim * itemsize
-            + _ROWS * head_dim * 4 + _ROWS * 4)
+            + _ROWS * head_dim * 4 + _ROWS * _LSE_COLS * 4 + 1024)  # + barriers and alignment
 
 
 _SMEM_LIMIT = 227 * 1024
@@ -88,6 +102,22 @@ def check_supported(*, q_dtype, cache_dtype, num_q_heads, num_kv_heads, head_dim
         raise NotImplementedError(
             f"GPU RPA: block_kv {bkv} x {block_sizes.num_stages} stages needs "
             f"{smem_bytes(bkv, block_sizes.num_stages, head_dim)} B of shared memory (> {_SMEM_LIMIT})")
+
+
+def prefill_supported(*, num_q_heads, num_kv_heads, head_dim, page_size, block_sizes: DecodeBlockSizes) -> bool:
+    """Whether rpa/gpu_prefill.py takes this step's prefill tokens (else the decode kernel does).
+    A prefill block size the caller set explicitly and the kernel cannot take raises."""
+    from rpa import gpu_prefill
+
+    bkv, stages = block_sizes.prefill_blocks(head_dim)
+    try:
+        gpu_prefill.check_supported(group=num_q_heads // num_kv_heads, head_dim=head_dim, page_size=page_size,
+                                    block_kv=bkv, num_stages=stages)
+    except NotImplementedError:
+        if block_sizes.prefill_block_kv is not None:
+            raise
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +201,8 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
     """Flash-decoding partials for every query token.
 
     q2d: [T * Hq, D] (q reshaped; rows padded to >= 64), kv_cache: [P, 2, Hkv, page_size, D],
-    tok_seq / tok_end: i32[T] (sequence of each token, KV positions it sees; 0 -> nothing),
+    tok_seq / tok_end: i32[T] (sequence of each token, KV positions it sees; 0: the token's rows of
+    o_part / lse_part are not written),
     page_indices: i32[S, pages_per_seq].
     Returns o_part f32 [T*Hkv*splits*Gp, D] (normalized within each split) and lse_part f32
     [T*Hkv*splits*Gp, 32] (column 0: log2-sum-exp2 of the scaled logits; about -1e30 for an empty split),
@@ -215,7 +246,7 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
         n_steps = jnp.maximum(jnp.minimum(per_split, n_blocks - b0), 0)
         tok0 = lo_al + b0 * bkv
 
-        @pl.when(wg == 0)
+        @pl.when((wg == 0) & (end > 0))  # tokens served elsewhere (or padding) write nothing
         def _consumer():
             # The tile starts on an 8-row boundary (TMA into an (8, 64)-tiled buffer); the group's
             # G rows sit at r0 = qrow % 8 inside it.
@@ -358,24 +389,41 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
 # Public-contract entry point for GPUs.
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes",
-                                             "k_scale", "v_scale", "interpret"), donate_argnames=("kv_cache",))
-def _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks, *,
-                 sm_scale, sliding_window, soft_cap, block_sizes, k_scale, v_scale, interpret=False):
+def _rpa_gpu_step(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks, *,
+                 sm_scale, sliding_window, soft_cap, block_sizes, k_scale, v_scale, use_prefill, interpret=False):
     t_total, hq, d = q.shape
     hkv = kv_cache.shape[2]
     kv_cache = write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution, k_scale, v_scale)
     tok_seq, tok_end = token_metadata(kv_lens, cu_q_lens, distribution, t_total)
+    scale = sm_scale * (1.0 if k_scale is None else float(k_scale))
+    is_pre = jnp.zeros((t_total,), bool)
+    if use_prefill:
+        from rpa import gpu_prefill
+
+        pbkv, pstages = block_sizes.prefill_blocks(d)
+        out_pre, is_pre = gpu_prefill.prefill_attention(
+            q, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale=scale, soft_cap=soft_cap,
+            sliding_window=sliding_window, sinks=sinks, block_kv=pbkv, num_stages=pstages, interpret=interpret)
+    dec_end = jnp.where(is_pre, 0, tok_end)
     q2d = q.reshape(t_total * hq, d).astype(kv_cache.dtype)
     if q2d.shape[0] < _ROWS:
         q2d = jnp.pad(q2d, ((0, _ROWS - q2d.shape[0]), (0, 0)))
-    scale = sm_scale * (1.0 if k_scale is None else float(k_scale))
     o_part, lse_part = paged_attention_partials(
-        q2d, kv_cache, tok_seq, tok_end, page_indices, num_q_heads=hq, sm_scale=scale,
+        q2d, kv_cache, tok_seq, dec_end, page_indices, num_q_heads=hq, sm_scale=scale,
         soft_cap=soft_cap, sliding_window=sliding_window, block_sizes=block_sizes, interpret=interpret)
     out = combine_partials(o_part, lse_part, num_tokens=t_total, num_kv_heads=hkv, group=hq // hkv,
-                           sinks=sinks, v_scale=v_scale, out_dtype=q.dtype)
-    return out, kv_cache
+                           sinks=sinks, out_dtype=jnp.float32)
+    out = jnp.where((dec_end > 0)[:, None, None], out, 0.0)  # rows of skipped tokens were not written
+    if use_prefill:
+        out = jnp.where(is_pre[:, None, None], out_pre, out)
+    if v_scale is not None:
+        out = out * jnp.float32(v_scale)
+    return out.astype(q.dtype), kv_cache
+
+
+_rpa_gpu_jit = jax.jit(_rpa_gpu_step, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_sizes",
+                                                       "k_scale", "v_scale", "use_prefill", "interpret"),
+                       donate_argnames=("kv_cache",))
 
 
 def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
@@ -389,7 +437,8 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
     block_sizes: None | dict(block_kv=, num_stages=, num_splits=) | DecodeBlockSizes.
     Raises NotImplementedError for what the kernel does not cover (fp8/int8 caches, head_dim not a
     multiple of 64, more than 64 query heads per kv head, ...): fall back to XLA then.
-    interpret=True runs the kernels in GPU interpret mode on the CPU (tests).
+    interpret=True runs the kernels in GPU interpret mode on the CPU (tests), op by op (not under an
+    outer jit: interpret mode simulates one GPU per process, so two kernels must not overlap).
     """
     t_total, hq, d = q.shape
     if kv_cache.ndim != 5 or kv_cache.shape[1] != 2:
@@ -404,7 +453,12 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
                     head_dim=d, page_size=page_size, block_sizes=bs)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(d)
-    return _rpa_gpu_jit(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks,
+    # GPU interpret mode keeps one simulated GPU per process, and XLA may start the setup callbacks of
+    # two interpreted kernels of one jitted program at once: run the step op by op there.
+    step = _rpa_gpu_jit if interpret is False else _rpa_gpu_step
+    return step(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks,
                         sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
                         block_sizes=bs, k_scale=k_scale, v_scale=v_scale,
+                        use_prefill=prefill_supported(num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                                                      page_size=page_size, block_sizes=bs),
                         interpret=gpu_interpret_params(interpret))

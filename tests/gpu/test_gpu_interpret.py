@@ -78,6 +78,31 @@ def test_rpa_gpu_kernel_interpret_ragged(batch, bkv, splits):
     _check_rpa(c, out, cache)
 
 
+@pytest.mark.parametrize("hq,hkv,q_lens,kv_lens,bs,kw", [
+    # several query blocks per sequence (G 4: 32 tokens a block), chunked prefill behind a cached prefix
+    (8, 2, [70, 1, 9], [250, 40, 9], dict(block_kv=64, prefill_block_kv=64, prefill_num_stages=3), {}),
+    (8, 2, [45, 33], [45, 160], dict(block_kv=64, prefill_block_kv=128), dict(sliding_window=50, soft_cap=25.0)),
+    (2, 2, [130, 1], [200, 7], dict(block_kv=64, prefill_block_kv=64), {}),  # G 1: 128 tokens a block
+    (16, 2, [20, 3], [20, 90], dict(block_kv=64, prefill_block_kv=64), dict(sliding_window=16)),  # G 8
+])
+def test_rpa_gpu_prefill_kernel_interpret(rng, hq, hkv, q_lens, kv_lens, bs, kw):
+    """Prefill sequences go through rpa/gpu_prefill.py (query blocks reading the KV once per block)."""
+    c = _rpa_case(rng, q_lens, kv_lens, hq=hq, hkv=hkv)
+    out, cache = _run_rpa(c, block_sizes=bs, **kw)
+    _check_rpa(c, out, cache, **kw)
+
+
+def test_rpa_gpu_prefill_falls_back_to_the_decode_kernel(rng):
+    """G = 24 query heads per kv head is not a divisor of 64: the decode kernel serves prefill tokens too."""
+    from rpa import gpu as rg
+
+    assert not rg.prefill_supported(num_q_heads=48, num_kv_heads=2, head_dim=64, page_size=16,
+                                    block_sizes=rg.DecodeBlockSizes())
+    c = _rpa_case(rng, [6, 1], [30, 50], hq=48, hkv=2)
+    out, cache = _run_rpa(c, block_sizes=dict(block_kv=64))
+    _check_rpa(c, out, cache)
+
+
 @pytest.mark.parametrize("kw", [dict(sliding_window=40, soft_cap=30.0), dict(sliding_window=17)])
 def test_rpa_gpu_kernel_interpret_window_softcap(rng, kw):
     c = _rpa_case(rng, [1, 1, 5], [200, 33, 150])

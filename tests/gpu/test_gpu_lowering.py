@@ -53,6 +53,43 @@ def test_rpa_public_lowers():
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("hq,hkv,d,ps,bs", [
+    (32, 8, 128, 16, dict(block_kv=128)),  # Llama-3-8B: prefill block_kv 128, 2 stages
+    (32, 8, 128, 16, dict(block_kv=64, prefill_block_kv=64, prefill_num_stages=4)),
+    (16, 2, 256, 32, dict(block_kv=64, num_stages=1)),  # head_dim 256: prefill block_kv 64
+    (8, 8, 64, 16, {}),  # G 1
+])
+def test_rpa_prefill_kernel_lowers(hq, hkv, d, ps, bs):
+    t = 64
+    args = (sd((t, hq, d), jnp.bfloat16), sd((t, hkv, d), jnp.bfloat16), sd((t, hkv, d), jnp.bfloat16),
+            sd(rg.gpu_kv_cache_shape(50, ps, hkv, d), jnp.bfloat16), sd((4,), jnp.int32),
+            sd((4, 8), jnp.int32), sd((5,), jnp.int32), sd((3,), jnp.int32))
+    text = _lower_cuda(lambda *a: rg.ragged_paged_attention_gpu(*a, block_sizes=bs), *args)
+    assert "rpa_prefill" in text and "rpa_decode" in text
+
+
+def test_rpa_prefill_schedule_covers_every_prefill_token():
+    from rpa import gpu_prefill as gp
+
+    q_lens = np.asarray([1, 70, 1, 33, 2, 0], np.int32)
+    kv_lens = np.asarray([10, 100, 5, 33, 40, 0], np.int32)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    t, bq = int(cu[-1]) + 5, 32
+    sched = np.asarray(gp.prefill_schedule(jnp.asarray(kv_lens), jnp.asarray(cu), jnp.asarray([1, 5, 5]),
+                                           num_tokens=t, tokens_per_block=bq))
+    seen = {}
+    for s_, first, pos0, n in sched.T:
+        for i in range(n):
+            seen[first + i] = (s_, pos0 + i)
+    want = {}
+    for s_ in range(5):
+        if q_lens[s_] >= 2:
+            for j in range(q_lens[s_]):
+                want[cu[s_] + j] = (s_, kv_lens[s_] - q_lens[s_] + j)
+    assert seen == want
+    assert sched.shape[1] == gp.max_blocks(t, 6, bq) and (np.diff(sched[1]) >= 0).all()
+
+
 @pytest.mark.parametrize("kw,err", [
     (dict(cache_dtype=jnp.float8_e4m3fn), NotImplementedError),
     (dict(head_dim=96), NotImplementedError),
