@@ -1,6 +1,6 @@
 """GPU (Hopper) kernels: correctness on fresh random data, then timing side by side with the peers.
 
-    PYTHONPATH=. python3 bench/gpu_h100.py [--only rpa,gmm,qmm] [--quick] [--out DIR]
+    PYTHONPATH=. python3 bench/gpu_h100.py [--only ceil,rpa,prefill,gmm,qmm] [--quick] [--out DIR]
 
 Sections (each independent; a failure is recorded and the next section runs):
   ceil  device ceilings: 2 GiB elementwise copy (read + write), 8192^3 bf16 XLA matmul
@@ -515,9 +515,80 @@ def section_qmm(args):
 # ------------------------------------------------------------------------------------------------
 
 
+def section_prefill(args):
+    """RPA prefill: one 4096-token causal chunk (Llama-3-8B heads), paged bf16 cache, page 16.
+    FLOPs = 4 * Hq * D * sum over tokens of visible positions (causal, no skipped work counted)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rpa import gpu as rg
+    from rpa import gpu_prefill as gp
+
+    t, hq, hkv, d, ps = (1024 if args.quick else 4096), 32, 8, 128, 16
+    rng = np.random.default_rng(int(time.time()))
+    pps = t // ps
+    npages = pps + 16
+    ks = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 4)
+    q = jax.random.normal(ks[0], (t, hq, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (t, hkv, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (t, hkv, d), jnp.bfloat16)
+    cache = jnp.zeros((npages, 2, hkv, ps, d), jnp.bfloat16)
+    page_indices = jnp.asarray(rng.permutation(npages)[:pps].reshape(1, pps).astype(np.int32))
+    kv_lens = jnp.asarray([t], jnp.int32)
+    cu = jnp.asarray([0, t], jnp.int32)
+    dist = jnp.asarray([0, 1, 1], jnp.int32)
+    flops = 4 * hq * d * (t * (t + 1) // 2)
+    scale = 1.0 / math.sqrt(d)
+
+    def dense(q, k, v, f32=False):
+        kk = jnp.repeat(k, hq // hkv, axis=1)
+        vv = jnp.repeat(v, hq // hkv, axis=1)
+        if f32:
+            q, kk, vv = (x.astype(jnp.float32) for x in (q, kk, vv))
+        prec = jax.lax.Precision.HIGHEST if f32 else None
+        s = jnp.einsum("thd,shd->hts", q, kk, preferred_element_type=jnp.float32, precision=prec) * scale
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool))[None], s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1)
+        return jnp.einsum("hts,shd->thd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32,
+                          precision=prec).astype(q.dtype)
+
+    ref = np.asarray(jax.jit(functools_partial(dense, f32=True))(q, k, v).astype(jnp.float32))
+    filled = jax.jit(rg.write_new_kv)(cache, k, v, kv_lens, page_indices, cu, dist)
+    for bkv, st in [(128, 2), (64, 2), (64, 3), (64, 4), (128, 1)]:
+        name = f"ours prefill kernel bkv{bkv} st{st}"
+        try:
+            f = jax.jit(functools_partial(gp.prefill_attention, sm_scale=scale, block_kv=bkv, num_stages=st))
+            o = np.asarray(f(q, filled, kv_lens, page_indices, cu, dist)[0])
+            ms, how = timeit(f, q, filled, kv_lens, page_indices, cu, dist, iters=10)
+            record("pre", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][f"prefill {name}"] = traceback.format_exc()[-2000:]
+            log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+    try:  # the whole public step: KV write, both kernels (decode CTAs exit), gathers
+        f = jax.jit(lambda q, k, v, c: rg.ragged_paged_attention_gpu(q, k, v, c, kv_lens, page_indices, cu, dist))
+        o = np.asarray(f(q, k, v, cache)[0].astype(jnp.float32))
+        ms, how = timeit(f, q, k, v, cache, iters=10)
+        record("pre", "ours public ragged_paged_attention_gpu step", ms, flops / ms / 1e9, "TFLOP/s",
+               f"err {rel_err(o, ref):.1e} {how}")
+    except Exception as e:  # noqa: BLE001
+        RESULTS["errors"]["prefill public"] = traceback.format_exc()[-2000:]
+        log(f"  prefill public FAILED: {type(e).__name__}: {str(e)[:300]}")
+    for impl in ("cudnn", "xla"):
+        name = f"peer jax.nn.dot_product_attention {impl} (dense, causal)"
+        try:
+            f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                q[None], k[None], v[None], is_causal=True, scale=scale, implementation=impl)[0])
+            o = np.asarray(f(q, k, v).astype(jnp.float32))
+            ms, how = timeit(f, q, k, v, iters=10)
+            record("pre", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][name] = traceback.format_exc()[-1500:]
+            log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="ceil,rpa,gmm,qmm")
+    ap.add_argument("--only", default="ceil,rpa,prefill,gmm,qmm")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--lite", action="store_true", help="rpa: checks, KV write and one config, no peers")
     ap.add_argument("--qmm-cfgs", default=None, help="JSON list of quant block-size dicts (replaces the sweep)")

@@ -27,7 +27,6 @@ NotImplementedError so the caller can fall back to XLA).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
