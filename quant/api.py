@@ -116,23 +116,26 @@ def quantized_matmul(x, qw: QuantizedTensor, *, act_quant=None, out_dtype=None, 
 
 
 def _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implementation):
-    """The Hopper decode kernel (quant.gpu) where it applies (weight-only int8/int4, per column,
-    M <= 128), else the reference; bias is added by XLA. block_sizes None: the GPU generation's
-    table (tuned_configs/h100, ...), quant/gpu_tuning.py's default on a miss."""
-    if act is not None:
-        no_kernel("quant.quantized_matmul: act_quant has no GPU kernel", implementation, _REFERENCE)
-        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
-    from quant import gpu, gpu_tuning
+    """On a Hopper GPU: int8 x int8 / fp8 x fp8 (act_quant given, per-column scales) -> quant.gpu_w8a8;
+    weight-only int8/int4 per column with M <= 128 -> quant.gpu's decode kernel (block_sizes None: the
+    GPU generation's table, quant/gpu_tuning.py's default on a miss); anything else -> the reference.
+    bias is added by XLA."""
+    from quant import gpu, gpu_tuning, gpu_w8a8
 
-    if not (gpu_tuning.is_gpu_block_sizes(block_sizes) or isinstance(block_sizes, gpu.QmmDecodeBlockSizes)):
-        block_sizes = None  # TPU block sizes do not apply to the GPU kernel
-    if block_sizes is None and gpu_tuning.supported_key(key):
-        from autotune import lookup
-
-        block_sizes, _ = lookup("quantized_matmul", key, generation)
+    y_dtype = jnp.float32 if bias is not None else out_dtype
     try:
-        y = gpu.quantized_matmul_gpu(x, qw, out_dtype=jnp.float32 if bias is not None else out_dtype,
-                                     block_sizes=block_sizes)
+        if act is not None:
+            if not isinstance(block_sizes, gpu_w8a8.W8A8BlockSizes) and not (
+                    isinstance(block_sizes, dict) and "tile_k" in block_sizes):
+                block_sizes = None  # TPU block sizes do not apply to the GPU kernel
+            y = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=act, out_dtype=y_dtype, block_sizes=block_sizes)
+        else:
+            if not (gpu_tuning.is_gpu_block_sizes(block_sizes) or isinstance(block_sizes, gpu.QmmDecodeBlockSizes)):
+                block_sizes = None  # TPU block sizes do not apply to the GPU kernel
+            if block_sizes is None and gpu_tuning.supported_key(key):
+                from autotune import lookup
+                block_sizes, _ = lookup("quantized_matmul", key, generation)
+            y = gpu.quantized_matmul_gpu(x, qw, out_dtype=y_dtype, block_sizes=block_sizes)
     except NotImplementedError as err:
         no_kernel(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err})", implementation,
                   _REFERENCE)

@@ -1,14 +1,14 @@
 """rpa's side of the tuning protocol on Hopper GPUs (h100, h200): candidates of rpa/gpu.py's kernel.
 
-Block sizes: {"block_kv", "num_stages", "num_splits"} (rpa.gpu.DecodeBlockSizes). rpa/tuning.py
-hands GPU generations here. The cost model cannot tell these candidates apart (the kernel reads each
-needed KV page once per query token whatever the sizes; splits add partial-result traffic), so GPU
+Block sizes: {"block_kv", "num_stages", "num_splits"} of the decode kernel (rpa.gpu.DecodeBlockSizes);
+the prefill kernel (rpa/gpu_prefill.py) keeps its default sizes (prefill_block_kv, prefill_num_stages)
+unless a caller sets them. rpa/tuning.py hands GPU generations here. The cost model barely tells these
+candidates apart (the KV bytes do not depend on them; splits add partial-result traffic), so GPU
 tables are meant to be measured: `autotune run --chip h100` on the GPU times every candidate.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -43,7 +43,8 @@ def default_block_sizes(key: dict) -> dict:
     from rpa.gpu import DecodeBlockSizes
 
     splits = 2 if key["num_tokens"] * key["num_kv_heads"] < 132 else 1
-    return dataclasses.asdict(DecodeBlockSizes(num_splits=splits))
+    bs = DecodeBlockSizes(num_splits=splits)  # the prefill kernel's sizes stay its own default
+    return dict(block_kv=bs.block_kv, num_stages=bs.num_stages, num_splits=bs.num_splits)
 
 
 def search_space(key: dict) -> list[dict]:
@@ -66,23 +67,33 @@ def smem_estimate(key: dict, block_sizes: dict) -> int:
 
 
 def cost(key: dict, block_sizes: dict, batch: dict) -> Traffic:
-    """Bytes and FLOPs of one call on `batch` (rpa.tuning.representative_batch): every query token
-    reads the KV it sees (decode: once per sequence), splits write and re-read f32 partials."""
-    from rpa import gpu
+    """Bytes and FLOPs of one call on `batch` (rpa.tuning.representative_batch). A decode token
+    (q_len 1) reads the KV it sees; a prefill sequence goes through rpa/gpu_prefill.py where that
+    kernel takes the shapes, which reads the KV once per query block of 128 / G tokens (else every
+    token reads its own causal prefix). Splits write and re-read f32 partials."""
+    from rpa import gpu, gpu_prefill
 
     bs = gpu.DecodeBlockSizes.from_any(block_sizes)
     hq, hkv, d = key["num_q_heads"], key["num_kv_heads"], key["head_dim"]
     item = jnp.dtype(key["kv_dtype"]).itemsize
+    prefill = gpu.prefill_supported(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=key["page_size"],
+                                    block_sizes=bs)
+    bq = gpu_prefill.BLOCK_ROWS // (hq // hkv)
     q_lens = [b - a for a, b in zip(batch["cu_q_lens"][:-1], batch["cu_q_lens"][1:])]
-    seen = 0  # KV positions read, summed over query tokens (token i of a chunk sees first + i + 1)
+    read = 0  # KV positions read per kv head
+    seen = 0  # KV positions attended, summed over query tokens (token i of a chunk sees first + i + 1)
     for q_len, kv_len in zip(q_lens, batch["kv_lens"]):
         q_len, first = int(q_len), int(kv_len) - int(q_len)
         seen += q_len * first + q_len * (q_len + 1) // 2
+        if q_len >= 2 and prefill:
+            read += sum(first + min(j + bq, q_len) for j in range(0, q_len, bq))
+        else:
+            read += q_len * first + q_len * (q_len + 1) // 2
     tokens = batch["num_tokens"]
-    kv_bytes = seen * hkv * 2 * d * item
+    kv_bytes = read * hkv * 2 * d * item
     partial = tokens * hq * (d + 1) * 4 * bs.num_splits if bs.num_splits > 1 else 0
     io = tokens * (hq + 2 * hkv) * d * item
     return Traffic(bytes_read=int(kv_bytes + io + partial), bytes_written=int(tokens * hq * d * item + partial),
                    flops=int(4 * seen * hq * d), grid_steps=1,
-                   dmas=int(cdiv(max(seen, 1), bs.block_kv) * hkv * 2), flops_kind="bf16",
+                   dmas=int(cdiv(max(read, 1), bs.block_kv) * hkv * 2), flops_kind="bf16",
                    useful_bytes=int(kv_bytes + io), useful_flops=int(4 * seen * hq * d))

@@ -151,6 +151,26 @@ def test_qmm_on_gpu_reads_the_gpu_table(on_h100, monkeypatch, rng):
     assert seen["bs"] == tuned
     quant.quantized_matmul(x, qw, block_sizes={"tm": 16, "tn": 256, "tk": 512})  # TPU sizes: not passed on
     assert seen["bs"] == tuned
-    with pytest.raises(NotImplementedError, match="act_quant"):  # no GPU kernel for w8a8
-        quant.quantized_matmul(x, qw, act_quant="int8", implementation="pallas")
     json.dumps(seen["bs"])  # table entries stay plain JSON
+
+
+def test_qmm_w8a8_on_gpu_runs_the_8bit_kernel(on_h100, monkeypatch, rng):
+    from quant import gpu_w8a8
+
+    seen = {}
+    real_w8a8 = gpu_w8a8.quantized_matmul_w8a8
+
+    def fake_w8a8(x, qw, *, act_quant, out_dtype=None, block_sizes=None, values_nk=None):
+        seen["call"] = (act_quant, block_sizes)
+        return quantized_matmul_qt(x, qw, act_quant=act_quant, out_dtype=out_dtype)
+
+    monkeypatch.setattr(gpu_w8a8, "quantized_matmul_w8a8", fake_w8a8)
+    x = jnp.asarray(rng.standard_normal((256, 512)), jnp.bfloat16)
+    qw = quant.quantize(rng.standard_normal((512, 256)).astype(np.float32) / 16, "int8")
+    quant.quantized_matmul(x, qw, act_quant="int8", block_sizes={"tm": 128, "tn": 256, "tk": 512})
+    assert seen["call"] == ("int8", None)  # TPU block sizes are not passed on
+    quant.quantized_matmul(x, qw, act_quant="int8", block_sizes={"tile_k": 256})
+    assert seen["call"] == ("int8", {"tile_k": 256})
+    monkeypatch.setattr(gpu_w8a8, "quantized_matmul_w8a8", real_w8a8)
+    with pytest.raises(NotImplementedError, match="8-bit"):  # int8 weights with fp8 activations
+        quant.quantized_matmul(x, qw, act_quant="float8_e4m3fn", implementation="pallas")

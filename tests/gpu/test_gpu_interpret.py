@@ -170,3 +170,21 @@ def test_qmm_gpu_kernel_interpret(rng, fmt, layout, cfg):
         out = qg.quantized_matmul_decode_nk(xb, qg.prepare_weights_nk(w), jnp.asarray(scales), fmt=fmt,
                                             block_sizes=cfg, interpret=True)
     assert rpa_ref.rel_err(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("m,bs", [(200, dict(tile_m=64, tile_n=64, num_stages=2, num_sms=3)),
+                                  (64, dict(tile_m=64, tile_n=128, num_stages=3, epi_n=32, num_sms=2))])
+def test_w8a8_gpu_kernel_interpret(rng, fmt, m, bs):
+    """int8 x int8 (s32 accumulation) and fp8 x fp8 against the reference's own quantize-then-matmul."""
+    import quant
+    from quant import gpu, gpu_w8a8
+    from reference.quantized_matmul import quantized_matmul_qt
+
+    k, n = 256, 512
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    qw = quant.quantize(jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32), fmt)
+    ref = np.asarray(quantized_matmul_qt(x, qw, act_quant=fmt, out_dtype=jnp.float32))
+    out = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=fmt, values_nk=gpu.prepare_weights_nk(qw.values),
+                                         block_sizes=bs, out_dtype=jnp.float32, interpret=True)
+    assert rpa_ref.rel_err(np.asarray(out), ref) < 1e-5  # same quantized operands: f32 rounding only

@@ -242,6 +242,33 @@ def test_qmm_nk_lowers(fmt, cfg):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("bs", [{}, dict(tile_m=64, tile_n=128, num_stages=5), dict(tile_n=64, tile_k=256, num_stages=3)])
+def test_w8a8_lowers(fmt, bs):
+    from quant import gpu_w8a8 as wg
+
+    vdt = jnp.int8 if fmt == "int8" else jnp.float8_e4m3fn
+    f = lambda x, v, s: wg._w8a8_jit(x, v, s, fmt=fmt, bs=wg.W8A8BlockSizes(**bs), out_dtype=jnp.bfloat16)
+    text = _lower_cuda(f, sd((4096, 8192), jnp.bfloat16), sd((8192, 8192), vdt), sd((1, 8192), jnp.float32))
+    assert "w8a8" in text
+
+
+def test_w8a8_unsupported_raises():
+    from quant import gpu_w8a8 as wg
+
+    bs = wg.W8A8BlockSizes()
+    with pytest.raises(NotImplementedError):  # weight-only
+        wg.check_supported(256, 4096, 4096, "int8", None, (4096, 1), bs)
+    with pytest.raises(NotImplementedError):  # mixed formats
+        wg.check_supported(256, 4096, 4096, "int8", "float8_e4m3fn", (4096, 1), bs)
+    with pytest.raises(NotImplementedError):  # grouped scales
+        wg.check_supported(256, 4096, 4096, "int8", "int8", (128, 1), bs)
+    with pytest.raises(NotImplementedError):  # N not a multiple of the CTA width
+        wg.check_supported(256, 4096, 4000, "int8", "int8", (4096, 1), bs)
+    with pytest.raises(NotImplementedError):  # shared memory
+        wg.check_supported(256, 4096, 4096, "int8", "int8", (4096, 1), wg.W8A8BlockSizes(num_stages=8))
+
+
 def test_qmm_unsupported_raises():
     bs = qg.QmmDecodeBlockSizes()
     with pytest.raises(NotImplementedError):  # grouped scales
