@@ -1,6 +1,6 @@
 """GPU (Hopper) kernels: correctness on fresh random data, then timing side by side with the peers.
 
-    PYTHONPATH=. python3 bench/gpu_h100.py [--only ceil,rpa,prefill,gmm,qmm] [--quick] [--out DIR]
+    PYTHONPATH=. python3 bench/gpu_h100.py [--only ceil,rpa,prefill,gmm,qmm,w8a8] [--quick] [--out DIR]
 
 Sections (each independent; a failure is recorded and the next section runs):
   ceil  device ceilings: 2 GiB elementwise copy (read + write), 8192^3 bf16 XLA matmul
@@ -586,9 +586,54 @@ def section_prefill(args):
             log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
 
 
+def section_w8a8(args):
+    """8-bit GEMMs, 4096 x 8192 x 8192: ours (quant/gpu_w8a8.py, activation quantization included)
+    against XLA's int8 dot (s32) and fp8 dot on pre-quantized operands (no quantization step)."""
+    import jax
+    import jax.numpy as jnp
+
+    import quant
+    from quant import gpu as qg
+    from quant import gpu_w8a8 as wg
+    from reference.quantized_matmul import quantized_matmul_qt
+
+    m, k, n = (1024 if args.quick else 4096), 8192, 8192
+    flops = 2 * m * k * n
+    x = jax.random.normal(jax.random.key(30), (m, k), jnp.bfloat16)
+    wf = jax.random.normal(jax.random.key(31), (k, n), jnp.float32) * 0.02
+    cfgs = [{}, dict(num_stages=3), dict(tile_m=64, tile_n=128, num_stages=5), dict(grid_tile_width=16)]
+    for fmt in ("int8", "float8_e4m3fn"):
+        qw = quant.quantize(wf, fmt)
+        nk = qg.prepare_weights_nk(qw.values)
+        ref = np.asarray(jax.jit(lambda x, qw=qw, fmt=fmt: quantized_matmul_qt(
+            x, qw, act_quant=fmt, out_dtype=jnp.float32))(x))
+        for cfg in cfgs:
+            name = f"ours w8a8 {fmt} {cfg or 'default'}"
+            try:
+                f = jax.jit(lambda x, v, cfg=cfg, qw=qw, fmt=fmt: wg.quantized_matmul_w8a8(
+                    x, qw, act_quant=fmt, values_nk=v, block_sizes=cfg))
+                o = np.asarray(f(x, nk).astype(jnp.float32))
+                ms, how = timeit(f, x, nk, iters=10)
+                record("w8a8", name, ms, flops / ms / 1e9, "TOPS" if fmt == "int8" else "TFLOP/s",
+                       f"err {rel_err(o, ref):.1e} {how}")
+            except Exception as e:  # noqa: BLE001
+                RESULTS["errors"][name] = traceback.format_exc()[-2000:]
+                log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+        name = f"peer XLA {fmt} dot (operands pre-quantized)"
+        try:
+            xq = x.astype(qw.values.dtype) if fmt != "int8" else jnp.clip(jnp.round(x * 20), -127, 127).astype(jnp.int8)
+            acc = jnp.int32 if fmt == "int8" else jnp.float32
+            f = jax.jit(lambda a, b, acc=acc: jax.lax.dot(a, b, preferred_element_type=acc))
+            ms, how = timeit(f, xq, qw.values, iters=10)
+            record("w8a8", name, ms, flops / ms / 1e9, "TOPS" if fmt == "int8" else "TFLOP/s", how)
+        except Exception as e:  # noqa: BLE001
+            RESULTS["errors"][name] = traceback.format_exc()[-1500:]
+            log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="ceil,rpa,prefill,gmm,qmm")
+    ap.add_argument("--only", default="ceil,rpa,prefill,gmm,qmm,w8a8")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--lite", action="store_true", help="rpa: checks, KV write and one config, no peers")
     ap.add_argument("--qmm-cfgs", default=None, help="JSON list of quant block-size dicts (replaces the sweep)")
