@@ -115,3 +115,41 @@ def test_public_rpa_runs_the_gpu_kernel_on_a_gpu_layout_cache(rng):
     err = float(jnp.max(jnp.abs(out[:n].astype(jnp.float32) - ref_out[:n].astype(jnp.float32))))
     assert err < 2e-2, err
     np.testing.assert_array_equal(np.asarray(cache.astype(jnp.float32)), np.asarray(ref_cache.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
+def test_w8a8_gpu_matches_reference(rng, fmt):
+    import quant
+    from quant import gpu, gpu_w8a8
+    from reference.quantized_matmul import quantized_matmul_qt
+
+    m, k, n = 300, 1024, 768
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    qw = quant.quantize(jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32), fmt)
+    ref = np.asarray(quantized_matmul_qt(x, qw, act_quant=fmt, out_dtype=jnp.float32))
+    for bs in ({}, dict(tile_m=64, tile_n=128, num_stages=5)):
+        out = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=fmt, values_nk=gpu.prepare_weights_nk(qw.values),
+                                             block_sizes=bs, out_dtype=jnp.float32)
+        assert rpa_ref.rel_err(np.asarray(out), ref) < 1e-4
+
+
+def test_rpa_gpu_prefill_chunk_matches_reference(rng):
+    """A 700-token chunk behind a 300-token prefix plus decode tokens: the prefill kernel's blocks."""
+    from rpa import gpu as rg
+
+    hq, hkv, d, ps = 32, 8, 128, 16
+    q_lens, kv_lens = [1, 700, 1], [500, 1000, 77]
+    pps = max(-(-kv // ps) for kv in kv_lens) + 1
+    npages = sum(-(-kv // ps) for kv in kv_lens) + 4
+    c = rpa_ref.make_case(rng, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+                          page_size=ps, num_pages=npages, pages_per_seq=pps, num_tokens=sum(q_lens) + 5)
+    for key in ("q", "k", "v", "kv_cache"):
+        c[key] = _bf16(c[key])
+    ref_out, _ = rpa_ref.reference(**c)
+    a = {k: jnp.asarray(v, jnp.bfloat16 if k in ("q", "k", "v", "kv_cache") else None) for k, v in c.items()}
+    out, _ = rg.ragged_paged_attention_gpu(a["q"], a["k"], a["v"], a["kv_cache"], a["kv_lens"], a["page_indices"],
+                                           a["cu_q_lens"], a["distribution"])
+    n = sum(q_lens)
+    out = np.asarray(out.astype(jnp.float32))[:n]
+    assert not np.isnan(out).any()
+    assert rpa_ref.rel_err(out, ref_out[:n]) < 1e-2
