@@ -192,6 +192,47 @@ def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks
 # The Mosaic GPU kernel.
 
 
+def produce_kv_stages(kv_ref, page_ref, smem, landed, released, *, seq, head, first_pos, n_steps, block_kv):
+    """The TMA producer of both RPA kernels (inside a Mosaic GPU kernel body): for step in [0, n_steps)
+    copy K, then V, of KV positions [first_pos + step * block_kv, + block_kv) of sequence `seq`, kv
+    head `head`, into stage step % stages of smem = (k_smem, v_smem) [stages, block_kv, D], one bulk
+    copy per run of min(page_size, block_kv) rows of one page, read through the page table (entries
+    clamped into the cache: garbage past a sequence's pages reads some page, which the consumers
+    mask). landed = (k_bar, v_bar) count the copies; a stage is refilled once released = (k_cons,
+    v_cons) says its consumers are done with it."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    num_pages, _, _, page_size, _ = kv_ref.shape
+    pages_per_seq = page_ref.shape[1]
+    stages = smem[0].shape[0]
+    tpc = min(page_size, block_kv)  # tokens per bulk copy
+
+    def issue(step, which):
+        slot = lax.rem(step, jnp.int32(stages))
+        base = first_pos + step * block_kv
+        for j in range(block_kv // tpc):
+            tok = base + j * tpc
+            pidx = jnp.minimum(lax.div(tok, jnp.int32(page_size)), pages_per_seq - 1)
+            page = jnp.clip(page_ref[seq, pidx], 0, num_pages - 1)
+            if tpc < page_size:
+                off = lax.rem(lax.div(tok, jnp.int32(tpc)), jnp.int32(page_size // tpc)) * tpc
+                src = kv_ref.at[page, which, head, pl.ds(off, tpc)]
+            else:
+                src = kv_ref.at[page, which, head]
+            plgpu.copy_gmem_to_smem(src, smem[which].at[slot, pl.ds(j * tpc, tpc)], landed[which].at[slot])
+
+    @pl.loop(0, n_steps)
+    def _(step):
+        slot = lax.rem(step, jnp.int32(stages))
+        for which in (0, 1):
+            @pl.when(step >= stages)
+            def _(which=which):
+                plgpu.barrier_wait(released[which].at[slot])
+
+            issue(step, which)
+
+
 def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, num_q_heads: int,
                              sm_scale: float, soft_cap: float | None = None,
                              sliding_window: int | None = None,
@@ -215,7 +256,6 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
     t_total = tok_seq.shape[0]
     g = num_q_heads // hkv
     gp = max(g, 4)
-    pages_per_seq = page_indices.shape[1]
     bkv, stages, splits = block_sizes.block_kv, block_sizes.num_stages, block_sizes.num_splits
     tpc = min(page_size, bkv)  # tokens per bulk copy
     cpb = bkv // tpc  # copies per block (per K or V)
@@ -315,35 +355,8 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
 
         @pl.when(wg == 1)
         def _producer():
-            def issue(step, which, smem, bar):
-                slot = lax.rem(step, jnp.int32(stages))
-                base = tok0 + step * bkv
-                for j in range(cpb):
-                    tok = base + j * tpc
-                    pidx = jnp.minimum(lax.div(tok, jnp.int32(page_size)), pages_per_seq - 1)
-                    page = jnp.clip(page_ref[seq, pidx], 0, num_pages - 1)
-                    if tpc < page_size:
-                        off = lax.rem(lax.div(tok, jnp.int32(tpc)), jnp.int32(page_size // tpc)) * tpc
-                        src = kv_ref.at[page, which, h, pl.ds(off, tpc)]
-                    else:
-                        src = kv_ref.at[page, which, h]
-                    plgpu.copy_gmem_to_smem(src, smem.at[slot, pl.ds(j * tpc, tpc)], bar.at[slot])
-
-            @pl.loop(0, n_steps)
-            def _(step):
-                slot = lax.rem(step, jnp.int32(stages))
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(k_cons.at[slot])
-
-                issue(step, 0, k_smem, k_bar)
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(v_cons.at[slot])
-
-                issue(step, 1, v_smem, v_bar)
+            produce_kv_stages(kv_ref, page_ref, (k_smem, v_smem), (k_bar, v_bar), (k_cons, v_cons), seq=seq,
+                              head=h, first_pos=tok0, n_steps=n_steps, block_kv=bkv)
 
     def entry(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))

@@ -26,15 +26,13 @@ NB = cdiv(T, tokens_per_block) + min(S, T // 2) bounds the number of blocks of a
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from autotune.kernel_util import cdiv, gpu_interpret_params, wgmma_accumulate
+from rpa.gpu import LOG2E, produce_kv_stages
 
-LOG2E = math.log2(math.e)
 BLOCK_ROWS = 128  # query rows per CTA: 2 consumer warpgroups x 64 (wgmma M)
 _ROWS = 64
 _LSE_COLS = 8  # 32-B rows: the smallest TMA box width that keeps lse rows addressable
@@ -104,7 +102,6 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
     bkv, stages = block_kv, num_stages
     tpc = min(page_size, bkv)  # tokens per bulk copy
     cpb = bkv // tpc  # copies per K or V tile
-    pages_per_seq = page_indices.shape[1]
     scale2 = float(sm_scale) * LOG2E
     window = None if sliding_window is None else int(sliding_window)
     interpret = gpu_interpret_params(interpret)
@@ -220,36 +217,8 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-
-            def issue(step, which, smem, bar):
-                slot = lax.rem(step, jnp.int32(stages))
-                base = lo_al + step * bkv
-                for j in range(cpb):
-                    tok = base + j * tpc
-                    pidx = jnp.minimum(lax.div(tok, jnp.int32(page_size)), pages_per_seq - 1)
-                    page = jnp.clip(page_ref[seq, pidx], 0, num_pages - 1)
-                    if tpc < page_size:
-                        off = lax.rem(lax.div(tok, jnp.int32(tpc)), jnp.int32(page_size // tpc)) * tpc
-                        src = kv_ref.at[page, which, h, pl.ds(off, tpc)]
-                    else:
-                        src = kv_ref.at[page, which, h]
-                    plgpu.copy_gmem_to_smem(src, smem.at[slot, pl.ds(j * tpc, tpc)], bar.at[slot])
-
-            @pl.loop(0, n_steps)
-            def _(step):
-                slot = lax.rem(step, jnp.int32(stages))
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(k_cons.at[slot])
-
-                issue(step, 0, k_smem, k_bar)
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(v_cons.at[slot])
-
-                issue(step, 1, v_smem, v_bar)
+            produce_kv_stages(kv_ref, page_ref, (k_smem, v_smem), (k_bar, v_bar), (k_cons, v_cons), seq=seq,
+                              head=h, first_pos=lo_al, n_steps=n_steps, block_kv=bkv)
 
     def entry(sched_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))
