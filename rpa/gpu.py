@@ -192,6 +192,38 @@ def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks
 # The Mosaic GPU kernel.
 
 
+def softmax_state(rows: int, head_dim: int):
+    """(acc, max, denominator) of an online softmax over `rows` query rows, in wgmma's accumulator layouts."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    m = plgpu.layout_cast(jnp.full((rows,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    den = plgpu.layout_cast(jnp.full((rows,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    acc = plgpu.layout_cast(jnp.full((rows, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+    return acc, m, den
+
+
+def softmax_step(s, mask, acc, m, den, *, sm_scale: float, soft_cap: float | None):
+    """One block of the online softmax (log2 domain): raw logits s [rows, block_kv] -> (p, acc, m, den),
+    with p = exp2(scaled s - new max) (0 where ~mask) and acc rescaled to the new max."""
+    if soft_cap is not None:
+        s = jnp.tanh(s * (float(sm_scale) / soft_cap)) * (soft_cap * LOG2E)
+    else:
+        s = s * (float(sm_scale) * LOG2E)
+    s = jnp.where(mask, s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    den = den * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return p, acc, m_new, den
+
+
+def softmax_finish(acc, m, den):
+    """(normalized output f32, lse in log2 units); a row that saw nothing gives 0 and about -1e30."""
+    l_safe = jnp.maximum(den, 1e-30)
+    return acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0]), m + jnp.log2(l_safe)
+
+
 def produce_kv_stages(kv_ref, page_ref, smem, landed, released, *, seq, head, first_pos, n_steps, block_kv):
     """The TMA producer of both RPA kernels (inside a Mosaic GPU kernel body): for step in [0, n_steps)
     copy K, then V, of KV positions [first_pos + step * block_kv, + block_kv) of sequence `seq`, kv
@@ -259,7 +291,6 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
     bkv, stages, splits = block_sizes.block_kv, block_sizes.num_stages, block_sizes.num_splits
     tpc = min(page_size, bkv)  # tokens per bulk copy
     cpb = bkv // tpc  # copies per block (per K or V)
-    scale2 = float(sm_scale) * LOG2E
     window = None if sliding_window is None else int(sliding_window)
     rows_out = t_total * hkv * splits * gp
     interpret = gpu_interpret_params(interpret)
@@ -294,9 +325,7 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
             r0 = qrow - qrow8
             plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(qrow8, _ROWS)], q_smem, q_bar)
             plgpu.barrier_wait(q_bar)
-            m_i = plgpu.layout_cast(jnp.full((_ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            acc, m_i, l_i = softmax_state(_ROWS, d)
 
             def step_fn(step, carry):
                 acc, m_i, l_i = carry
@@ -310,18 +339,9 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
 
                 s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_cons.at[slot])
-                if soft_cap is not None:
-                    s = jnp.tanh(s * (float(sm_scale) / soft_cap)) * (soft_cap * LOG2E)
-                else:
-                    s = s * scale2
                 pos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
-                mask = (pos < end) & (pos >= lo)
-                s = jnp.where(mask, s, -jnp.inf)
-                m_new = jnp.maximum(m_i, s.max(axis=1))
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                p, acc, m_new, l_i = softmax_step(s, (pos < end) & (pos >= lo), acc, m_i, l_i,
+                                                  sm_scale=sm_scale, soft_cap=soft_cap)
                 p16 = p.astype(dtype)
                 plgpu.barrier_wait(v_bar.at[slot])
 
@@ -342,10 +362,8 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
                 return acc, m_new, l_i
 
             acc, m_i, l_i = lax.fori_loop(0, n_steps, step_fn, (acc, m_i, l_i))
-            l_safe = jnp.maximum(l_i, 1e-30)
-            acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-            o_smem[...] = acc
-            lse = m_i + jnp.log2(l_safe)
+            o, lse = softmax_finish(acc, m_i, l_i)
+            o_smem[...] = o
             lse_smem[...] = lax.broadcast_in_dim(lse, (_ROWS, _LSE_COLS), [0])
             plgpu.commit_smem()
             orow = ((t * hkv + h) * splits + sp) * gp

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from autotune.kernel_util import cdiv, gpu_interpret_params, wgmma_accumulate
-from rpa.gpu import LOG2E, produce_kv_stages
+from rpa.gpu import LOG2E, produce_kv_stages, softmax_finish, softmax_state, softmax_step
 
 BLOCK_ROWS = 128  # query rows per CTA: 2 consumer warpgroups x 64 (wgmma M)
 _ROWS = 64
@@ -102,7 +102,6 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
     bkv, stages = block_kv, num_stages
     tpc = min(page_size, bkv)  # tokens per bulk copy
     cpb = bkv // tpc  # copies per K or V tile
-    scale2 = float(sm_scale) * LOG2E
     window = None if sliding_window is None else int(sliding_window)
     interpret = gpu_interpret_params(interpret)
     interpreting = interpret is not False
@@ -137,9 +136,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                 rows = plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 0, layout=plgpu.Layout.WGMMA)
                 # Rows past the block's last token are padding: clamp them onto it (finite, dropped).
                 qpos = jnp.minimum(pos0 + lax.div(wg * _ROWS + rows, jnp.int32(g)), hi - 1)
-                m_i = plgpu.layout_cast(jnp.full((_ROWS,), -1e30, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                l_i = plgpu.layout_cast(jnp.full((_ROWS,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-                acc = plgpu.layout_cast(jnp.full((_ROWS, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+                acc, m_i, l_i = softmax_state(_ROWS, d)
 
                 def step_fn(step, carry):
                     acc, m_i, l_i = carry
@@ -153,20 +150,11 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
 
                     s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, bkv), jnp.float32))
                     plgpu.barrier_arrive(k_cons.at[slot])
-                    if soft_cap is not None:
-                        s = jnp.tanh(s * (float(sm_scale) / soft_cap)) * (soft_cap * LOG2E)
-                    else:
-                        s = s * scale2
                     kvpos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
                     mask = kvpos <= qpos
                     if window is not None:
                         mask = mask & (kvpos > qpos - window)
-                    s = jnp.where(mask, s, -jnp.inf)
-                    m_new = jnp.maximum(m_i, s.max(axis=1))
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
-                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    p, acc, m_new, l_i = softmax_step(s, mask, acc, m_i, l_i, sm_scale=sm_scale, soft_cap=soft_cap)
                     p16 = p.astype(dtype)
                     plgpu.barrier_wait(v_bar.at[slot])
 
@@ -192,10 +180,9 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                     return acc, m_new, l_i
 
                 acc, m_i, l_i = lax.fori_loop(0, n_steps, step_fn, (acc, m_i, l_i))
-                l_safe = jnp.maximum(l_i, 1e-30)
-                acc = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-                q_smem.at[wg][...] = acc.astype(dtype)  # Q is dead after the last S = Q K^T
-                lse_smem.at[wg][...] = lax.broadcast_in_dim(m_i + jnp.log2(l_safe), (_ROWS, _LSE_COLS), [0])
+                o, lse = softmax_finish(acc, m_i, l_i)
+                q_smem.at[wg][...] = o.astype(dtype)  # Q is dead after the last S = Q K^T
+                lse_smem.at[wg][...] = lax.broadcast_in_dim(lse, (_ROWS, _LSE_COLS), [0])
                 plgpu.commit_smem()
                 orow = b * BLOCK_ROWS + wg * _ROWS
                 plgpu.copy_smem_to_gmem(q_smem.at[wg], o_ref.at[h, pl.ds(orow, _ROWS)])
