@@ -128,9 +128,13 @@ def _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implement
             if not isinstance(block_sizes, gpu_w8a8.W8A8BlockSizes) and not (
                     isinstance(block_sizes, dict) and "tile_k" in block_sizes):
                 block_sizes = None  # TPU block sizes do not apply to the GPU kernel
+            if block_sizes is None and gpu_tuning.is_w8a8_key(key):
+                from autotune import lookup
+                block_sizes, _ = lookup("quantized_matmul", key, generation)
             y = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=act, out_dtype=y_dtype, block_sizes=block_sizes)
         else:
-            if not (gpu_tuning.is_gpu_block_sizes(block_sizes) or isinstance(block_sizes, gpu.QmmDecodeBlockSizes)):
+            if not ((isinstance(block_sizes, dict) and "consumers" in block_sizes)
+                    or isinstance(block_sizes, gpu.QmmDecodeBlockSizes)):
                 block_sizes = None  # TPU block sizes do not apply to the GPU kernel
             if block_sizes is None and gpu_tuning.supported_key(key):
                 from autotune import lookup

@@ -71,11 +71,28 @@ def test_gpu_protocol(kernel):
                for c in module.search_space(key, "v6e")[:50])
 
 
-def test_qmm_keys_the_gpu_kernel_does_not_take_have_no_gpu_candidates():
+def test_qmm_keys_the_gpu_kernels_do_not_take_have_no_gpu_candidates():
     module = tuning_module("quantized_matmul")
     for key in (quant.tuning.make_key(m=4096, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int8"),
-                quant.tuning.make_key(m=16, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int8", act_quant="int8")):
+                quant.tuning.make_key(m=16, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int4", act_quant="int8"),
+                quant.tuning.make_key(m=512, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int8",
+                                      act_quant="float8_e4m3fn")):
         assert module.search_space(key, "h100") == []
+
+
+@pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
+def test_qmm_w8a8_keys_have_8bit_gemm_candidates(fmt):
+    module = tuning_module("quantized_matmul")
+    key = quant.tuning.make_key(m=4096, k=8192, n=8192, x_dtype="bfloat16", w_dtype=fmt, act_quant=fmt)
+    space = module.search_space(key, "h100")
+    default = module.default_block_sizes(key, "h100")
+    assert len(space) >= 8 and default in space and all("tile_k" in bs for bs in space)
+    for bs in space:
+        assert 0 < module.vmem_estimate(key, bs) <= 227 * 1024
+        traffic = module.cost(key, bs, "h100")
+        assert traffic.flops_kind == ("int8" if fmt == "int8" else "fp8") and traffic.bytes_moved > 0
+    res = tune_key("quantized_matmul", key, "h100", compile="ranked")
+    assert res.best.feasible and res.gain >= 1
 
 
 def test_rpa_on_gpu_reads_the_gpu_table(on_h100, monkeypatch, rng):
@@ -168,7 +185,8 @@ def test_qmm_w8a8_on_gpu_runs_the_8bit_kernel(on_h100, monkeypatch, rng):
     x = jnp.asarray(rng.standard_normal((256, 512)), jnp.bfloat16)
     qw = quant.quantize(rng.standard_normal((512, 256)).astype(np.float32) / 16, "int8")
     quant.quantized_matmul(x, qw, act_quant="int8", block_sizes={"tm": 128, "tn": 256, "tk": 512})
-    assert seen["call"] == ("int8", None)  # TPU block sizes are not passed on
+    act, bs = seen["call"]  # TPU block sizes are not passed on: the GPU table's miss gives the GPU default
+    assert act == "int8" and "tile_k" in bs and "tm" not in bs
     quant.quantized_matmul(x, qw, act_quant="int8", block_sizes={"tile_k": 256})
     assert seen["call"] == ("int8", {"tile_k": 256})
     monkeypatch.setattr(gpu_w8a8, "quantized_matmul_w8a8", real_w8a8)
