@@ -145,6 +145,25 @@ def wgmma_accumulate(acc, operands, *, a_smem=(), interpreting=False):
     return acc + pl.run_scoped(mma_fresh, plgpu.ACC(acc.shape, acc.dtype))
 
 
+def k_pipeline(body, compute_context, *, k_iters: int, in_blocks, num_stages: int, wg_axis: str = "wg"):
+    """The K loop of the Hopper GEMM kernels (moe/gpu.py, quant/gpu_w8a8.py): one TMA warpgroup feeds
+    two consumer warpgroups `num_stages` deep (`emit_pipeline_warp_specialized`). in_blocks: one
+    (block_shape, index_map of the K step, smem transforms) per operand."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_iters,),
+        memory_registers=40,
+        in_specs=[plgpu.BlockSpec(shape, index, transforms=tr, memory_space=plgpu.SMEM)
+                  for shape, index, tr in in_blocks],
+        wg_axis=wg_axis,
+        num_compute_wgs=2,
+        max_concurrent_steps=num_stages,
+        compute_context=compute_context,
+    )
+
+
 def as_numpy_f64(x) -> np.ndarray:
     """Host float64 copy of an array of any dtype (bf16/fp8 included)."""
     return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)

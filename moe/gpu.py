@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params
+from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, k_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,21 +176,8 @@ def gmm_kernel(lhs, rhs, sched, *, bs: GmmBlockSizes, out_dtype, interpret=False
 
     def kernel(sched_ref, a_gmem, b_gmem, out_gmem):
         def get_pipeline(body, compute_context):
-            return plgpu.emit_pipeline_warp_specialized(
-                body,
-                grid=(k_iters,),
-                memory_registers=40,
-                in_specs=[
-                    plgpu.BlockSpec((cta_m, tk), lambda kk: (0, kk), transforms=a_tr,
-                                    memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((tk, cta_n), lambda kk: (kk, 0), transforms=b_tr,
-                                    memory_space=plgpu.SMEM),
-                ],
-                wg_axis="wg",
-                num_compute_wgs=2,
-                max_concurrent_steps=bs.num_stages,
-                compute_context=compute_context,
-            )
+            return k_pipeline(body, compute_context, k_iters=k_iters, num_stages=bs.num_stages,
+                              in_blocks=[((cta_m, tk), lambda kk: (0, kk), a_tr), ((tk, cta_n), lambda kk: (kk, 0), b_tr)])
 
         ignore = lambda *_, **__: None
 

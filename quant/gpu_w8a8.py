@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params
+from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, k_pipeline
 from reference import quantization as qref
 
 
@@ -87,19 +87,8 @@ def w8a8_kernel(xq, wq_nk, sx, sw, *, bs: W8A8BlockSizes, out_dtype, interpret=F
 
     def kernel(a_gmem, b_gmem, sx_gmem, sw_gmem, out_gmem):
         def get_pipeline(body, compute_context):
-            return plgpu.emit_pipeline_warp_specialized(
-                body,
-                grid=(k_iters,),
-                memory_registers=40,
-                in_specs=[
-                    plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), transforms=tr, memory_space=plgpu.SMEM),
-                    plgpu.BlockSpec((cta_n, tk), lambda kk: (0, kk), transforms=tr, memory_space=plgpu.SMEM),
-                ],
-                wg_axis="wg",
-                num_compute_wgs=2,
-                max_concurrent_steps=bs.num_stages,
-                compute_context=compute_context,
-            )
+            return k_pipeline(body, compute_context, k_iters=k_iters, num_stages=bs.num_stages,
+                              in_blocks=[((tm, tk), lambda kk: (0, kk), tr), ((cta_n, tk), lambda kk: (0, kk), tr)])
 
         ignore = lambda *_, **__: None
 
