@@ -204,12 +204,14 @@ def softmax_state(rows: int, head_dim: int):
 
 def softmax_step(s, mask, acc, m, den, *, sm_scale: float, soft_cap: float | None):
     """One block of the online softmax (log2 domain): raw logits s [rows, block_kv] -> (p, acc, m, den),
-    with p = exp2(scaled s - new max) (0 where ~mask) and acc rescaled to the new max."""
+    with p = exp2(scaled s - new max) (0 where ~mask; mask None: every position counts) and acc
+    rescaled to the new max."""
     if soft_cap is not None:
         s = jnp.tanh(s * (float(sm_scale) / soft_cap)) * (soft_cap * LOG2E)
     else:
         s = s * (float(sm_scale) * LOG2E)
-    s = jnp.where(mask, s, -jnp.inf)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))

@@ -26,6 +26,8 @@ NB = cdiv(T, tokens_per_block) + min(S, T // 2) bounds the number of blocks of a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -138,7 +140,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                 qpos = jnp.minimum(pos0 + lax.div(wg * _ROWS + rows, jnp.int32(g)), hi - 1)
                 acc, m_i, l_i = softmax_state(_ROWS, d)
 
-                def step_fn(step, carry):
+                def step_fn(step, carry, masked=True):
                     acc, m_i, l_i = carry
                     slot = lax.rem(step, jnp.int32(stages))
                     base = lo_al + step * bkv
@@ -150,10 +152,12 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
 
                     s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, bkv), jnp.float32))
                     plgpu.barrier_arrive(k_cons.at[slot])
-                    kvpos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
-                    mask = kvpos <= qpos
-                    if window is not None:
-                        mask = mask & (kvpos > qpos - window)
+                    mask = None
+                    if masked:
+                        kvpos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
+                        mask = kvpos <= qpos
+                        if window is not None:
+                            mask = mask & (kvpos > qpos - window)
                     p, acc, m_new, l_i = softmax_step(s, mask, acc, m_i, l_i, sm_scale=sm_scale, soft_cap=soft_cap)
                     p16 = p.astype(dtype)
                     plgpu.barrier_wait(v_bar.at[slot])
@@ -179,7 +183,18 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                     plgpu.barrier_arrive(v_cons.at[slot])
                     return acc, m_new, l_i
 
-                acc, m_i, l_i = lax.fori_loop(0, n_steps, step_fn, (acc, m_i, l_i))
+                # Steps [s_a, s_b) need no mask for any of this consumer's rows (every position is
+                # causally visible and inside the window): the iota / compare / select is skipped there.
+                first_q = pos0 + lax.div(wg * _ROWS, jnp.int32(g))
+                last_q = jnp.minimum(pos0 + lax.div(wg * _ROWS + _ROWS - 1, jnp.int32(g)), hi - 1)
+                s_a = jnp.int32(0)
+                if window is not None:
+                    s_a = jnp.minimum(lax.div(jnp.maximum(last_q - window + 1 - lo_al, 0) + (bkv - 1),
+                                              jnp.int32(bkv)), n_steps)
+                s_b = jnp.clip(lax.div(first_q + 1 - lo_al, jnp.int32(bkv)), s_a, n_steps)
+                carry = lax.fori_loop(0, s_a, step_fn, (acc, m_i, l_i))
+                carry = lax.fori_loop(s_a, s_b, functools.partial(step_fn, masked=False), carry)
+                acc, m_i, l_i = lax.fori_loop(s_b, n_steps, step_fn, carry)
                 o, lse = softmax_finish(acc, m_i, l_i)
                 q_smem.at[wg][...] = o.astype(dtype)  # Q is dead after the last S = Q K^T
                 lse_smem.at[wg][...] = lax.broadcast_in_dim(lse, (_ROWS, _LSE_COLS), [0])
