@@ -554,10 +554,12 @@ def section_prefill(args):
 
     ref = np.asarray(jax.jit(functools_partial(dense, f32=True))(q, k, v).astype(jnp.float32))
     filled = jax.jit(rg.write_new_kv)(cache, k, v, kv_lens, page_indices, cu, dist)
-    for bkv, st in [(128, 2), (64, 2), (64, 3), (64, 4), (128, 1)]:
-        name = f"ours prefill kernel bkv{bkv} st{st}"
+    for bkv, st, pp in [(128, 2, False), (128, 2, True), (64, 2, False), (64, 3, False), (64, 3, True),
+                        (64, 4, False), (128, 1, False)]:
+        name = f"ours prefill kernel bkv{bkv} st{st}{' pingpong' if pp else ''}"
         try:
-            f = jax.jit(functools_partial(gp.prefill_attention, sm_scale=scale, block_kv=bkv, num_stages=st))
+            f = jax.jit(functools_partial(gp.prefill_attention, sm_scale=scale, block_kv=bkv, num_stages=st,
+                                          pingpong=pp))
             o = np.asarray(f(q, filled, kv_lens, page_indices, cu, dist)[0])
             ms, how = timeit(f, q, filled, kv_lens, page_indices, cu, dist, iters=10)
             record("pre", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")

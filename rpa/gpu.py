@@ -46,13 +46,15 @@ class DecodeBlockSizes(BlockSizesFromAny):
     """Decode kernel: block_kv: KV tokens per pipeline step (multiple of 64); num_stages: TMA buffers
     in flight; num_splits: KV splits per (token, kv head) combined by the XLA epilogue.
     Prefill kernel (rpa/gpu_prefill.py): prefill_block_kv (None: 128, or 64 where 128 does not fit
-    in shared memory) and prefill_num_stages."""
+    in shared memory), prefill_num_stages and prefill_pingpong (the two consumers alternate softmax
+    and tensor-core work through a rendezvous barrier, FA3-style; unmeasured, so off by default)."""
 
     block_kv: int = 128
     num_stages: int = 2
     num_splits: int = 1
     prefill_block_kv: int | None = None
     prefill_num_stages: int = 2
+    prefill_pingpong: bool = False
 
     def prefill_blocks(self, head_dim: int) -> tuple[int, int]:
         """(block_kv, num_stages) of the prefill kernel for this head_dim."""
@@ -435,7 +437,8 @@ def _rpa_gpu_step(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribut
         pbkv, pstages = block_sizes.prefill_blocks(d)
         out_pre, is_pre = gpu_prefill.prefill_attention(
             q, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale=scale, soft_cap=soft_cap,
-            sliding_window=sliding_window, sinks=sinks, block_kv=pbkv, num_stages=pstages, interpret=interpret)
+            sliding_window=sliding_window, sinks=sinks, block_kv=pbkv, num_stages=pstages,
+            pingpong=block_sizes.prefill_pingpong, interpret=interpret)
     dec_end = jnp.where(is_pre, 0, tok_end)
     q2d = q.reshape(t_total * hq, d).astype(kv_cache.dtype)
     if q2d.shape[0] < _ROWS:

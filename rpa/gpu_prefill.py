@@ -92,7 +92,7 @@ def prefill_schedule(kv_lens, cu_q_lens, distribution, *, num_tokens: int, token
 
 def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: float,
                    soft_cap: float | None = None, sliding_window: int | None = None,
-                   block_kv: int = 128, num_stages: int = 2, interpret=False):
+                   block_kv: int = 128, num_stages: int = 2, pingpong: bool = False, interpret=False):
     """The Mosaic GPU kernel (layouts in the module docstring): -> (o [Hkv, NB*128, D], lse [Hkv, NB*128, 8])."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -110,7 +110,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
 
     def kernel(sched_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref, smem, bars):
         q_smem, k_smem, v_smem, lse_smem, *p_scratch = smem  # p_scratch: interpret mode only
-        k_bar, v_bar, q_bar, k_cons, v_cons, clean_bar = bars
+        k_bar, v_bar, q_bar, k_cons, v_cons, clean_bar, turn_bar = bars
         h = lax.axis_index("h")
         b = lax.axis_index("b")
         wg = lax.axis_index("wg")
@@ -129,6 +129,18 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
         def _consumers():
             plgpu.set_max_registers(232, action="increase")
             active = wg * _ROWS < count * g
+            # Ping-pong (FA3's inter-warpgroup overlap): the consumers meet at a rendezvous twice a
+            # step, consumer 1 half a step behind, so one runs its softmax while the other's wgmmas
+            # run. Only when both consumers have rows (the predicate is the same for both).
+            both = count * g > _ROWS
+
+            def rendezvous():
+                plgpu.barrier_arrive(turn_bar)
+                plgpu.barrier_wait(turn_bar)
+
+            def when_pingpong(fn, extra=True):
+                if pingpong:
+                    pl.when(both & extra)(fn)
 
             @pl.when(active)
             def _compute():
@@ -148,6 +160,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
 
                     def qk_scope(acc_ref):
                         plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].T)
+                        when_pingpong(rendezvous)  # the other consumer's softmax runs meanwhile
                         return acc_ref[...]
 
                     s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, bkv), jnp.float32))
@@ -160,6 +173,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                             mask = mask & (kvpos > qpos - window)
                     p, acc, m_new, l_i = softmax_step(s, mask, acc, m_i, l_i, sm_scale=sm_scale, soft_cap=soft_cap)
                     p16 = p.astype(dtype)
+                    when_pingpong(lambda: plgpu.barrier_arrive(turn_bar))  # softmax done
                     plgpu.barrier_wait(v_bar.at[slot])
 
                     # V rows outside [lo, hi) may be NaN (unwritten slots, clamped garbage pages) and
@@ -177,6 +191,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                     def _():
                         plgpu.barrier_wait(clean_bar.at[slot])
 
+                    when_pingpong(lambda: plgpu.barrier_wait(turn_bar))  # the tensor cores are ours
                     acc = wgmma_accumulate(acc, [(p16, v_smem.at[slot])],
                                            a_smem=[p_scratch[0].at[wg]] if interpreting else (),
                                            interpreting=interpreting)
@@ -192,9 +207,11 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
                     s_a = jnp.minimum(lax.div(jnp.maximum(last_q - window + 1 - lo_al, 0) + (bkv - 1),
                                               jnp.int32(bkv)), n_steps)
                 s_b = jnp.clip(lax.div(first_q + 1 - lo_al, jnp.int32(bkv)), s_a, n_steps)
+                when_pingpong(rendezvous, wg == 1)  # consumer 1 starts half a step behind
                 carry = lax.fori_loop(0, s_a, step_fn, (acc, m_i, l_i))
                 carry = lax.fori_loop(s_a, s_b, functools.partial(step_fn, masked=False), carry)
                 acc, m_i, l_i = lax.fori_loop(s_b, n_steps, step_fn, carry)
+                when_pingpong(rendezvous, wg == 0)  # ... so consumer 0 closes its last turn
                 o, lse = softmax_finish(acc, m_i, l_i)
                 q_smem.at[wg][...] = o.astype(dtype)  # Q is dead after the last S = Q K^T
                 lse_smem.at[wg][...] = lax.broadcast_in_dim(lse, (_ROWS, _LSE_COLS), [0])
@@ -240,6 +257,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # K stage released by both consumers
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # V stage released by both consumers
             plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # edge V tile zeroed by consumer 0
+            plgpu.Barrier(num_arrivals=2),  # pingpong: the consumers' rendezvous
         )
         pl.run_scoped(lambda s, br: kernel(sched_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref, s, br),
                       smem, bars, collective_axes="wg")
@@ -262,7 +280,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
 
 def prefill_attention(q, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale: float,
                       soft_cap=None, sliding_window=None, sinks=None, block_kv: int = 128,
-                      num_stages: int = 2, interpret=False):
+                      num_stages: int = 2, pingpong: bool = False, interpret=False):
     """Attention of every token of a sequence with q_len >= 2 (the cache already holds the step's K/V).
 
     q [T, Hq, D] -> (out f32 [T, Hq, D], is_prefill bool[T]); rows of other tokens are unspecified.
@@ -277,7 +295,7 @@ def prefill_attention(q, kv_cache, kv_lens, page_indices, cu_q_lens, distributio
     src = jnp.minimum(sched[1][:, None] * g + jnp.arange(BLOCK_ROWS, dtype=jnp.int32), t_total * g - 1)
     qb = qt[:, src.reshape(-1)]  # [Hkv, NB * 128, D]; rows past a block's tokens are dropped later
     o, lse = prefill_kernel(qb, kv_cache, sched, page_indices, group=g, sm_scale=sm_scale, soft_cap=soft_cap,
-                            sliding_window=sliding_window, block_kv=block_kv, num_stages=num_stages,
+                            sliding_window=sliding_window, block_kv=block_kv, num_stages=num_stages, pingpong=pingpong,
                             interpret=interpret)
     tok = jnp.arange(t_total, dtype=jnp.int32)
     blk = jnp.searchsorted(sched[1], tok, side="right", method="compare_all").astype(jnp.int32) - 1

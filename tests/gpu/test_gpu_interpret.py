@@ -81,7 +81,10 @@ def test_rpa_gpu_kernel_interpret_ragged(batch, bkv, splits):
 @pytest.mark.parametrize("hq,hkv,q_lens,kv_lens,bs,kw", [
     # several query blocks per sequence (G 4: 32 tokens a block), chunked prefill behind a cached prefix
     (8, 2, [70, 1, 9], [250, 40, 9], dict(block_kv=64, prefill_block_kv=64, prefill_num_stages=3), {}),
+    (8, 2, [70, 1, 9], [250, 40, 9], dict(block_kv=64, prefill_block_kv=64, prefill_pingpong=True), {}),
     (8, 2, [45, 33], [45, 160], dict(block_kv=64, prefill_block_kv=128), dict(sliding_window=50, soft_cap=25.0)),
+    (8, 2, [40, 17], [100, 230], dict(block_kv=64, prefill_block_kv=64, prefill_pingpong=True),
+     dict(sliding_window=70)),
     (2, 2, [130, 1], [200, 7], dict(block_kv=64, prefill_block_kv=64), {}),  # G 1: 128 tokens a block
     (16, 2, [20, 3], [20, 90], dict(block_kv=64, prefill_block_kv=64), dict(sliding_window=16)),  # G 8
 ])

@@ -56,6 +56,7 @@ def test_rpa_public_lowers():
 @pytest.mark.parametrize("hq,hkv,d,ps,bs", [
     (32, 8, 128, 16, dict(block_kv=128)),  # Llama-3-8B: prefill block_kv 128, 2 stages
     (32, 8, 128, 16, dict(block_kv=64, prefill_block_kv=64, prefill_num_stages=4)),
+    (32, 8, 128, 16, dict(block_kv=128, prefill_pingpong=True)),
     (16, 2, 256, 32, dict(block_kv=64, num_stages=1)),  # head_dim 256: prefill block_kv 64
     (8, 8, 64, 16, {}),  # G 1
 ])
