@@ -273,7 +273,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-        kernel_name=f"rpa_prefill_bkv{bkv}_st{stages}",
+        kernel_name=f"rpa_prefill_bkv{bkv}_st{stages}{'_pp' if pingpong else ''}",
     )
     return call(sched, page_indices, qb, kv_cache)
 
