@@ -123,22 +123,18 @@ def _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implement
     from quant import gpu, gpu_tuning, gpu_w8a8
 
     y_dtype = jnp.float32 if bias is not None else out_dtype
+    # Each kernel takes only its own block sizes (a field only it has marks its dicts); any other
+    # sizes (TPU ones) are dropped and the GPU generation's table is read where a kernel takes the key.
+    own_cls, own_field = (gpu_w8a8.W8A8BlockSizes, "tile_k") if act is not None else (gpu.QmmDecodeBlockSizes, "consumers")
+    if not (isinstance(block_sizes, own_cls) or (isinstance(block_sizes, dict) and own_field in block_sizes)):
+        block_sizes = None
+    if block_sizes is None and gpu_tuning.supported_key(key):
+        from autotune import lookup
+        block_sizes, _ = lookup("quantized_matmul", key, generation)
     try:
         if act is not None:
-            if not isinstance(block_sizes, gpu_w8a8.W8A8BlockSizes) and not (
-                    isinstance(block_sizes, dict) and "tile_k" in block_sizes):
-                block_sizes = None  # TPU block sizes do not apply to the GPU kernel
-            if block_sizes is None and gpu_tuning.is_w8a8_key(key):
-                from autotune import lookup
-                block_sizes, _ = lookup("quantized_matmul", key, generation)
             y = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=act, out_dtype=y_dtype, block_sizes=block_sizes)
         else:
-            if not ((isinstance(block_sizes, dict) and "consumers" in block_sizes)
-                    or isinstance(block_sizes, gpu.QmmDecodeBlockSizes)):
-                block_sizes = None  # TPU block sizes do not apply to the GPU kernel
-            if block_sizes is None and gpu_tuning.supported_key(key):
-                from autotune import lookup
-                block_sizes, _ = lookup("quantized_matmul", key, generation)
             y = gpu.quantized_matmul_gpu(x, qw, out_dtype=y_dtype, block_sizes=block_sizes)
     except NotImplementedError as err:
         no_kernel(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err})", implementation,

@@ -119,13 +119,12 @@ def _w8a8_cost(key: dict, block_sizes: dict) -> Traffic:
     x_item = jnp.dtype(key["x_dtype"]).itemsize
     m_pad = -(-m // bs.tile_m) * bs.tile_m
     row_tiles, col_tiles = m_pad // bs.tile_m, n // (2 * bs.tile_n)
-    quantize = m * k * x_item + m_pad * k  # read x, write xq
     stream = m_pad * k * col_tiles + k * n * row_tiles
     useful = m * k * x_item + k * n + n * 4 + m * n * x_item
     kind = "int8" if key["w_dtype"] == "int8" else "fp8"
     return Traffic(bytes_read=int(m * k * x_item + stream + (m_pad + n) * 4), bytes_written=int(m_pad * k + m * n * x_item),
                    flops=int(2 * m_pad * k * n), grid_steps=1, dmas=int(row_tiles * col_tiles * (k // bs.tile_k) * 2),
-                   flops_kind=kind, useful_bytes=int(useful + quantize - m * k * x_item),
+                   flops_kind=kind, useful_bytes=int(useful + m_pad * k),  # + the quantized x written
                    useful_flops=int(2 * m * k * n))
 
 

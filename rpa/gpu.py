@@ -12,7 +12,8 @@ What runs where
   G = Hq / Hkv query heads of the group in rows 0..G-1 of a 64-row tile (wgmma's M is 64; the other
   rows are finite neighbouring heads and are dropped), online softmax in f32 (exp2), O += P V.
   The kv splits (flash-decoding) are combined by a small XLA epilogue (`combine_partials`), which
-  also applies attention sinks and v_scale. CTAs of tokens it does not serve exit at once.
+  also applies attention sinks. CTAs of tokens it does not serve exit at once. v_scale multiplies
+  the merged output of both kernels.
 * Prefill tokens (sequences with q_len >= 2): rpa/gpu_prefill.py, query blocks of 128 (token, head)
   rows that read the sequence's KV once per block instead of once per token. Where that kernel does
   not cover the shapes (G not a divisor of 64, shared memory), the decode kernel serves every token
@@ -167,8 +168,7 @@ def write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution,
     return kv_cache.at[page, :, :, slot, :].set(kv, mode="drop")
 
 
-def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks=None, v_scale=None,
-                     out_dtype=jnp.bfloat16):
+def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks=None, out_dtype=jnp.bfloat16):
     """o_part f32 [T*Hkv*splits*Gp, D] (normalized per split), lse_part f32 [..., 32] (column 0, log2 units)
     -> out [T, Hkv*G, D]."""
     d = o_part.shape[-1]
@@ -185,8 +185,6 @@ def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks
     if sinks is not None:
         den = den + jnp.exp2(sink2 - m)
     out = (w[..., None] * o).sum(axis=2) / jnp.maximum(den, 1e-30)[..., None]
-    if v_scale is not None:
-        out = out * jnp.asarray(v_scale, jnp.float32)
     return out.reshape(num_tokens, num_kv_heads * group, d).astype(out_dtype)
 
 
@@ -287,7 +285,7 @@ def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, n
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    num_pages, _, hkv, page_size, d = kv_cache.shape
+    _, _, hkv, page_size, d = kv_cache.shape
     dtype = kv_cache.dtype
     t_total = tok_seq.shape[0]
     g = num_q_heads // hkv

@@ -97,7 +97,7 @@ def prefill_kernel(qb, kv_cache, sched, page_indices, *, group: int, sm_scale: f
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    num_pages, _, hkv, page_size, d = kv_cache.shape
+    _, _, hkv, page_size, d = kv_cache.shape
     dtype = kv_cache.dtype
     nb = sched.shape[1]
     g = group
