@@ -279,3 +279,22 @@ def test_qmm_unsupported_raises():
                            (4096, 1), (4096, 2048), bs)
     with pytest.raises(NotImplementedError):  # prefill-sized M
         qg.check_supported((512, 4096), jnp.bfloat16, (4096, 2048), jnp.int8, "int8", (4096, 1), (4096, 2048), bs)
+
+
+def test_gpu_bad_inputs_name_the_argument():
+    import quant
+    from autotune.kernel_util import gpu_interpret_params
+    from quant import gpu_w8a8
+
+    with pytest.raises(ValueError, match="interpret"):
+        gpu_interpret_params("yes")
+    x = jnp.zeros((256, 512), jnp.bfloat16)
+    qw = quant.quantize(jnp.ones((512, 256), jnp.float32), "int8")
+    with pytest.raises(ValueError, match="values_nk"):
+        gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant="int8", values_nk=qw.values)  # [K, N], not [N, K]
+    # a prefill block size the caller set and the prefill kernel cannot take raises (no silent fallback)
+    with pytest.raises(NotImplementedError, match="prefill"):
+        rg.prefill_supported(num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
+                             block_sizes=rg.DecodeBlockSizes(prefill_block_kv=96))
+    assert not rg.prefill_supported(num_q_heads=48, num_kv_heads=2, head_dim=64, page_size=16,
+                                    block_sizes=rg.DecodeBlockSizes())
