@@ -305,13 +305,16 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
     budget, limit = vmem_budget(generation)
     tms = sorted({legal_tm(m, t) for t in _TM_CHOICES} | ({m} if m <= 512 else set()))
     tns = sorted({legal_tn(n, t) for t in _TN_CHOICES})
+    tks = tk_choices(key)
     out = []
     for tm in tms:
         for tn in tns:
-            for tk in tk_choices(key):
+            for tk in tks:
                 c = QuantizedMatmulConfig(tm, tn, tk, limit).as_dict()
                 if vmem_bytes(key, c, generation) <= budget:
                     out.append(c)
+    if not out and tks:  # nothing fits the budget (e.g. a large K that is one step): the smallest legal blocks
+        out.append(QuantizedMatmulConfig(legal_tm(m, 32), legal_tn(n, LANES), min(tks), limit).as_dict())
     return out
 
 
@@ -337,11 +340,7 @@ _INT_FIELDS = ("block_k", "block_n", "k", "n", "m")
 @functools.cache
 def _default(frozen: tuple, generation: str | None) -> dict:
     key = {k: (int(v) if k in _INT_FIELDS else v) for k, v in frozen}
-    space = search_space(key, generation)
-    if not space:  # nothing fits the budget: the smallest legal blocks
-        tks = tk_choices(key)
-        return QuantizedMatmulConfig(legal_tm(key["m"], 32), legal_tn(key["n"], LANES), min(tks),
-                                     vmem_budget(generation)[1]).as_dict()
+    space = search_space(key, generation)  # never empty where K has a legal step
 
     def rank(c):
         return (round(score(key, c, generation), 9), -c["tk"], -c["tm"] * c["tn"])
