@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from typing import Any
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -16,6 +17,10 @@ GiB = 1024 * MiB
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e", "tpu7x")
 GPU_GENERATIONS = ("h100", "h200")
 GENERATIONS = TPU_GENERATIONS + GPU_GENERATIONS
+# Shared memory one Hopper thread block may use: 228 KiB per SM less the 1 KiB the CUDA driver
+# reserves per block (CUDA C programming guide, compute capability 9.0). The GPU kernels check
+# their stages against it.
+HOPPER_SMEM_PER_BLOCK = 227 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +34,7 @@ class ChipSpec:
     bf16_flops: float
     int8_ops: float | None
     fp8_flops: float | None
-    vmem_bytes: int  # per TensorCore (TPU); shared memory per SM (GPU)
+    vmem_bytes: int  # per TensorCore (TPU); shared memory one thread block may use (GPU)
     default_scoped_vmem_bytes: int  # the compiler's default scoped VMEM limit (TPU)
     mxu_shape: tuple[int, int]  # (rows, cols) of one MXU; (0, 0) for GPUs
     num_mxu: int
@@ -85,13 +90,13 @@ CHIPS: dict[str, ChipSpec] = {
         "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 2, 2,
         0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP), devices_per_chip=2),
     "h100": ChipSpec(
-        "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, 228 * 1024, 228 * 1024, (0, 0), 0, 132,
+        "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, HOPPER_SMEM_PER_BLOCK, HOPPER_SMEM_PER_BLOCK, (0, 0), 0, 132,
         3e-6, 0.0, None,
         ("NVIDIA H100 SXM datasheet (dense rates)",
          "measured on this project's H100: 2.94 TB/s copy, 789 TFLOP/s XLA bf16 matmul (KERNEL-NOTES 4)",
          "grid-step overhead: ~3 us kernel launch, estimate")),
     "h200": ChipSpec(
-        "h200", "gpu", 141 * 10**9, 4.8e12, 989e12, 1979e12, 1979e12, 228 * 1024, 228 * 1024, (0, 0), 0, 132,
+        "h200", "gpu", 141 * 10**9, 4.8e12, 989e12, 1979e12, 1979e12, HOPPER_SMEM_PER_BLOCK, HOPPER_SMEM_PER_BLOCK, (0, 0), 0, 132,
         3e-6, 0.0, None, ("NVIDIA H200 SXM datasheet (dense rates)", "grid-step overhead: ~3 us launch, estimate")),
 }
 
@@ -137,7 +142,7 @@ def chip(generation: str) -> ChipSpec:
     return CHIPS[parse_generation(generation)]
 
 
-def _device_of_abstract_mesh():
+def _device_of_abstract_mesh() -> str | None:
     """The first device of the abstract/concrete mesh in scope, if any (used under AOT compiles)."""
     try:
         from jax.sharding import get_abstract_mesh
@@ -150,7 +155,7 @@ def _device_of_abstract_mesh():
         return None
 
 
-def detect(device=None, *, strict: bool = False) -> str | None:
+def detect(device: Any = None, *, strict: bool = False) -> str | None:
     """Generation key of `device` (default: the first jax device, or the abstract mesh's device).
 
     Works for real devices, libtpu compile-only topology devices, and CPU hosts. On a host whose

@@ -1,16 +1,13 @@
-"""Small helpers every kernel shares: integer rounding, dtype packing, interpret-mode parameters.
+"""Small helpers every kernel shares: integer rounding, dtype packing, interpret-mode parameters, the
+Hopper GEMM building blocks.
 
 This is the one home of these helpers; kernels import them from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 LANES = 128  # last-dim tile width of a TPU vector register
 SUBLANES = 8  # second-to-last dim tile height for 32-bit values
@@ -29,11 +26,6 @@ def round_up(a: int, b: int) -> int:
 def next_power_of_2(x: int) -> int:
     """Smallest power of two >= x (1 for x <= 1)."""
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def prev_power_of_2(x: int) -> int:
-    """Largest power of two <= x (1 for x <= 1)."""
-    return 1 if x <= 1 else 1 << (int(x).bit_length() - 1)
 
 
 def dtype_bits(dtype) -> int:
@@ -65,11 +57,6 @@ def is_float8(dtype) -> bool:
 
 def is_integer(dtype) -> bool:
     return jnp.issubdtype(jnp.dtype(dtype), jnp.integer)
-
-
-def finfo_max(dtype) -> float:
-    """Largest finite value of a float dtype (ml_dtypes aware)."""
-    return float(jnp.finfo(jnp.dtype(dtype)).max)
 
 
 def interpret_params(interpret):
@@ -162,60 +149,3 @@ def k_pipeline(body, compute_context, *, k_iters: int, in_blocks, num_stages: in
         max_concurrent_steps=num_stages,
         compute_context=compute_context,
     )
-
-
-def as_numpy_f64(x) -> np.ndarray:
-    """Host float64 copy of an array of any dtype (bf16/fp8 included)."""
-    return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
-
-
-# `implementation=` of the public ops: None picks the running chip's kernel and falls back to the
-# XLA reference (with a warning) where no kernel covers the call; "pallas" forces the kernel
-# (NotImplementedError where none covers it); "xla" forces the pure-JAX reference on any backend.
-IMPLEMENTATIONS = (None, "pallas", "xla")
-
-
-def check_implementation(implementation):
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
-    return implementation
-
-
-WARNED: set[str] = set()  # messages warn_once has given (tests clear it)
-
-
-def warn_once(message: str, *, stacklevel: int = 3) -> None:
-    """A UserWarning the first time `message` is seen in this process."""
-    if message not in WARNED:
-        WARNED.add(message)
-        warnings.warn(message, stacklevel=stacklevel)
-
-
-def no_kernel(message: str, implementation, reference: str) -> None:
-    """No kernel serves this call: NotImplementedError when the caller forced implementation="pallas",
-    else a warning (once) that `reference` runs instead."""
-    if implementation == "pallas":
-        raise NotImplementedError(f"{message} (implementation='pallas')")
-    warn_once(f"{message}; using {reference}", stacklevel=4)
-
-
-class BlockSizesFromAny:
-    """Mixin of the frozen block-size dataclasses: `from_any(None | instance | dict)`.
-
-    None gives the defaults; a dict must name fields of the class (a table entry's
-    "vmem_limit_bytes" is ignored: it is a TPU compiler option, not a block size)."""
-
-    @classmethod
-    def from_any(cls, bs):
-        if bs is None:
-            return cls()
-        if isinstance(bs, cls):
-            return bs
-        if isinstance(bs, dict):
-            names = {f.name for f in dataclasses.fields(cls)}
-            given = {k: v for k, v in bs.items() if k != "vmem_limit_bytes"}
-            unknown = sorted(set(given) - names)
-            if unknown:
-                raise ValueError(f"block_sizes: unknown keys {unknown} for {cls.__name__} (fields: {sorted(names)})")
-            return cls(**given)
-        raise ValueError(f"block_sizes: expected None, a dict or {cls.__name__}, got {bs!r}")

@@ -3,21 +3,23 @@
 Tables are JSON data, one schema for every kernel: tuned_configs/<generation>/<kernel>.json
 
     {"schema_version": 1, "kernel": "rpa", "generation": "v6e",
-     "entries": [{"key": {...}, "block_sizes": {...}, "vmem_limit_bytes": int | null,
-                  "provenance": {"source": "model" | "measured", ...}}]}
+     "entries": [{"key": {...}, "block_sizes": {...}, "provenance": {"source": "model" | "measured", ...}}]}
 
-A key has static fields (dtypes, head / expert / feature dims, page size: must match exactly) and
-dynamic fields (token budget, model length, M: bucketed). Matching:
+Block sizes only: compiler parameters (the scoped-VMEM limit) are derived from them by the kernel
+(autotune.protocol.vmem_limit_bytes). A key has static fields (dtypes, head / expert / feature dims,
+page size: must match exactly) and dynamic fields (token budget, model length, M: bucketed). Matching:
   "exact"   an entry whose key equals the query key;
   "nearest" the query's dynamic fields are rounded up to powers of two; among entries with equal
             static fields and every dynamic field <= that bucket, the largest (lexicographic in
             DYNAMIC_KEYS order) is taken: the nearest entry that is not larger;
-  "default" no entry (or no table, a corrupt table, an unknown or absent generation): the kernel's
-            analytic VMEM-safe heuristic. A miss warns once per (kernel, generation, key).
+  "default" no entry (or no table, a corrupt table, an unknown or absent generation): the backend's
+            analytic heuristic. Misses warn once per (kernel, generation) and are counted per
+            (kernel, generation): `miss_counts()`.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import warnings
@@ -30,6 +32,7 @@ from tuned_configs import table_path
 
 SCHEMA_VERSION = 1
 _warned: set[tuple] = set()
+_misses: collections.Counter = collections.Counter()
 
 
 def _warn_once(token: tuple, message: str) -> None:
@@ -38,7 +41,7 @@ def _warn_once(token: tuple, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _freeze(key: dict, fields) -> tuple:
+def _freeze(key: dict, fields: tuple[str, ...]) -> tuple:
     """The key's table identity: its static and dynamic fields (other fields, e.g. a workload, do not count)."""
     return tuple((k, str(key.get(k))) for k in fields)
 
@@ -62,18 +65,20 @@ def _load_entries(kernel: str, generation: str) -> tuple[tuple[dict, ...], str |
     return entries, None
 
 
-def load_table(kernel: str, generation: str) -> list[dict]:
-    """All entries of a shipped table (empty when missing or corrupt)."""
-    return list(_load_entries(kernel, parse_generation(generation))[0])
-
-
 def clear_cache() -> None:
-    """Forget loaded tables and issued warnings (tests; after the tuner writes a table)."""
+    """Forget loaded tables, issued warnings and miss counts (tests; after the tuner writes a table)."""
     _load_entries.cache_clear()
     _warned.clear()
+    _misses.clear()
 
 
-def _nearest(entries, key: dict, static_keys, dynamic_keys):
+def miss_counts() -> dict[tuple[str, str | None], int]:
+    """{(kernel, generation): lookups that fell back to the default} since the last clear_cache()."""
+    return dict(_misses)
+
+
+def _nearest(entries: tuple[dict, ...], key: dict, static_keys: tuple[str, ...],
+             dynamic_keys: tuple[str, ...]) -> dict | None:
     bucket = {d: next_power_of_2(int(key[d])) for d in dynamic_keys if d in key}
     best, best_rank = None, None
     for e in entries:
@@ -91,11 +96,15 @@ def _nearest(entries, key: dict, static_keys, dynamic_keys):
 def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> tuple[dict, str]:
     """Block sizes for `kernel` at `key` on `generation` (default: the detected chip).
 
-    Returns (block_sizes, match) with match "exact" | "nearest" | "default". block_sizes holds
-    "vmem_limit_bytes" too when the entry records one. Never raises for a missing or corrupt table
-    or an unknown generation: it warns and returns the default.
+    Args:
+      kernel: a registered kernel ("rpa", "quantized_matmul", "gmm").
+      key: the call's table key (the kernel's make_key).
+      generation: a generation name or device kind; None detects the running chip.
+    Returns:
+      (block_sizes, match): a fresh dict of block sizes and "exact" | "nearest" | "default". Never
+      raises for a missing or corrupt table or an unknown generation: it warns and returns the
+      default.
     """
-    module = tuning_module(kernel)
     gen = None
     if generation is None:
         gen = detect()
@@ -104,6 +113,7 @@ def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> t
             gen = parse_generation(generation)
         except UnknownChipError as err:
             _warn_once((kernel, generation), f"{err}; {kernel} uses its default block sizes")
+    module = tuning_module(kernel, gen)
     if gen is None:
         return dict(module.default_block_sizes(key, None)), "default"
 
@@ -114,17 +124,12 @@ def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> t
     frozen = _freeze(key, fields)
     for e in entries:
         if _freeze(e["key"], fields) == frozen:
-            return _with_vmem(e), "exact"
+            return dict(e["block_sizes"]), "exact"
     e = _nearest(entries, key, module.STATIC_KEYS, module.DYNAMIC_KEYS)
     if e is not None:
-        return _with_vmem(e), "nearest"
-    _warn_once((kernel, gen, frozen), f"no {gen} table entry for {kernel} at {key}"
-               f"{' (' + problem + ')' if problem else ''}; using the default heuristic")
+        return dict(e["block_sizes"]), "nearest"
+    _misses[(kernel, gen)] += 1
+    _warn_once((kernel, gen), f"no {gen} table entry for {kernel} at {key}"
+               f"{' (' + problem + ')' if problem else ''}; using the default heuristic (further {kernel} "
+               f"misses on {gen} are counted, not warned: autotune.tables.miss_counts())")
     return dict(module.default_block_sizes(key, gen)), "default"
-
-
-def _with_vmem(entry: dict) -> dict:
-    out = dict(entry["block_sizes"])
-    if entry.get("vmem_limit_bytes"):
-        out["vmem_limit_bytes"] = int(entry["vmem_limit_bytes"])
-    return out

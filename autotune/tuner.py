@@ -1,6 +1,6 @@
 """The block-size tuner: prune by VMEM, compile candidates for the target, rank, write the table.
 
-A kernel takes part through the protocol of its tuning module (see autotune/registry.py).
+A kernel takes part through the protocol of its tuning modules (autotune/protocol.py), one per backend.
 
 Ranking: measured time when the target device is attached (warm-up, median of many runs over
 rotating input sets), otherwise the cost model (autotune/cost_model.py). Candidates that do not fit
@@ -32,6 +32,7 @@ from pathlib import Path
 from autotune import cost_model, static_estimate
 from autotune.aot import compile_for
 from autotune.hardware import chip, detect, parse_generation
+from autotune.protocol import KernelFallbackWarning
 from autotune.registry import tuning_module
 from autotune.tables import SCHEMA_VERSION, clear_cache
 from tuned_configs import ROOT as TABLES_ROOT
@@ -72,15 +73,10 @@ class TuneResult:
         return self.default.seconds / self.best.seconds
 
 
-def _vmem_limit(spec, needed: int) -> int:
-    """A scoped VMEM limit for a candidate: what it needs plus headroom, within the physical VMEM."""
-    return int(min(spec.vmem_bytes, max(spec.default_scoped_vmem_bytes, needed * 5 // 4 + (2 << 20))))
-
-
 def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, compile: bool = True,
              measure: Callable | None = None) -> Candidate:
     """Check one candidate: VMEM fit, real compile for `generation`, then time (measured or model)."""
-    module = tuning_module(kernel)
+    module = tuning_module(kernel, generation)
     spec = chip(generation)
     cand = Candidate(dict(block_sizes))
     need = int(module.vmem_estimate(key, block_sizes))
@@ -88,8 +84,6 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
     if need > spec.vmem_bytes:
         cand.status, cand.error = "vmem", f"needs {need} B of VMEM, {generation} has {spec.vmem_bytes}"
         return cand
-    if spec.is_tpu:  # a TPU compiler option; GPU kernels size their shared memory themselves
-        cand.block_sizes.setdefault("vmem_limit_bytes", _vmem_limit(spec, need))
     if compile and spec.is_tpu and not compile_candidate(kernel, key, cand, generation):
         return cand
     cand.prediction = cost_model.predict(module.cost(key, cand.block_sizes, generation), spec)
@@ -109,10 +103,10 @@ def compile_candidate(kernel: str, key: dict, cand: Candidate, generation: str) 
     """Compile `cand` for `generation` (libtpu); on failure mark it "compile_error". For a static-
     grid kernel, also read libtpu's static cycle estimate when it is enabled in this process (every
     compile of the process pays for it then)."""
-    module = tuning_module(kernel)
+    module = tuning_module(kernel, generation)
     build = lambda: compile_for(module.kernel_fn(key, cand.block_sizes), module.input_specs(key), generation)
     try:
-        if static_estimate.enabled() and getattr(module, "STATIC_GRID", False):
+        if static_estimate.enabled() and module.STATIC_GRID:
             cand.static_cycles = static_estimate.cycles_of(build)
         else:
             build()
@@ -133,11 +127,6 @@ def _compile_mode(compile) -> str:
     return compile
 
 
-def _same(a: dict, b: dict) -> bool:
-    strip = lambda d: {k: v for k, v in d.items() if k != "vmem_limit_bytes"}
-    return strip(a) == strip(b)
-
-
 def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = None, compile: bool | str = True,
              measure: Callable | None = None, study_dir: Path | None = None, seed: int = 0,
              progress: Callable[[int, int], None] | None = None, static_top: int = 0,
@@ -149,7 +138,7 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
     grid kernels only, and only where autotune.static_estimate.enable() ran first in the process).
     """
     generation = parse_generation(generation)
-    module = tuning_module(kernel)
+    module = tuning_module(kernel, generation)
     mode = _compile_mode(compile)
     if measure is not None and mode == "ranked":
         mode = "all"  # a measured candidate runs, so it is compiled anyway
@@ -160,7 +149,7 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
     each = mode == "all"
     default = evaluate(kernel, key, default_bs, generation, compile=each, measure=measure)
     cands = [default]
-    space = [c for c in space if not _same(c, default_bs)]
+    space = [c for c in space if c != default_bs]
     if budget is None or len(space) <= budget:
         for i, bs in enumerate(space):
             cands.append(evaluate(kernel, key, bs, generation, compile=each, measure=measure))
@@ -181,7 +170,7 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
                                 error=f"none of the {tries} best-ranked candidates compiled")]
     best = ranked[0] if ranked else default
     result = TuneResult(kernel, generation, dict(key), best, default, cands)
-    if static_top and getattr(module, "STATIC_GRID", False) and static_estimate.enabled() and chip(generation).is_tpu:
+    if static_top and module.STATIC_GRID and static_estimate.enabled() and chip(generation).is_tpu:
         result.static_agrees = _static_check(kernel, key, generation, ranked[:static_top])
     return result
 
@@ -242,7 +231,6 @@ def _optuna_search(kernel, key, generation, space, budget, each, measure, study_
 
 def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODEL_VERSION) -> dict:
     best = result.best
-    bs = {k: v for k, v in best.block_sizes.items() if k != "vmem_limit_bytes"}
     today = datetime.date.today().isoformat()
     if best.source == "measured":
         provenance = {"source": "measured", "device_kind": detect() or "unknown",
@@ -260,11 +248,9 @@ def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODE
     if tops:
         provenance["static_estimate"] = {
             "cycles": best.static_cycles, "agrees": result.static_agrees,
-            "candidates": [{"block_sizes": {k: v for k, v in c.block_sizes.items() if k != "vmem_limit_bytes"},
-                            "cycles": c.static_cycles, "model_us": round(c.seconds * 1e6, 3)}
+            "candidates": [{"block_sizes": dict(c.block_sizes), "cycles": c.static_cycles, "model_us": round(c.seconds * 1e6, 3)}
                            for c in sorted(tops, key=lambda c: c.seconds)]}
-    return {"key": result.key, "block_sizes": bs, "vmem_limit_bytes": best.block_sizes.get("vmem_limit_bytes"),
-            "provenance": provenance}
+    return {"key": result.key, "block_sizes": dict(best.block_sizes), "provenance": provenance}
 
 
 def write_table(kernel: str, generation: str, entries: list[dict], out_dir: Path | None = None) -> Path:
@@ -293,7 +279,7 @@ def measure_on_device(kernel: str, key: dict, block_sizes: dict, *, runs: int = 
     import jax
     import numpy as np
 
-    module = tuning_module(kernel)
+    module = tuning_module(kernel, detect())
     fn = module.kernel_fn(key, block_sizes)
     rng = np.random.default_rng(0)
     inputs = [module.example_inputs(key, rng) for _ in range(rotations)]
@@ -301,7 +287,7 @@ def measure_on_device(kernel: str, key: dict, block_sizes: dict, *, runs: int = 
     with warnings.catch_warnings():
         # a candidate the kernel does not take falls back to the XLA reference with a warning:
         # make that an error, so the reference's time is never recorded as the candidate's
-        warnings.filterwarnings("error", message=r".*(using reference|XLA reference|pure JAX).*")
+        warnings.simplefilter("error", KernelFallbackWarning)
         jax.block_until_ready(jitted(*inputs[0]))
     times = []
     for i in range(runs):

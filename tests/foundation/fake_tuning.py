@@ -13,6 +13,7 @@ from autotune.kernel_util import cdiv
 
 STATIC_KEYS = ("dtype", "head_dim")
 DYNAMIC_KEYS = ("num_tokens", "max_model_len")
+STATIC_GRID = False
 
 
 def default_block_sizes(key, generation):

@@ -15,7 +15,7 @@ import autotune.tables as lk
 import moe
 import quant
 import rpa
-from autotune import kernel_util
+from autotune import protocol
 from autotune.registry import tuning_module
 from autotune.tuner import table_entry, tune_key, write_table
 from reference.gmm import gmm as reference_gmm
@@ -34,7 +34,7 @@ def on_h100(monkeypatch, tmp_path):
         monkeypatch.setattr(mod, "detect", lambda: "h100", raising=False)
     monkeypatch.setattr(lk, "table_path", lambda gen, kernel: tmp_path / gen / f"{kernel}.json")
     lk.clear_cache()
-    kernel_util.WARNED.clear()
+    protocol.clear_warnings()
     yield tmp_path
     lk.clear_cache()
 

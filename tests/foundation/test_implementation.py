@@ -12,7 +12,7 @@ import pytest
 
 import moe
 import quant
-from autotune import kernel_util
+from autotune import protocol
 from reference.fused_moe import fused_moe as reference_fused_moe
 from reference.gmm import gmm as reference_gmm
 from reference.quantized_matmul import quantized_matmul_qt
@@ -28,14 +28,14 @@ def gmm_case(rng):
 
 def test_gmm(gmm_case):
     lhs, rhs, sizes = gmm_case
-    kernel_util.WARNED.clear()
+    protocol.clear_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "xla" is asked for: no fallback warning
         out = moe.gmm(lhs, rhs, sizes, implementation="xla")
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(reference_gmm(lhs, rhs, sizes), np.float32))
     with pytest.raises(NotImplementedError, match="moe.gmm.*pallas"):
         moe.gmm(lhs, rhs, sizes, implementation="pallas")
-    with pytest.warns(UserWarning, match="reference.gmm"):
+    with pytest.warns(protocol.KernelFallbackWarning, match="moe.gmm"):
         moe.gmm(lhs, rhs, sizes)
     with pytest.raises(ValueError, match="implementation"):
         moe.gmm(lhs, rhs, sizes, implementation="cuda")
@@ -58,7 +58,7 @@ def test_fused_moe(rng):
 def test_quantized_matmul(rng):
     x = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
     qw = quant.quantize(rng.standard_normal((256, 384)).astype(np.float32) / 16, "int8")
-    kernel_util.WARNED.clear()
+    protocol.clear_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = quant.quantized_matmul(x, qw, act_quant="int8", implementation="xla")

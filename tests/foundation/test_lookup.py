@@ -23,7 +23,7 @@ def _write(table_dir, gen, entries, **extra):
 
 def _entry(num_tokens, max_model_len, block_q, dtype="bfloat16"):
     return {"key": {"dtype": dtype, "head_dim": 128, "num_tokens": num_tokens, "max_model_len": max_model_len},
-            "block_sizes": {"block_q": block_q}, "vmem_limit_bytes": 32 << 20,
+            "block_sizes": {"block_q": block_q},
             "provenance": {"source": "model", "predicted_us": 1.0, "cost_model_version": "1", "date": "2026-11-22"}}
 
 
@@ -33,7 +33,7 @@ KEY = {"dtype": "bfloat16", "head_dim": 128, "num_tokens": 256, "max_model_len":
 def test_exact_nearest_default(table_dir):
     _write(table_dir, "v6e", [_entry(256, 4096, 64), _entry(128, 2048, 32), _entry(512, 2048, 128),
                               _entry(256, 4096, 99, dtype="float8_e4m3fn")])
-    assert lk.lookup("fake", KEY, "v6e") == ({"block_q": 64, "vmem_limit_bytes": 32 << 20}, "exact")
+    assert lk.lookup("fake", KEY, "v6e") == ({"block_q": 64}, "exact")
     # 300 tokens bucket to 512, 3000 context to 4096: (512, 2048) and (256, 4096) both fit; the
     # lexicographically largest in DYNAMIC_KEYS order wins.
     sizes, match = lk.lookup("fake", {**KEY, "num_tokens": 300, "max_model_len": 3000}, "v6e")

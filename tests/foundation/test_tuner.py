@@ -211,11 +211,13 @@ def test_measuring_refuses_a_reference_fallback(monkeypatch):
     import warnings
 
     import tests.foundation.fake_tuning as ft
+    from autotune.protocol import KernelFallbackWarning
     from autotune.tuner import measure_on_device
 
     def falls_back(key, block_sizes, interpret=False):
         def fn(x):
-            warnings.warn("moe.gmm: no TPU or GPU attached; using reference.gmm", stacklevel=2)
+            warnings.warn("moe.gmm: no TPU or GPU attached; running the XLA reference", KernelFallbackWarning,
+                          stacklevel=2)
             return x * 2.0
 
         return fn
@@ -223,5 +225,5 @@ def test_measuring_refuses_a_reference_fallback(monkeypatch):
     monkeypatch.setattr(ft, "kernel_fn", falls_back)
     monkeypatch.setattr(ft, "example_inputs", lambda key, rng: (rng.standard_normal((8, 128)).astype("float32"),),
                         raising=False)
-    with pytest.raises(UserWarning, match="using reference"):
+    with pytest.raises(KernelFallbackWarning):
         measure_on_device("fake", KEY, {"block_q": 8}, runs=2, rotations=1)
