@@ -111,6 +111,17 @@ class BlockConfig:
         return dataclasses.asdict(self)
 
 
+def own_block_sizes(config: type, block_sizes: object) -> object:
+    """The caller's block sizes when they are `config`'s (an instance, or a dict of its fields), else
+    None: sizes written for another backend (a TPU dict on a GPU) never reach this backend's kernel,
+    which then reads its own table."""
+    if isinstance(block_sizes, config):
+        return block_sizes
+    if isinstance(block_sizes, Mapping) and set(block_sizes) <= {f.name for f in dataclasses.fields(config)}:
+        return block_sizes
+    return None
+
+
 def vmem_limit_bytes(needed: int, generation: str | None) -> int | None:
     """The scoped-VMEM limit to compile a kernel needing `needed` bytes with on `generation`.
 
@@ -146,21 +157,6 @@ def device_backend() -> tuple[str | None, str | None]:
         return chip(generation).kind, generation
     platform = jax.devices()[0].platform
     return (platform if platform in BACKENDS else None), None
-
-
-_warned: set[str] = set()
-
-
-def warn_fallback(message: str, *, stacklevel: int = 3) -> None:
-    """A KernelFallbackWarning, once per message in this process."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, KernelFallbackWarning, stacklevel=stacklevel)
-
-
-def clear_warnings() -> None:
-    """Forget which fallback warnings were given (tests)."""
-    _warned.clear()
 
 
 def dispatch[T](op: str, *, implementation: str | None, interpret: Any,
@@ -201,5 +197,6 @@ def dispatch[T](op: str, *, implementation: str | None, interpret: Any,
 def _fall_back[T](message: str, implementation: str | None, reference: Callable[[], T]) -> T:
     if implementation == "pallas":
         raise NotImplementedError(f"{message} (implementation='pallas')")
-    warn_fallback(f"{message}; running the XLA reference", stacklevel=4)
+    # Python's default warning filter shows it once per call site and message
+    warnings.warn(f"{message}; running the XLA reference", KernelFallbackWarning, stacklevel=4)
     return reference()

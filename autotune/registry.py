@@ -1,8 +1,11 @@
 """Which kernel families have tables, and where each backend's tuning module lives (imported lazily:
-no cycles). Each module implements autotune.protocol.TuningModule."""
+no cycles). Each implements autotune.protocol.TuningModule: a GPU module defines what is its own
+(block sizes, memory estimate, cost) and takes the rest (key, inputs, reference, presets, bench
+cases) from its family's TPU module."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -16,7 +19,30 @@ KERNEL_MODULES: dict[str, dict[str, str] | str] = {
 }
 
 
-def tuning_module(kernel: str, generation: str | None = None) -> ModuleType:
+class BackendModule:
+    """A backend's tuning module over its family's (the TPU module): the backend's names win."""
+
+    def __init__(self, backend: ModuleType, family: ModuleType) -> None:
+        self.backend, self.family = backend, family
+        self.__name__ = backend.__name__
+
+    def __getattr__(self, name: str) -> object:
+        # read at each use, so a test that patches either module is seen
+        try:
+            return getattr(self.backend, name)
+        except AttributeError:
+            return getattr(self.family, name)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(dir(self.backend)) | set(dir(self.family)))
+
+
+@functools.cache
+def _combined(backend: str, family: str) -> BackendModule:
+    return BackendModule(importlib.import_module(backend), importlib.import_module(family))
+
+
+def tuning_module(kernel: str, generation: str | None = None) -> ModuleType | BackendModule:
     """The tuning module of `kernel` for `generation`'s backend (None: the TPU one).
 
     Raises ValueError naming the kernel when it is not registered."""
@@ -27,4 +53,6 @@ def tuning_module(kernel: str, generation: str | None = None) -> ModuleType:
     if isinstance(modules, str):
         return importlib.import_module(modules)
     backend = "tpu" if generation is None else chip(generation).kind
-    return importlib.import_module(modules[backend])
+    if backend == "tpu":
+        return importlib.import_module(modules["tpu"])
+    return _combined(modules[backend], modules["tpu"])

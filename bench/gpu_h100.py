@@ -19,6 +19,7 @@ writes results JSON to $OUT (or --out).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,6 +31,8 @@ import warnings
 
 import numpy as np
 
+from reference import rel_error
+
 RESULTS: dict = {"sections": {}, "errors": {}}
 ROWS: list[tuple] = []  # (section, name, ms, figure, unit, note)
 
@@ -38,10 +41,10 @@ def log(*a):
     print(*a, flush=True)
 
 
-def rel_err(x, ref):
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+def failed(key, err, keep=2000):
+    """Record a failure (the traceback's tail in RESULTS["errors"][key]) and log it; the run goes on."""
+    RESULTS["errors"][key] = traceback.format_exc()[-keep:]
+    log(f"  {key} FAILED: {type(err).__name__}: {str(err)[:300]}")
 
 
 def timeit(f, *args, iters=20):
@@ -85,6 +88,21 @@ def record(section, name, ms, figure, unit, note=""):
     RESULTS["sections"].setdefault(section, []).append(
         dict(name=name, ms=ms, figure=figure, unit=unit, note=note))
     log(f"  {section:5s} {name:52s} {ms:9.4f} ms  {figure:8.1f} {unit} {note}")
+
+
+def measure(section, name, f, args, ref, work, unit, *, iters=10, index=None, key=None, keep=2000):
+    """Run f(*args) (its output, or output[index]) against ref, time it and record the row with
+    figure work / ms / 1e9 in `unit`. Returns (ms, rel. error), or None when it failed (recorded
+    under RESULTS["errors"][key or name])."""
+    try:
+        out = f(*args)
+        err = rel_error(out if index is None else out[index], ref)
+        ms, how = timeit(f, *args, iters=iters)
+        record(section, name, ms, work / ms / 1e9, unit, f"err {err:.1e} {how}")
+        return ms, err
+    except Exception as e:  # noqa: BLE001
+        failed(key or name, e, keep)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,7 +161,7 @@ def _rpa_correctness(rg, rpa_ref, rng):
             args["cu_q_lens"], args["distribution"], sinks=None if sinks is None else jnp.asarray(sinks),
             block_sizes=c["bs"], **c["kw"])
         o = np.asarray(o.astype(jnp.float32))
-        err = rel_err(o, ref_out)
+        err = rel_error(o, ref_out)
         nan = int(np.isnan(o).sum())
         # cache: compare the slots the reference wrote (bf16 exact)
         cache = np.asarray(cache.astype(jnp.float32))
@@ -152,6 +170,92 @@ def _rpa_correctness(rg, rpa_ref, rng):
         out.append(dict(case=c["name"], rel_err=err, nan=nan, cache_exact=cache_ok))
         log(f"  rpa check {c['name']:40s} rel_err {err:.2e} nan {nan} cache_exact {cache_ok}")
     return out
+
+
+def _rpa_kv_write(rg, cache, knew, kv_lens, page_indices, cu, dist):
+    """The new-token KV write (XLA scatter, cache donated so it runs in place), wall clock per call, and
+    its kernels alone (CUPTI). Returns the cache (donated calls replace it)."""
+    import jax
+
+    b, hkv, d = knew.shape
+    wkv = jax.jit(rg.write_new_kv, donate_argnums=0)
+    for _ in range(3):
+        cache = wkv(cache, knew, knew, kv_lens, page_indices, cu, dist)
+    jax.block_until_ready(cache)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        cache = wkv(cache, knew, knew, kv_lens, page_indices, cu, dist)
+    jax.block_until_ready(cache)
+    ms = (time.perf_counter() - t0) * 1e3 / 20
+    record("rpa", "ours KV write (XLA scatter, donated), wall", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s")
+    # kernel time of the scatter alone: not donated (XLA then copies the cache first); the
+    # per-kernel breakdown separates the copy from the scatter kernels.
+    kb = kernel_breakdown(jax.jit(rg.write_new_kv), cache, knew, knew, kv_lens, page_indices, cu, dist)
+    RESULTS["rpa_kv_write_kernels"] = kb
+    ms = sum(t for name, t in kb if "copy" not in name.lower() and "memcpy" not in name.lower())
+    record("rpa", "ours KV write kernels (XLA scatter), cupti", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s",
+           "; ".join(f"{n[:24]} {t * 1e3:.1f}us" for n, t in kb))
+    return cache
+
+
+def _xla_decode(q, cache, page_indices, kv_lens, *, scale, f32=False):
+    """XLA gather + softmax decode (the peer; with f32, the float32-HIGHEST reference):
+    q [B, Hq, D], cache [P, 2, Hkv, ps, D] -> [B, Hq, D]."""
+    import jax
+    import jax.numpy as jnp
+
+    b, hq, d = q.shape
+    hkv, ps = cache.shape[2], cache.shape[3]
+    length = page_indices.shape[1] * ps
+    kv = cache[page_indices]  # [B, pps, 2, Hkv, ps, D]
+    kk = kv[:, :, 0].transpose(0, 2, 1, 3, 4).reshape(b, hkv, length, d)
+    vv = kv[:, :, 1].transpose(0, 2, 1, 3, 4).reshape(b, hkv, length, d)
+    qq = q.reshape(b, hkv, hq // hkv, d)
+    if f32:
+        qq, kk, vv = (t.astype(jnp.float32) for t in (qq, kk, vv))
+    prec = jax.lax.Precision.HIGHEST if f32 else None
+    s = jnp.einsum("bhgd,bhsd->bhgs", qq, kk, preferred_element_type=jnp.float32, precision=prec) * scale
+    mask = jnp.arange(length)[None, None, None] < kv_lens[:, None, None, None]
+    s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("bhgs,bhsd->bhgd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32, precision=prec)
+    return o.reshape(b, hq, d).astype(q.dtype)
+
+
+def _rpa_decode_fn(rg, bs, cu, dist, *, num_kv_heads, scale):
+    """Our decode path (token metadata, the partials kernel with block sizes bs, the combine), jitted."""
+    import jax
+
+    @jax.jit
+    def f(q, cache, page_indices, kv_lens):
+        b, hq, d = q.shape
+        tok_seq, tok_end = rg.token_metadata(kv_lens, cu, dist, b)
+        o, lse = rg.paged_attention_partials(q.reshape(b * hq, d), cache, tok_seq, tok_end, page_indices,
+                                             num_q_heads=hq, sm_scale=scale, block_sizes=bs)
+        return rg.combine_partials(o, lse, num_tokens=b, num_kv_heads=num_kv_heads, group=hq // num_kv_heads,
+                                   out_dtype=q.dtype)
+    return f
+
+
+def _rpa_triton_peer(args, q, cache, page_indices, kv_lens, ref, kv_bytes, scale):
+    """jax's Pallas GPU (Triton) paged_attention, layout [Hkv, P, ps, D], per configuration."""
+    import jax
+    import jax.numpy as jnp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+    k_pages = jnp.transpose(cache[:, 0], (1, 0, 2, 3))
+    v_pages = jnp.transpose(cache[:, 1], (1, 0, 2, 3))
+    peer_cfgs = [(8, 16), (16, 16), (8, 32), (16, 8), (4, 32)]
+    if args.quick:
+        peer_cfgs = peer_cfgs[:2]
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the peer applies no softmax scale
+    for ppcb, ks in peer_cfgs:
+        f = jax.jit(functools.partial(jpa.paged_attention, block_h=16, pages_per_compute_block=ppcb, k_splits=ks,
+                                      num_warps=4, num_stages=2))
+        measure("rpa", f"peer jax Pallas-GPU paged_attention ppcb{ppcb} ks{ks}", f,
+                (qs, k_pages, v_pages, page_indices, kv_lens), ref, kv_bytes, "TB/s", keep=1500)
 
 
 def section_rpa(args):
@@ -180,61 +284,14 @@ def section_rpa(args):
     kv_bytes = b * ctx * hkv * d * 2 * 2
     scale = 1.0 / math.sqrt(d)
 
-    # the new-token KV write (XLA scatter, cache donated so it runs in place), wall clock per call
     try:
-        knew = jax.random.normal(k1, (b, hkv, d), jnp.bfloat16)
-        wkv = jax.jit(rg.write_new_kv, donate_argnums=0)
-        for _ in range(3):
-            cache = wkv(cache, knew, knew, kv_lens, page_indices, cu, dist)
-        jax.block_until_ready(cache)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            cache = wkv(cache, knew, knew, kv_lens, page_indices, cu, dist)
-        jax.block_until_ready(cache)
-        ms = (time.perf_counter() - t0) * 1e3 / 20
-        record("rpa", "ours KV write (XLA scatter, donated), wall", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s")
-        # kernel time of the scatter alone: not donated (XLA then copies the cache first); the
-        # per-kernel breakdown separates the copy from the scatter kernels.
-        kb = kernel_breakdown(jax.jit(rg.write_new_kv), cache, knew, knew, kv_lens, page_indices, cu, dist)
-        RESULTS["rpa_kv_write_kernels"] = kb
-        ms = sum(t for name, t in kb if "copy" not in name.lower() and "memcpy" not in name.lower())
-        record("rpa", "ours KV write kernels (XLA scatter), cupti", ms, 2 * b * hkv * d * 2 / ms / 1e6, "GB/s",
-               "; ".join(f"{n[:24]} {t * 1e3:.1f}us" for n, t in kb))
+        cache = _rpa_kv_write(rg, cache, jax.random.normal(k1, (b, hkv, d), jnp.bfloat16), kv_lens, page_indices,
+                              cu, dist)
     except Exception as e:  # noqa: BLE001
-        RESULTS["errors"]["rpa kv write"] = traceback.format_exc()[-2000:]
-        log(f"  rpa kv write FAILED: {type(e).__name__}: {str(e)[:300]}")
+        failed("rpa kv write", e)
 
-    # XLA gather + softmax (peer, and the f32 reference for correctness)
-    def xla_decode(q, cache, page_indices, kv_lens, f32=False):
-        kv = cache[page_indices]  # [B, pps, 2, Hkv, ps, D]
-        kk = kv[:, :, 0].transpose(0, 2, 1, 3, 4).reshape(b, hkv, pps * ps, d)
-        vv = kv[:, :, 1].transpose(0, 2, 1, 3, 4).reshape(b, hkv, pps * ps, d)
-        qq = q.reshape(b, hkv, hq // hkv, d)
-        if f32:
-            qq, kk, vv = (t.astype(jnp.float32) for t in (qq, kk, vv))
-        prec = jax.lax.Precision.HIGHEST if f32 else None
-        s = jnp.einsum("bhgd,bhsd->bhgs", qq, kk, preferred_element_type=jnp.float32, precision=prec) * scale
-        mask = jnp.arange(pps * ps)[None, None, None] < kv_lens[:, None, None, None]
-        s = jnp.where(mask, s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1)
-        o = jnp.einsum("bhgs,bhsd->bhgd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32,
-                       precision=prec)
-        return o.reshape(b, hq, d).astype(q.dtype)
-
-    ref = np.asarray(jax.jit(functools_partial(xla_decode, f32=True))(q, cache, page_indices, kv_lens)
+    ref = np.asarray(jax.jit(functools.partial(_xla_decode, scale=scale, f32=True))(q, cache, page_indices, kv_lens)
                      .astype(jnp.float32))
-
-    def ours_fn(bs):
-        @jax.jit
-        def f(q, cache, page_indices, kv_lens):
-            tok_seq, tok_end = rg.token_metadata(kv_lens, cu, dist, b)
-            q2d = q.reshape(b * hq, d)
-            o, lse = rg.paged_attention_partials(q2d, cache, tok_seq, tok_end, page_indices, num_q_heads=hq,
-                                                 sm_scale=scale, block_sizes=bs)
-            return rg.combine_partials(o, lse, num_tokens=b, num_kv_heads=hkv, group=hq // hkv,
-                                       out_dtype=q.dtype)
-        return f
-
     configs = [(128, 2, 1), (128, 2, 2), (64, 4, 1), (64, 4, 2), (64, 5, 2), (128, 1, 2), (256, 1, 2)]
     if args.quick:
         configs = configs[:3]
@@ -242,66 +299,21 @@ def section_rpa(args):
         configs = configs[:1]
     best = None
     for cfg in configs:
-        bs = rg.DecodeBlockSizes(*cfg)
         name = f"ours bkv{cfg[0]} st{cfg[1]} sp{cfg[2]}"
-        try:
-            f = ours_fn(bs)
-            o = np.asarray(f(q, cache, page_indices, kv_lens).astype(jnp.float32))
-            err = rel_err(o, ref)
-            ms, how = timeit(f, q, cache, page_indices, kv_lens, iters=10)
-            record("rpa", name, ms, kv_bytes / ms / 1e9, "TB/s", f"err {err:.1e} {how}")
-            if err < 2e-2 and (best is None or ms < best[0]):
-                best = (ms, cfg)
-        except Exception as e:  # noqa: BLE001
-            RESULTS["errors"][f"rpa {name}"] = traceback.format_exc()[-2000:]
-            log(f"  rpa {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+        f = _rpa_decode_fn(rg, rg.GpuBlockSizes(*cfg), cu, dist, num_kv_heads=hkv, scale=scale)
+        got = measure("rpa", name, f, (q, cache, page_indices, kv_lens), ref, kv_bytes, "TB/s", key=f"rpa {name}")
+        if got is not None and got[1] < 2e-2 and (best is None or got[0] < best[0]):
+            best = (got[0], cfg)
     RESULTS["rpa_best"] = best
 
     if args.lite:
         return
-    # peer: XLA gather + softmax
+    measure("rpa", "peer XLA gather+softmax", jax.jit(functools.partial(_xla_decode, scale=scale)),
+            (q, cache, page_indices, kv_lens), ref, kv_bytes, "TB/s", iters=5, key="rpa xla")
     try:
-        f = jax.jit(xla_decode)
-        o = np.asarray(f(q, cache, page_indices, kv_lens).astype(jnp.float32))
-        ms, how = timeit(f, q, cache, page_indices, kv_lens, iters=5)
-        record("rpa", "peer XLA gather+softmax", ms, kv_bytes / ms / 1e9, "TB/s",
-               f"err {rel_err(o, ref):.1e} {how}")
+        _rpa_triton_peer(args, q, cache, page_indices, kv_lens, ref, kv_bytes, scale)
     except Exception as e:  # noqa: BLE001
-        RESULTS["errors"]["rpa xla"] = traceback.format_exc()[-2000:]
-        log(f"  rpa xla FAILED: {type(e).__name__}: {str(e)[:300]}")
-
-    # peer: jax's Pallas GPU (Triton) paged_attention, layout [Hkv, P, ps, D]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from jax.experimental.pallas.ops.gpu import paged_attention as jpa
-        k_pages = jnp.transpose(cache[:, 0], (1, 0, 2, 3))
-        v_pages = jnp.transpose(cache[:, 1], (1, 0, 2, 3))
-        del cache
-        peer_cfgs = [(8, 16), (16, 16), (8, 32), (16, 8), (4, 32)]
-        if args.quick:
-            peer_cfgs = peer_cfgs[:2]
-        for ppcb, ks in peer_cfgs:
-            name = f"peer jax Pallas-GPU paged_attention ppcb{ppcb} ks{ks}"
-            try:
-                f = jax.jit(functools_partial(jpa.paged_attention, block_h=16, pages_per_compute_block=ppcb,
-                                              k_splits=ks, num_warps=4, num_stages=2))
-                qs = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the peer applies no softmax scale
-                o = np.asarray(f(qs, k_pages, v_pages, page_indices, kv_lens).astype(jnp.float32))
-                ms, how = timeit(f, qs, k_pages, v_pages, page_indices, kv_lens, iters=10)
-                record("rpa", name, ms, kv_bytes / ms / 1e9, "TB/s", f"err {rel_err(o, ref):.1e} {how}")
-            except Exception as e:  # noqa: BLE001
-                RESULTS["errors"][name] = traceback.format_exc()[-1500:]
-                log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
-    except Exception as e:  # noqa: BLE001
-        RESULTS["errors"]["rpa triton peer"] = traceback.format_exc()[-2000:]
-        log(f"  rpa triton peer FAILED: {type(e).__name__}: {str(e)[:300]}")
-
-
-def functools_partial(f, *a, **k):
-    import functools
-
-    return functools.partial(f, *a, **k)
+        failed("rpa triton peer", e)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,6 +331,7 @@ def section_gmm(args):
     import jax.numpy as jnp
 
     from moe import gpu as mg
+    from reference.gmm import gmm as reference_gmm
 
     rng = np.random.default_rng(int(time.time()) + 1)
 
@@ -328,21 +341,16 @@ def section_gmm(args):
         sizes = np.asarray([100, 0, 200, 150, 90], np.int32)  # sum 540 < 640
         lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         rhs = jnp.asarray(rng.standard_normal((2, k, n)), jnp.bfloat16)
-        import importlib
-
-        gref = importlib.import_module("reference.gmm")
-
         for off in (0, 2):
-            r = gref.gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), jnp.asarray(sizes), group_offset=off)
+            r = reference_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), jnp.asarray(sizes), group_offset=off)
             for bs in (mg.GmmBlockSizes(tile_m=64, tile_n=128, wg_dim="m", num_stages=3),
                        mg.GmmBlockSizes(tile_m=128, tile_n=128, num_stages=3)):
                 o = mg.gmm_gpu(lhs, rhs, jnp.asarray(sizes), group_offset=off, block_sizes=bs)
-                err = rel_err(np.asarray(o.astype(jnp.float32)), np.asarray(r))
+                err = rel_error(np.asarray(o.astype(jnp.float32)), np.asarray(r))
                 RESULTS.setdefault("gmm_checks", []).append(dict(offset=off, bs=str(bs), rel_err=err))
                 log(f"  gmm check offset {off} {bs.wg_dim} tm{bs.tile_m}: rel_err {err:.2e}")
     except Exception as e:  # noqa: BLE001
-        RESULTS["errors"]["gmm small"] = traceback.format_exc()[-2000:]
-        log(f"  gmm small FAILED: {type(e).__name__}: {str(e)[:300]}")
+        failed("gmm small", e)
 
     try:
         from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu as jrd
@@ -377,35 +385,15 @@ def section_gmm(args):
             for cfg in cfgs:
                 bs = mg.GmmBlockSizes(**cfg)
                 name = f"ours {tag} {bs.wg_dim} {bs.tile_m}x{bs.tile_n} st{bs.num_stages} w{bs.grid_tile_width}"
-                try:
-                    f = jax.jit(functools_partial(mg.gmm_gpu, block_sizes=bs))
-                    o = np.asarray(f(lhs, rhs, gs).astype(jnp.float32))
-                    err = rel_err(o, ref)
-                    ms, how = timeit(f, lhs, rhs, gs, iters=10)
-                    record("gmm", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {err:.1e} {how}")
-                except Exception as ex:  # noqa: BLE001
-                    RESULTS["errors"][name] = traceback.format_exc()[-2000:]
-                    log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
-            try:
-                f = jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g))
-                o = np.asarray(f(lhs, rhs, gs).astype(jnp.float32))
-                ms, how = timeit(f, lhs, rhs, gs, iters=5)
-                record("gmm", f"peer jax.lax.ragged_dot {tag}", ms, flops / ms / 1e9, "TFLOP/s",
-                       f"err {rel_err(o, ref):.1e} {how}")
-            except Exception as ex:  # noqa: BLE001
-                RESULTS["errors"][f"gmm xla {tag}"] = traceback.format_exc()[-1500:]
-                log(f"  gmm xla FAILED: {type(ex).__name__}: {str(ex)[:300]}")
+                measure("gmm", name, jax.jit(functools.partial(mg.gmm_gpu, block_sizes=bs)), (lhs, rhs, gs), ref,
+                        flops, "TFLOP/s")
+            measure("gmm", f"peer jax.lax.ragged_dot {tag}", jax.jit(lambda a, b, g: jax.lax.ragged_dot(a, b, g)),
+                    (lhs, rhs, gs), ref, flops, "TFLOP/s", iters=5, key=f"gmm xla {tag}", keep=1500)
             if jrd is not None:
                 for pc in (peer_cfgs[e][:1] if args.quick else peer_cfgs[e]):
-                    name = f"peer jax mgpu ragged_dot {tag} bm{pc['block_m']} bn{pc['block_n']}"
-                    try:
-                        f = jax.jit(lambda a, b, g, pc=pc: jrd.ragged_dot(a, b, group_sizes=g, **pc))
-                        o = np.asarray(f(lhs, rhs, gs).astype(jnp.float32))
-                        ms, how = timeit(f, lhs, rhs, gs, iters=10)
-                        record("gmm", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")
-                    except Exception as ex:  # noqa: BLE001
-                        RESULTS["errors"][name] = traceback.format_exc()[-1500:]
-                        log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:200]}")
+                    measure("gmm", f"peer jax mgpu ragged_dot {tag} bm{pc['block_m']} bn{pc['block_n']}",
+                            jax.jit(lambda a, b, g, pc=pc: jrd.ragged_dot(a, b, group_sizes=g, **pc)),
+                            (lhs, rhs, gs), ref, flops, "TFLOP/s", keep=1500)
         del lhs, rhs
 
 
@@ -463,50 +451,33 @@ def section_qmm(args):
             cfgs = cfgs[:1]
         if args.qmm_cfgs:
             cfgs = json.loads(args.qmm_cfgs)
-        best_q = None
-        for cfg in cfgs:
-            name = (f"ours {fmt} tk{cfg['tk']} st{cfg['num_stages']} c{cfg['consumers']}x{cfg['tn']} "
-                    f"ks{cfg['k_splits']} b{1 if cfg.get('double_buffer') is False else 2} {cfg.get('load_layout')}")
-            try:
-                g = functools_partial(qg.quantized_matmul_decode, fmt=fmt, block_sizes=cfg)
-                one = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
-                o = np.asarray(one(x, packed[0])[0].astype(jnp.float32))
-                err = rel_err(o, ref)
-                f = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
-                ms, how = timeit(f, x, *packed, iters=10)
-                ms /= nsets
-                record("qmm", name, ms, ms_bf16 / ms, "x vs bf16", f"err {err:.1e} {how}")
-                if best_q is None or ms < best_q[0]:
-                    best_q = (ms, name, one)
-            except Exception as ex:  # noqa: BLE001
-                RESULTS["errors"][name] = traceback.format_exc()[-2000:]
-                log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
         # K-major weights ([N, Kp], prepared once): the tile is widened straight into wgmma's A registers
         nk_cfgs = json.loads(args.qmm_nk_cfgs) if args.qmm_nk_cfgs else [
             dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
             dict(tk=128, num_stages=6, consumers=2, k_splits=2, tn=64),
             dict(tk=128, num_stages=4, consumers=2, k_splits=4, tn=128)]
-        packed_nk = [qg.prepare_weights_nk(v) for v in packed]
-        for cfg in nk_cfgs:
-            name = (f"ours {fmt} K-major tk{cfg['tk']} st{cfg['num_stages']} c{cfg['consumers']}x{cfg['tn']} "
-                    f"ks{cfg['k_splits']} {cfg.get('load_layout')}")
-            try:
-                g = functools_partial(qg.quantized_matmul_decode_nk, fmt=fmt, block_sizes=cfg)
-                one = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
-                o = np.asarray(one(x, packed_nk[0])[0].astype(jnp.float32))
-                err = rel_err(o, ref)
-                f = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
-                ms, how = timeit(f, x, *packed_nk, iters=10)
-                ms /= nsets
-                record("qmm", name, ms, ms_bf16 / ms, "x vs bf16", f"err {err:.1e} {how}")
-                if best_q is None or ms < best_q[0]:
-                    best_q = (ms, name, one, packed_nk[1])
-            except Exception as ex:  # noqa: BLE001
-                RESULTS["errors"][name] = traceback.format_exc()[-2000:]
-                log(f"  {name} FAILED: {type(ex).__name__}: {str(ex)[:300]}")
-        del packed_nk
+        best_q = None
+        for kernel, prepare, layout_cfgs in ((qg.quantized_matmul_decode, None, cfgs),
+                                             (qg.quantized_matmul_decode_nk, qg.prepare_weights_nk, nk_cfgs)):
+            weights = packed if prepare is None else [prepare(v) for v in packed]
+            for cfg in layout_cfgs:
+                layout = (f"b{1 if cfg.get('double_buffer') is False else 2} " if prepare is None else "")
+                name = (f"ours {fmt}{'' if prepare is None else ' K-major'} tk{cfg['tk']} st{cfg['num_stages']} "
+                        f"c{cfg['consumers']}x{cfg['tn']} ks{cfg['k_splits']} {layout}{cfg.get('load_layout')}")
+                try:
+                    g = functools.partial(kernel, fmt=fmt, block_sizes=cfg)
+                    f = rot(lambda x, w, g=g, scales=scales: g(x, w, scales))
+                    err = rel_error(f(x, weights[0])[0], ref)
+                    ms, how = timeit(f, x, *weights, iters=10)
+                    ms /= nsets
+                    record("qmm", name, ms, ms_bf16 / ms, "x vs bf16", f"err {err:.1e} {how}")
+                    if best_q is None or ms < best_q[0]:
+                        best_q = (ms, name, f, weights[1])
+                except Exception as ex:  # noqa: BLE001
+                    failed(name, ex)
+            del weights
         if best_q is not None:
-            kb = kernel_breakdown(best_q[2], x, best_q[3] if len(best_q) > 3 else packed[1])
+            kb = kernel_breakdown(best_q[2], x, best_q[3])
             RESULTS.setdefault("qmm_kernels", {})[best_q[1]] = kb
             log(f"  kernels of {best_q[1]}: " + "; ".join(f"{n[:40]} {t * 1e3:.1f}us" for n, t in kb))
         del vals, packed
@@ -552,40 +523,23 @@ def section_prefill(args):
         return jnp.einsum("hts,shd->thd", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32,
                           precision=prec).astype(q.dtype)
 
-    ref = np.asarray(jax.jit(functools_partial(dense, f32=True))(q, k, v).astype(jnp.float32))
+    ref = np.asarray(jax.jit(functools.partial(dense, f32=True))(q, k, v).astype(jnp.float32))
     filled = jax.jit(rg.write_new_kv)(cache, k, v, kv_lens, page_indices, cu, dist)
     for bkv, st, pp in [(128, 2, False), (128, 2, True), (64, 2, False), (64, 3, False), (64, 3, True),
                         (64, 4, False), (128, 1, False)]:
         name = f"ours prefill kernel bkv{bkv} st{st}{' pingpong' if pp else ''}"
-        try:
-            f = jax.jit(functools_partial(gp.prefill_attention, sm_scale=scale, block_kv=bkv, num_stages=st,
-                                          pingpong=pp))
-            o = np.asarray(f(q, filled, kv_lens, page_indices, cu, dist)[0])
-            ms, how = timeit(f, q, filled, kv_lens, page_indices, cu, dist, iters=10)
-            record("pre", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")
-        except Exception as e:  # noqa: BLE001
-            RESULTS["errors"][f"prefill {name}"] = traceback.format_exc()[-2000:]
-            log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
-    try:  # the whole public step: KV write, both kernels (decode CTAs exit), gathers
-        f = jax.jit(lambda q, k, v, c: rg.ragged_paged_attention_gpu(q, k, v, c, kv_lens, page_indices, cu, dist))
-        o = np.asarray(f(q, k, v, cache)[0].astype(jnp.float32))
-        ms, how = timeit(f, q, k, v, cache, iters=10)
-        record("pre", "ours public ragged_paged_attention_gpu step", ms, flops / ms / 1e9, "TFLOP/s",
-               f"err {rel_err(o, ref):.1e} {how}")
-    except Exception as e:  # noqa: BLE001
-        RESULTS["errors"]["prefill public"] = traceback.format_exc()[-2000:]
-        log(f"  prefill public FAILED: {type(e).__name__}: {str(e)[:300]}")
+        f = jax.jit(functools.partial(gp.prefill_attention, sm_scale=scale, block_kv=bkv, num_stages=st, pingpong=pp))
+        measure("pre", name, f, (q, filled, kv_lens, page_indices, cu, dist), ref, flops, "TFLOP/s", index=0,
+                key=f"prefill {name}")
+    # the whole public step: KV write, both kernels (decode CTAs exit), gathers
+    f = jax.jit(lambda q, k, v, c: rg.ragged_paged_attention_gpu(q, k, v, c, kv_lens, page_indices, cu, dist))
+    measure("pre", "ours public ragged_paged_attention_gpu step", f, (q, k, v, cache), ref, flops, "TFLOP/s",
+            index=0, key="prefill public")
     for impl in ("cudnn", "xla"):
-        name = f"peer jax.nn.dot_product_attention {impl} (dense, causal)"
-        try:
-            f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, scale=scale, implementation=impl)[0])
-            o = np.asarray(f(q, k, v).astype(jnp.float32))
-            ms, how = timeit(f, q, k, v, iters=10)
-            record("pre", name, ms, flops / ms / 1e9, "TFLOP/s", f"err {rel_err(o, ref):.1e} {how}")
-        except Exception as e:  # noqa: BLE001
-            RESULTS["errors"][name] = traceback.format_exc()[-1500:]
-            log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
+        f = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, scale=scale, implementation=impl)[0])
+        measure("pre", f"peer jax.nn.dot_product_attention {impl} (dense, causal)", f, (q, k, v), ref, flops,
+                "TFLOP/s", keep=1500)
 
 
 def section_w8a8(args):
@@ -610,17 +564,10 @@ def section_w8a8(args):
         ref = np.asarray(jax.jit(lambda x, qw=qw, fmt=fmt: quantized_matmul_qt(
             x, qw, act_quant=fmt, out_dtype=jnp.float32))(x))
         for cfg in cfgs:
-            name = f"ours w8a8 {fmt} {cfg or 'default'}"
-            try:
-                f = jax.jit(lambda x, v, cfg=cfg, qw=qw, fmt=fmt: wg.quantized_matmul_w8a8(
-                    x, qw, act_quant=fmt, values_nk=v, block_sizes=cfg))
-                o = np.asarray(f(x, nk).astype(jnp.float32))
-                ms, how = timeit(f, x, nk, iters=10)
-                record("w8a8", name, ms, flops / ms / 1e9, "TOPS" if fmt == "int8" else "TFLOP/s",
-                       f"err {rel_err(o, ref):.1e} {how}")
-            except Exception as e:  # noqa: BLE001
-                RESULTS["errors"][name] = traceback.format_exc()[-2000:]
-                log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+            f = jax.jit(lambda x, v, cfg=cfg, qw=qw, fmt=fmt: wg.quantized_matmul_w8a8(
+                x, qw, act_quant=fmt, values_nk=v, block_sizes=cfg))
+            measure("w8a8", f"ours w8a8 {fmt} {cfg or 'default'}", f, (x, nk), ref, flops,
+                    "TOPS" if fmt == "int8" else "TFLOP/s")
         name = f"peer XLA {fmt} dot (operands pre-quantized)"
         try:
             xq = x.astype(qw.values.dtype) if fmt != "int8" else jnp.clip(jnp.round(x * 20), -127, 127).astype(jnp.int8)
@@ -629,8 +576,7 @@ def section_w8a8(args):
             ms, how = timeit(f, xq, qw.values, iters=10)
             record("w8a8", name, ms, flops / ms / 1e9, "TOPS" if fmt == "int8" else "TFLOP/s", how)
         except Exception as e:  # noqa: BLE001
-            RESULTS["errors"][name] = traceback.format_exc()[-1500:]
-            log(f"  {name} FAILED: {type(e).__name__}: {str(e)[:200]}")
+            failed(name, e, keep=1500)
 
 
 def main(argv=None):

@@ -19,9 +19,9 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ DATASETS = {"128/128": (128, 128), "1024/128": (1024, 128), "1024/1024": (1024, 
 
 @dataclasses.dataclass
 class RequestResult:
+    """One request's outcome: token counts, time to first token, end to end, inter-token latencies (s)."""
+
     ok: bool
     prompt_tokens: int
     output_tokens: int = 0
@@ -41,13 +43,20 @@ class RequestResult:
 
     @property
     def tpot(self) -> float | None:
+        """Time per output token after the first (s); None for a failed or one-token request."""
         if not self.ok or self.output_tokens < 2 or self.ttft is None:
             return None
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
 def parse_dataset(spec: str) -> tuple[int, int]:
-    """'1024/128' -> (1024, 128); any 'IN/OUT' pair of positive ints is accepted."""
+    """'1024/128' -> (1024, 128); any 'IN/OUT' pair of positive ints is accepted.
+
+    Args:
+      spec: "IN/OUT" token counts.
+    Returns:
+      (input tokens, output tokens).
+    """
     if spec in DATASETS:
         return DATASETS[spec]
     m = re.fullmatch(r"(\d+)/(\d+)", spec)
@@ -56,15 +65,35 @@ def parse_dataset(spec: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def synthetic_prompts(num: int, input_len: int, vocab_size: int, seed: int, *, special_ids=()) -> list[list[int]]:
-    """`num` prompts of exactly `input_len` token ids drawn uniformly from the vocabulary (no specials)."""
+def synthetic_prompts(num: int, input_len: int, vocab_size: int, seed: int, *,
+                      special_ids: Iterable[int] = ()) -> list[list[int]]:
+    """`num` prompts of exactly `input_len` token ids drawn uniformly from the vocabulary (no specials).
+
+    Args:
+      num: prompts.
+      input_len: tokens per prompt.
+      vocab_size: token ids are drawn from [0, vocab_size).
+      seed: the generator's seed.
+      special_ids: ids never drawn.
+    Returns:
+      The prompts as lists of token ids.
+    """
     rng = np.random.default_rng(seed)
     allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(list(special_ids), dtype=np.int64))
     return [rng.choice(allowed, size=input_len).tolist() for _ in range(num)]
 
 
 def arrival_times(num: int, rate: float, burstiness: float, seed: int) -> np.ndarray:
-    """Send offsets (s): gamma inter-arrivals with mean 1/rate; burstiness 1 = Poisson; rate inf = all at 0."""
+    """Send offsets (s): gamma inter-arrivals with mean 1/rate; burstiness 1 = Poisson; rate inf = all at 0.
+
+    Args:
+      num: requests.
+      rate: requests per second (inf: all at once).
+      burstiness: the gamma shape (1: Poisson; < 1: burstier).
+      seed: the generator's seed.
+    Returns:
+      The offsets, starting at 0.
+    """
     if math.isinf(rate):
         return np.zeros(num)
     if rate <= 0 or burstiness <= 0:
@@ -118,7 +147,9 @@ async def _one_request(session, url: str, model: str, prompt: list[int], max_tok
     return res
 
 
-async def _run(base_url, model, prompts, max_tokens, offsets, timeout, max_concurrency, progress):
+async def _run(base_url: str, model: str, prompts: list[list[int]], max_tokens: int, offsets: np.ndarray,
+               timeout: float, max_concurrency: int | None,
+               progress: Callable[[int, int], None] | None) -> tuple[list[RequestResult], float]:
     import aiohttp
 
     url = base_url.rstrip("/") + "/v1/completions"
@@ -156,6 +187,16 @@ def _stats(values: list[float], scale: float = 1e3) -> dict:
 
 
 def summarize(results: list[RequestResult], duration: float, *, ttft_slo_ms: float, tpot_slo_ms: float) -> dict:
+    """Counts, throughputs, goodput and latency statistics (ms) of one run.
+
+    Args:
+      results: every request's result.
+      duration: the run's wall time (s).
+      ttft_slo_ms: goodput's time-to-first-token limit.
+      tpot_slo_ms: goodput's time-per-output-token limit.
+    Returns:
+      The summary dict (the fields of serve_*.json).
+    """
     ok = [r for r in results if r.ok]
     good = [r for r in ok if r.ttft * 1e3 <= ttft_slo_ms and (r.tpot is None or r.tpot * 1e3 <= tpot_slo_ms)]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -177,7 +218,13 @@ def summarize(results: list[RequestResult], duration: float, *, ttft_slo_ms: flo
 
 
 def read_metrics(base_url: str) -> dict[str, float]:
-    """The server's /metrics (Prometheus text) as {name{labels}: value}; {} when unavailable."""
+    """The server's /metrics (Prometheus text) as {name{labels}: value}; {} when unavailable.
+
+    Args:
+      base_url: the server.
+    Returns:
+      The metrics.
+    """
     import urllib.request
 
     try:
@@ -197,11 +244,27 @@ def read_metrics(base_url: str) -> dict[str, float]:
 
 
 def compilations_after_warmup(metrics: dict[str, float]) -> float | None:
+    """The server's compilations-after-warm-up counter.
+
+    Args:
+      metrics: read_metrics()'s dict.
+    Returns:
+      The count, or None when the server does not export it.
+    """
     vals = [v for k, v in metrics.items() if "compilations_after_warmup" in k and not k.endswith("_created")]
     return vals[0] if vals else None
 
 
 def wait_healthy(base_url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until GET /health answers 200.
+
+    Args:
+      base_url: the server.
+      timeout: seconds to wait.
+      proc: the server's process (its exit ends the wait with an error).
+    Raises:
+      RuntimeError when the process exits first; TimeoutError after `timeout`.
+    """
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -219,6 +282,11 @@ def wait_healthy(base_url: str, timeout: float, proc: subprocess.Popen | None = 
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1.
+
+    Returns:
+      The port.
+    """
     import socket
 
     with socket.socket() as s:
@@ -229,7 +297,16 @@ def free_port() -> int:
 class LaunchedServer:
     """A server process started from a command template with {port} and {compile_cache_dir}."""
 
-    def __init__(self, template: str, compile_cache_dir: str, startup_timeout: float = 600.0):
+    def __init__(self, template: str, compile_cache_dir: str, startup_timeout: float = 600.0) -> None:
+        """Start the server and wait until it is healthy.
+
+        Args:
+          template: the command, with {port} and {compile_cache_dir} to fill in.
+          compile_cache_dir: the compile cache directory to give it.
+          startup_timeout: seconds to wait for /health.
+        Raises:
+          RuntimeError with the end of the server's log when it does not start.
+        """
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = template.format(port=self.port, compile_cache_dir=compile_cache_dir)
@@ -245,6 +322,7 @@ class LaunchedServer:
             raise RuntimeError(f"server failed to start: {cmd}\n{self.log.read()[-3000:]}") from None
 
     def stop(self) -> None:
+        """Stop the server's process group (SIGTERM, then SIGKILL after 30 s)."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -255,7 +333,13 @@ class LaunchedServer:
 
 
 def served_model(base_url: str) -> str:
-    """The first model id the server lists under /v1/models."""
+    """The first model id the server lists under /v1/models.
+
+    Args:
+      base_url: the server.
+    Returns:
+      The model id.
+    """
     import urllib.request
 
     with urllib.request.urlopen(base_url.rstrip("/") + "/v1/models", timeout=10) as resp:
@@ -263,7 +347,17 @@ def served_model(base_url: str) -> str:
 
 
 def cold_start(template: str, model: str | None, compile_cache_dir: str, prompt: list[int], timeout: float) -> float:
-    """Seconds from launching the server to the first streamed token of one request."""
+    """Seconds from launching the server to the first streamed token of one request.
+
+    Args:
+      template: the server command (see LaunchedServer).
+      model: the model name to request (None: the first the server lists).
+      compile_cache_dir: the compile cache directory to give the server.
+      prompt: the request's token ids.
+      timeout: seconds for the start and for the request.
+    Returns:
+      The seconds.
+    """
     server = LaunchedServer(template, compile_cache_dir, timeout)
     try:
         model = model or served_model(server.base_url)
@@ -276,10 +370,30 @@ def cold_start(template: str, model: str | None, compile_cache_dir: str, prompt:
 
 
 def run_benchmark(base_url: str, model: str, *, dataset: str, num_prompts: int, request_rates: list[float],
-                  vocab_size: int, special_ids=(), burstiness: float = 1.0, seed: int = 0,
+                  vocab_size: int, special_ids: Iterable[int] = (), burstiness: float = 1.0, seed: int = 0,
                   ttft_slo_ms: float = 1000.0, tpot_slo_ms: float = 50.0, timeout: float = 600.0,
-                  max_concurrency: int | None = None, progress=None) -> list[dict]:
-    """One run per request rate against a running server; returns the per-rate summaries."""
+                  max_concurrency: int | None = None,
+                  progress: Callable[[float], Callable[[int, int], None]] | None = None) -> list[dict]:
+    """One run per request rate against a running server.
+
+    Args:
+      base_url: the server.
+      model: the model name to request.
+      dataset: "IN/OUT" token counts.
+      num_prompts: requests per rate, 1..100000.
+      request_rates: requests per second, one run each (inf: all at once).
+      vocab_size: prompts' token ids are drawn from [0, vocab_size).
+      special_ids: ids never drawn.
+      burstiness: the arrivals' gamma shape.
+      seed: prompts' and arrivals' seed.
+      ttft_slo_ms: goodput's time-to-first-token limit.
+      tpot_slo_ms: goodput's time-per-output-token limit.
+      timeout: seconds per request.
+      max_concurrency: requests in flight at most (None: no limit).
+      progress: progress(rate) gives the run's callback progress(done, total).
+    Returns:
+      The per-rate summaries.
+    """
     if num_prompts < 1 or num_prompts > 100_000:
         raise ValueError("num_prompts must be in [1, 100000]")
     input_len, output_len = parse_dataset(dataset)
@@ -302,6 +416,14 @@ def run_benchmark(base_url: str, model: str, *, dataset: str, num_prompts: int, 
 
 
 def markdown(runs: list[dict], cold: dict | None = None) -> str:
+    """The runs as a markdown table, and the cold starts below it.
+
+    Args:
+      runs: run_benchmark()'s summaries.
+      cold: {label: seconds} of cold starts.
+    Returns:
+      The text.
+    """
     head = ("| rate (req/s) | done | req/s | out tok/s | goodput (req/s) | TTFT p50/p99 ms | TPOT p50/p99 ms "
             "| ITL p50/p99 ms | E2E p50/p99 ms | compiles in run |\n|" + "---|" * 10 + "\n")
     f = lambda d: "-" if d["median"] is None else f"{d['median']:.1f} / {d['p99']:.1f}"
@@ -316,6 +438,14 @@ def markdown(runs: list[dict], cold: dict | None = None) -> str:
 
 
 def plot(runs: list[dict], path: Path) -> Path:
+    """Throughput and goodput, and p99 TPOT, against the request rate.
+
+    Args:
+      runs: run_benchmark()'s summaries.
+      path: the PNG to write.
+    Returns:
+      path.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,13 +471,15 @@ def plot(runs: list[dict], path: Path) -> Path:
     return path
 
 
-def progress_bar(rate):
-    def show(done, total):
-        width = 30
-        filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\rrate {rate}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+def progress_bar(rate: float) -> Callable[[int, int], None]:
+    """The per-rate progress callback `progress(done, total)`: a tqdm bar on a terminal, plain lines
+    in a log (autotune.quiet.Progress).
 
-    return show
+    Args:
+      rate: the request rate (its label).
+    Returns:
+      The callback.
+    """
+    from autotune.quiet import Progress
+
+    return Progress(f"rate {rate} req/s: requests")

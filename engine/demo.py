@@ -6,33 +6,59 @@ print tokens per second, padding waste and kernel-table hits.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
 
 import numpy as np
 
+from autotune.quiet import ArgumentParser, positive_int, quiet_libtpu
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", choices=["llama", "qwen3", "mixtral", "qwen3_moe"], default="llama")
-    ap.add_argument("--model", default=None, help="an existing checkpoint directory (default: make a tiny one)")
-    ap.add_argument("--like", default=None, help="make a full-size random-weight model (big devices only)")
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--prompt-len", type=int, default=48, help="mean prompt length (tokens)")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-level", default="warning")
-    from engine.serve import engine_args, llm_kwargs
 
+def build_parser() -> ArgumentParser:
+    """The demo's argument parser (its engine options are the server's, with smaller defaults).
+
+    Returns:
+      The parser; its usage errors are one line on stderr with exit code 2.
+    """
+    from engine.make_tiny_model import ARCHS, LIKE
+    from engine.serve import LOG_LEVELS, checkpoint_dir, engine_args
+
+    ap = ArgumentParser(prog="python -m engine.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama", help="architecture of the tiny model")
+    ap.add_argument("--model", default=None, type=checkpoint_dir,
+                    help="an existing checkpoint directory (default: make a tiny one)")
+    ap.add_argument("--like", default=None, choices=sorted(LIKE),
+                    help="make a full-size random-weight model of this preset's shapes (big devices only)")
+    ap.add_argument("--num-requests", type=positive_int, default=32, help="requests to serve")
+    ap.add_argument("--prompt-len", type=positive_int, default=48, help="mean prompt length (tokens)")
+    ap.add_argument("--max-tokens", type=positive_int, default=32, help="most tokens generated per request")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and the sampling")
+    ap.add_argument("--log-level", default="warning", choices=LOG_LEVELS, type=str.lower, help="logging level")
     engine_args(ap)
     ap.set_defaults(max_model_len=512, max_num_batched_tokens=256, max_num_seqs=32)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the demo and print its figures.
+
+    Args:
+      argv: the arguments (default: sys.argv[1:]).
+    Returns:
+      The figures printed: requests, tokens, seconds, tokens per second, padding waste, prefix-cache
+      hit rate, preemptions, compilations after warm-up and kernel-table lookups.
+    """
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.model and args.like:
+        ap.error("give --model (an existing checkpoint) or --like (make one), not both")
+    quiet_libtpu()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
-    from engine import LLM, SamplingParams
+    from engine import SamplingParams
     from engine.make_tiny_model import write_model
+    from engine.serve import make_llm
 
     with tempfile.TemporaryDirectory(prefix="pallaskit-demo-") as tmp:
         model_dir = args.model
@@ -41,7 +67,7 @@ def main(argv=None) -> dict:
             model_dir = write_model(tmp, args.arch, like=args.like, dtype="bfloat16")
             print(f"model: random-weight {args.like or args.arch} checkpoint written in "
                   f"{time.perf_counter() - t0:.1f} s")
-        llm = LLM(model_dir, **llm_kwargs(args))
+        llm = make_llm(ap, model_dir, args)
         st = llm.stats()
         print(f"engine: {llm.config.architecture}, backend {llm.ops.backend}, {len(st['token_buckets'])} token "
               f"buckets {st['token_buckets']}, start-up {st['startup_seconds']:.1f} s "

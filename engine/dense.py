@@ -2,8 +2,9 @@
 
 No paging, no batching, no buckets, no JAX: the whole sequence is recomputed for every token, reading
 tensors by their Hugging Face names and following transformers' modeling code (LlamaRMSNorm, rotate-half
-rope with `_compute_llama3_parameters`, repeat_kv GQA, Qwen3 q/k norm, Mixtral / Qwen3-MoE softmax top-k
-routing). Independent of engine/models on purpose: the engine must agree with it token for token.
+rope, repeat_kv GQA, Qwen3 q/k norm, Mixtral / Qwen3-MoE softmax top-k routing). Independent of
+engine/models on purpose: the engine must agree with it token for token. The rope frequencies are
+engine.config.rope_inv_freq's (checked against Hugging Face's formula in tests/engine/test_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.config import load_config, rope_inv_freq
 from engine.weights import CheckpointReader
 
 
@@ -30,32 +32,7 @@ class DenseModel:
         self.kvh = c.get("num_key_value_heads") or self.h
         self.hd = c.get("head_dim") or c["hidden_size"] // self.h
         self.eps = c.get("rms_norm_eps", 1e-6)
-        self.inv_freq = self._inv_freq()
-
-    def _inv_freq(self):
-        c, dim = self.cfg, self.hd
-        base = c.get("rope_theta", 10000.0)
-        inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        rs = c.get("rope_scaling") or {}
-        kind = rs.get("rope_type", rs.get("type", "default"))
-        if kind == "linear":
-            inv = inv / rs["factor"]
-        elif kind == "llama3":
-            factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-            old = rs["original_max_position_embeddings"]
-            lo_w, hi_w = old / lo, old / hi
-            out = []
-            for f in inv:
-                wavelen = 2 * math.pi / f
-                if wavelen < hi_w:
-                    out.append(f)
-                elif wavelen > lo_w:
-                    out.append(f / factor)
-                else:
-                    s = (old / wavelen - lo) / (hi - lo)
-                    out.append((1 - s) * f / factor + s * f)
-            inv = np.array(out)
-        return np.asarray(inv, np.float32).astype(self.ct)
+        self.inv_freq = rope_inv_freq(load_config(self.dir)).astype(compute_dtype)
 
     def _norm(self, x, w):
         var = np.mean(x * x, axis=-1, keepdims=True)

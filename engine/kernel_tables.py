@@ -10,93 +10,73 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
-import inspect
-import logging
 import warnings
+from typing import Any
 
-log = logging.getLogger("engine")
+from jax.typing import DTypeLike
+
+import autotune
+from moe.api import gmm_keys
+from rpa import tuning as rpa_tuning
 
 
 @dataclasses.dataclass
 class Lookup:
     kernel: str
     bucket: int
-    key: dict | None
-    block_sizes: dict | None
-    match: str  # "exact" | "nearest" | "default" | "unavailable: ..."
+    key: dict
+    block_sizes: dict
+    match: str  # "exact" | "nearest" | "default"
 
 
-def _call_with(fn, facts: dict):
-    """Call fn with the keyword arguments it names, taken from facts (None if one is missing)."""
-    params = inspect.signature(fn).parameters
-    kwargs = {}
-    for name, p in params.items():
-        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-            continue
-        if name in facts:
-            kwargs[name] = facts[name]
-        elif p.default is p.empty:
-            return None
-    return fn(**kwargs)
-
-
-def _lookup(kernel, key, generation):
-    from autotune import lookup
-
+def _lookup(kernel: str, key: dict, generation: str | None) -> tuple[dict, str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the summary in the start-up log says it once
-        return lookup(kernel, key, generation)
+        return autotune.lookup(kernel, key, generation)
 
 
-def rpa_lookup(bucket: int, facts: dict, generation) -> Lookup:
-    """The rpa table's answer for one token bucket; facts name the step's shapes and dtypes."""
-    try:
-        tuning = importlib.import_module("rpa.tuning")
-    except ImportError as err:
-        return Lookup("rpa", bucket, None, None, f"unavailable: {err}")
-    make_key = getattr(tuning, "make_key", None)
-    key = _call_with(make_key, facts) if make_key else None
-    if key is None:
-        # Build the key field by field from the names the table declares.
-        fields = tuple(getattr(tuning, "STATIC_KEYS", ())) + tuple(getattr(tuning, "DYNAMIC_KEYS", ()))
-        missing = [f for f in fields if f not in facts]
-        if missing or not fields:
-            return Lookup("rpa", bucket, None, None, f"unavailable: no value for key fields {missing}")
-        key = {f: facts[f] for f in fields}
-    bs, match = _lookup("rpa", key, generation)
-    return Lookup("rpa", bucket, key, bs, match)
+def rpa_lookup(bucket: int, *, q_dtype: DTypeLike, kv_dtype: DTypeLike, num_q_heads: int, num_kv_heads: int,
+               head_dim: int, page_size: int, max_model_len: int, generation: str | None) -> Lookup:
+    """The rpa table's answer for one token bucket.
+
+    Args:
+      bucket: the step's token count T (the key's num_tokens).
+      q_dtype, kv_dtype: the dtypes of q [T, Hq, D] and of the KV cache.
+      num_q_heads, num_kv_heads, head_dim, page_size, max_model_len: the attention's shape.
+      generation: the chip generation (None: no chip, the kernel's default).
+    Returns:
+      The Lookup: rpa.tuning.make_key's key, the block sizes and how they were matched.
+    """
+    key = rpa_tuning.make_key(q_dtype, kv_dtype, num_q_heads, num_kv_heads, head_dim, page_size, bucket,
+                              max_model_len)
+    return Lookup("rpa", bucket, key, *_lookup("rpa", key, generation))
 
 
-def moe_lookups(bucket: int, x_dtype, w_gate_up, w_down, top_k: int, generation) -> Lookup:
-    """The gmm table's answers for fused_moe's gate/up and down calls at T = bucket."""
-    try:
-        api = importlib.import_module("moe.api")
-    except ImportError as err:
-        return Lookup("gmm", bucket, None, None, f"unavailable: {err}")
+def moe_lookups(bucket: int, x_dtype: DTypeLike, w_gate_up: Any, w_down: Any, top_k: int,
+                generation: str | None) -> Lookup:
+    """The gmm table's answers for fused_moe's gate/up and down calls at T = bucket.
+
+    Args:
+      bucket: the step's token count T; x_dtype: the dtype of x [T, D].
+      w_gate_up: [E, D, 2F] and w_down: [E, F, D] (arrays or quant.QuantizedTensor).
+      top_k: experts per token; generation: the chip generation (None: no chip).
+    Returns:
+      The Lookup: keys and block sizes {"gate_up": ..., "down": ...}, and the worst match of the two.
+    """
     e, d, two_f = w_gate_up.shape
-    keys = api.gmm_keys(bucket, d, two_f // 2, e, top_k, x_dtype, w_gate_up, w_down, "silu")
-    out, matches = {}, []
-    for name, key in keys.items():
-        bs, match = _lookup("gmm", key, generation)
-        out[name] = bs
-        matches.append(match)
+    keys = gmm_keys(bucket, d, two_f // 2, e, top_k, x_dtype, w_gate_up, w_down, "silu")
+    found = {name: _lookup("gmm", key, generation) for name, key in keys.items()}
+    matches = [match for _, match in found.values()]
     worst = "default" if "default" in matches else "nearest" if "nearest" in matches else "exact"
-    return Lookup("gmm", bucket, keys, out, worst)
+    return Lookup("gmm", bucket, keys, {name: bs for name, (bs, _) in found.items()}, worst)
 
 
-def summarize(lookups: list[Lookup], generation) -> str:
+def summarize(lookups: list[Lookup], generation: str | None) -> str:
+    """One line for the start-up log: per kernel, how many lookups matched exactly, nearest, default."""
     by_kernel: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for lk in lookups:
-        by_kernel[lk.kernel][lk.match.split(":")[0]] += 1
+        by_kernel[lk.kernel][lk.match] += 1
     where = generation or "no chip detected"
-    parts = [f"{k}: {sum(c.values())} lookups on {where}: {c.get('exact', 0)} exact, {c.get('nearest', 0)} "
-             f"nearest, {c.get('default', 0)} default" + (f", {c['unavailable']} unavailable" if c.get('unavailable')
-                                                           else "")
-             for k, c in sorted(by_kernel.items())]
+    parts = [f"{k}: {sum(c.values())} lookups on {where}: {c['exact']} exact, {c['nearest']} nearest, "
+             f"{c['default']} default" for k, c in sorted(by_kernel.items())]
     return "; ".join(parts) if parts else "no kernel lookups"
-
-
-def counts(lookups: list[Lookup]) -> dict[str, int]:
-    c = collections.Counter(lk.match.split(":")[0] for lk in lookups)
-    return {k: c.get(k, 0) for k in ("exact", "nearest", "default", "unavailable")}

@@ -42,9 +42,6 @@ class PageAllocator:
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, count 0
         self._page_of: dict[bytes, int] = {}
         self._hash_of: dict[int, bytes] = {}
-        # statistics
-        self.lookup_pages = 0
-        self.hit_pages = 0
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -59,10 +56,6 @@ class PageAllocator:
     @property
     def num_cached(self) -> int:
         return len(self._page_of)
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_pages / self.lookup_pages if self.lookup_pages else 0.0
 
     # ------------------------------------------------------------------ pages
     def allocate(self, n: int) -> list[int] | None:
@@ -97,7 +90,6 @@ class PageAllocator:
         """Take a reference to the cached pages of the longest cached prefix of `hashes`."""
         if not self.prefix_caching:
             return []
-        self.lookup_pages += len(hashes)
         pages = []
         for h in hashes:
             p = self._page_of.get(h)
@@ -107,7 +99,6 @@ class PageAllocator:
                 del self._evictable[p]
             self.refcount[p] += 1
             pages.append(p)
-        self.hit_pages += len(pages)
         return pages
 
     def register(self, page: int, h: bytes) -> None:

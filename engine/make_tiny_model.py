@@ -10,12 +10,17 @@ tokens and a chat template). Tensor names and shapes ([out, in] linears) are the
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
 import numpy as np
+
+from autotune.quiet import ArgumentParser, positive_int
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 ARCHS = {
     "llama": "LlamaForCausalLM",
@@ -63,8 +68,15 @@ LIKE = {  # full-size shapes (autotune.presets names) and their families / vocab
 }
 
 
-def train_tokenizer(family: str, vocab_size: int):
-    """A byte-level BPE (GPT-2 / Llama-3 style) trained on a short built-in corpus."""
+def train_tokenizer(family: str, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE (GPT-2 / Llama-3 style) trained on a short built-in corpus.
+
+    Args:
+      family: "llama", "qwen3", "mixtral" or "qwen3_moe" (its special tokens).
+      vocab_size: the vocabulary size to train to.
+    Returns:
+      The tokenizers.Tokenizer.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     sp = _SPECIAL[family]
@@ -170,9 +182,21 @@ def _random(rng, shape, kind, np_dtype):
     return w.astype(np_dtype)
 
 
-def write_model(out_dir, arch: str = "llama", *, dtype: str = "float32", seed: int = 0, like: str | None = None,
-                shard_bytes: int = 4 << 30, **overrides) -> Path:
-    """Write the checkpoint; returns its directory. `overrides` change TINY's dims (hidden=..., layers=...)."""
+def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
+                like: str | None = None, shard_bytes: int = 4 << 30, **overrides: Any) -> Path:
+    """Write a random-weight checkpoint.
+
+    Args:
+      out_dir: the directory (created if missing).
+      arch: a tiny model's architecture: llama, qwen3, mixtral or qwen3_moe.
+      dtype: the weights' dtype: float32, bfloat16 or float16 (a --like model's float32 becomes bfloat16).
+      seed: the weights' seed.
+      like: a full-size model of this preset's shapes instead (LIKE's names).
+      shard_bytes: the largest safetensors shard.
+      **overrides: TINY's dims to change (hidden=..., layers=...).
+    Returns:
+      The checkpoint's directory.
+    """
     from safetensors.numpy import save_file
 
     out = Path(out_dir)
@@ -257,18 +281,38 @@ def write_model(out_dir, arch: str = "llama", *, dtype: str = "float32", seed: i
     return out
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m engine.make_tiny_model", description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama")
-    ap.add_argument("--like", choices=sorted(LIKE), default=None, help="full-size random-weight checkpoint")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--layers", type=int, default=None, help="override the layer count")
+def build_parser() -> ArgumentParser:
+    """The command's argument parser.
+
+    Returns:
+      The parser; its usage errors are one line on stderr with exit code 2.
+    """
+    ap = ArgumentParser(prog="python -m engine.make_tiny_model", description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", help="directory to write the checkpoint into (created if missing)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="llama", help="architecture of the tiny model")
+    ap.add_argument("--like", choices=sorted(LIKE), default=None,
+                    help="a full-size random-weight checkpoint of this preset's shapes instead (bfloat16)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="weight dtype (a full-size --like model is written in bfloat16 unless float16 is asked)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--layers", type=positive_int, default=None,
+                    help="override the tiny model's layer count (default: 2)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write the checkpoint the command line asks for and print where it went.
+
+    Args:
+      argv: the arguments (default: sys.argv[1:]).
+    """
+    ap = build_parser()
     args = ap.parse_args(argv)
-    over = {"layers": args.layers} if args.layers else {}
     if args.like and args.layers:
-        raise SystemExit("--layers applies to tiny models only")
+        ap.error("--layers applies to tiny models only, not to --like")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        ap.error(f"argument out_dir: {args.out_dir!r} exists and is not a directory")
+    over = {"layers": args.layers} if args.layers else {}
     path = write_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed, like=args.like, **over)
     print(f"wrote {ARCHS[args.arch] if not args.like else args.like} checkpoint to {path}")
 

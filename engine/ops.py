@@ -1,10 +1,9 @@
 """The engine's one door to the kernels: attention, MoE and linear layers per backend.
 
 Backends:
-  "reference"  pure JAX on any device: attention through engine/xla_ops.py (the contract of
-               reference.ragged_paged_attention, traceable: the reference itself needs concrete metadata
-               and cannot run inside a compiled step; tests check one against the other), MoE through
-               reference.fused_moe, quantized linears through reference.quantized_matmul.
+  "reference"  pure JAX on any device (traceable, inside the compiled step): attention through
+               reference.ragged_paged_attention, MoE through reference.fused_moe, quantized linears
+               through reference.quantized_matmul.
   "interpret"  this library's Pallas kernels in TPU interpret mode (slow; tests).
   "pallas"     the kernels compiled for the device: a TPU, or a Hopper GPU (rpa/gpu.py, moe/gpu.py,
                quant/gpu.py; each falls back to XLA for what it does not cover).
@@ -19,13 +18,18 @@ on a GPU). Either is an opaque pytree to the model.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import logging
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
-log = logging.getLogger("engine")
+import moe
+import quant
+import rpa
+from reference.fused_moe import fused_moe as reference_fused_moe
+from reference.quantized_matmul import quantized_matmul_qt
+from reference.ragged_paged_attention import ragged_paged_attention as reference_rpa
 
 BACKENDS = ("auto", "reference", "interpret", "pallas")
 
@@ -40,13 +44,6 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"backend 'pallas': this library's kernels need a TPU or a Hopper GPU; the default "
                          f"device is {jax.default_backend()!r} (use backend='reference' or 'auto')")
     return backend
-
-
-def _optional(module: str, attr: str):
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,29 +64,14 @@ class Ops:
     """Backend-resolved ops. `sources` says which implementation serves each op (for the start-up log)."""
 
     def __init__(self, backend: str = "auto"):
-        self.requested = backend
         self.backend = resolve_backend(backend)
-        self.sources: dict[str, str] = {}
         if self.backend == "reference":
-            moe_ref = _optional("reference.fused_moe", "fused_moe")
-            from engine import xla_ops
-
-            self._rpa_ref = xla_ops.ragged_paged_attention
-            self._moe_ref = moe_ref or xla_ops.fused_moe
-            self.sources["attention"] = "engine.xla_ops.ragged_paged_attention (traceable reference)"
-            self.sources["moe"] = ("reference.fused_moe" if moe_ref else
-                                   "engine.xla_ops (reference/fused_moe.py not present)")
+            self.sources = {"attention": "reference.ragged_paged_attention", "moe": "reference.fused_moe",
+                            "linear": "jnp.dot; quantized: reference.quantized_matmul"}
         else:
-            rpa = _optional("rpa", "ragged_paged_attention")
-            if rpa is None:
-                raise ImportError(f"backend {self.backend!r}: rpa.ragged_paged_attention is not available")
-            self._rpa = rpa
-            self._kv_cache_shape = importlib.import_module("rpa").kv_cache_shape
-            self._moe = _optional("moe", "fused_moe")
-            self.sources["attention"] = f"rpa.ragged_paged_attention (interpret={self.interpret})"
-            self.sources["moe"] = f"moe.fused_moe (interpret={self.interpret})" if self._moe else "missing"
-        self.sources["linear"] = "jnp.dot; quantized: " + (
-            "reference.quantized_matmul" if self.backend == "reference" else "quant.quantized_matmul")
+            self.sources = {"attention": f"rpa.ragged_paged_attention (interpret={self.interpret})",
+                            "moe": f"moe.fused_moe (interpret={self.interpret})",
+                            "linear": "jnp.dot; quantized: quant.quantized_matmul"}
 
     @property
     def interpret(self) -> bool:
@@ -100,72 +82,79 @@ class Ops:
         return self.backend in ("pallas", "interpret")
 
     # ------------------------------------------------------------------ KV cache
-    def init_kv_cache(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype):
+    def init_kv_cache(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: DTypeLike):
+        """One layer's zeroed KV cache.
+
+        Args:
+          num_pages, page_size, num_kv_heads, head_dim: the cache's shape; dtype: its dtype.
+        Returns:
+          "reference": (k_cache, v_cache), each [num_pages, page_size, Hkv, D]; kernels: one array of
+          shape rpa.kv_cache_shape(...).
+        """
         dtype = jnp.dtype(dtype)
         if self.backend == "reference":
             shape = (num_pages, page_size, num_kv_heads, head_dim)
             return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-        return jnp.zeros(self._kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype), dtype)
+        return jnp.zeros(rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype), dtype)
 
-    def kv_cache_bytes_per_page(self, page_size, num_kv_heads, head_dim, dtype) -> int:
+    def kv_cache_bytes_per_page(self, page_size: int, num_kv_heads: int, head_dim: int, dtype: DTypeLike) -> int:
+        """Bytes of one page of one layer's cache (K and V, layout padding included)."""
         dtype = jnp.dtype(dtype)
         if self.backend == "reference":
             return 2 * page_size * num_kv_heads * head_dim * dtype.itemsize
-        shape = self._kv_cache_shape(1, page_size, num_kv_heads, head_dim, dtype)
-        n = 1
-        for d in shape:
-            n *= int(d)
-        return n * dtype.itemsize
+        return math.prod(rpa.kv_cache_shape(1, page_size, num_kv_heads, head_dim, dtype)) * dtype.itemsize
 
     # ------------------------------------------------------------------ ops
-    def attention(self, q, k, v, cache, meta: AttentionMeta, *, sm_scale, k_scale=None, v_scale=None,
-                  block_sizes=None):
-        """q [T, H, D], k/v [T, Hkv, D] (new tokens) -> (out [T, H, D], updated cache)."""
-        kw = dict(sm_scale=sm_scale)
-        if k_scale is not None:
-            kw.update(k_scale=k_scale, v_scale=v_scale)
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, cache, meta: AttentionMeta, *, sm_scale: float,
+                  k_scale: float | None = None, v_scale: float | None = None, block_sizes: dict | None = None):
+        """Store the new tokens' K/V in the cache, then ragged paged attention over it.
+
+        Args:
+          q: [T, H, D]; k, v: [T, Hkv, D] (the new tokens).
+          cache: this layer's KV cache (see the module docstring); meta: the step's metadata.
+          sm_scale, k_scale, v_scale: softmax scale; scales of a quantized cache (None: unscaled).
+          block_sizes: the kernel's block sizes (None: its table lookup); unused by "reference".
+        Returns:
+          (out [T, H, D] in q's dtype, the updated cache).
+        """
+        kw = dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+        metadata = (meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.distribution)
         if self.backend == "reference":
-            k_cache, v_cache = cache
-            out, k_cache, v_cache = self._rpa_ref(q, k, v, k_cache, v_cache, meta.kv_lens, meta.page_indices,
-                                                  meta.cu_q_lens, meta.distribution, **kw)
+            out, k_cache, v_cache = reference_rpa(q, k, v, *cache, *metadata, **kw)
             return out, (k_cache, v_cache)
-        bs = dict(block_sizes or {})
-        vmem = bs.pop("vmem_limit_bytes", None)
-        out, cache = self._rpa(q, k, v, cache, meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.distribution,
-                               block_sizes=bs or None, vmem_limit_bytes=vmem, interpret=self.interpret, **kw)
-        return out, cache
+        return rpa.ragged_paged_attention(q, k, v, cache, *metadata, block_sizes=block_sizes,
+                                          interpret=self.interpret, **kw)
 
-    def moe(self, x, router_logits, w_gate_up, w_down, *, top_k, renormalize, block_sizes=None):
-        """x [T, D], router_logits [T, E] -> [T, D]: softmax top-k routing, silu(gate) * up experts."""
+    def moe(self, x: jax.Array, router_logits: jax.Array, w_gate_up, w_down, *, top_k: int, renormalize: bool,
+            block_sizes: dict | None = None) -> jax.Array:
+        """Softmax top-k routed experts of silu(x @ gate) * (x @ up) @ down.
+
+        Args:
+          x: [T, D]; router_logits: [T, E]; w_gate_up: [E, D, 2F]; w_down: [E, F, D] (arrays or
+            quant.QuantizedTensor); block_sizes: the gmm calls' block sizes (None: table lookup).
+        Returns:
+          [T, D] in x's dtype.
+        """
         kw = dict(top_k=top_k, renormalize=renormalize, scoring="softmax", activation="silu")
-        if self.backend == "reference" or self._moe is None:
-            return self._moe_ref(x, router_logits, w_gate_up, w_down, **kw) if self.backend == "reference" else \
-                _missing("moe.fused_moe")
-        return self._moe(x, router_logits, w_gate_up, w_down, block_sizes=block_sizes, interpret=self.interpret,
-                         **kw)
+        if self.backend == "reference":
+            return reference_fused_moe(x, router_logits, w_gate_up, w_down, **kw)
+        return moe.fused_moe(x, router_logits, w_gate_up, w_down, block_sizes=block_sizes, interpret=self.interpret,
+                             **kw)
 
-    def linear(self, x, w, bias=None):
-        """x [T, K] @ w [K, N] (+ bias); w may be a quant.QuantizedTensor."""
-        if hasattr(w, "scales") and hasattr(w, "block_size"):
-            if self.backend == "reference":
-                from reference.quantized_matmul import quantized_matmul_qt
+    def linear(self, x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
+        """x @ w (+ bias).
 
-                y = quantized_matmul_qt(x, w, out_dtype=x.dtype)
-            else:
-                import quant
-
-                fn = getattr(quant, "quantized_matmul", None)
-                if fn is None:
-                    from reference.quantized_matmul import quantized_matmul_qt as fn
-                    y = fn(x, w, out_dtype=x.dtype)
-                else:
-                    y = fn(x, w, out_dtype=x.dtype, interpret=self.interpret)
-        else:
+        Args:
+          x: [T, K]; w: [K, N], an array or a quant.QuantizedTensor; bias: [N] or None.
+        Returns:
+          [T, N] in x's dtype.
+        """
+        if not isinstance(w, quant.QuantizedTensor):
             y = jnp.dot(x, w, precision=_precision(x), preferred_element_type=x.dtype)
+        elif self.backend == "reference":
+            y = quantized_matmul_qt(x, w, out_dtype=x.dtype)
+        else:
+            y = quant.quantized_matmul(x, w, out_dtype=x.dtype, interpret=self.interpret)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
-
-
-def _missing(what):
-    raise NotImplementedError(f"{what} is not available for this backend")

@@ -62,6 +62,7 @@ class ModelRunner:
                                                         self.kv_dtype) for _ in range(cfg.num_layers)],
                                      jax.devices()[0])
         self.lookups: list[kernel_tables.Lookup] = []
+        self._bs: dict[int, tuple] | None = None  # bucket -> (rpa, gmm) block sizes: plan_block_sizes
         self._fns: dict[int, object] = {}
         self.baseline_compiles: int | None = None
         # statistics
@@ -71,30 +72,27 @@ class ModelRunner:
         self.step_seconds = 0.0
 
     # ------------------------------------------------------------------ kernels' block sizes
-    def plan_block_sizes(self):
+    def plan_block_sizes(self) -> None:
+        """Look up every bucket's kernel block sizes (kept for the "pallas" / "interpret" backends)."""
         from autotune import detect
 
         gen = detect()
         dtype = self.params["embed"].dtype
         moe_layer = next((lay for lay in self.params["layers"] if "router" in lay), None)
-        facts_base = dict(
-            q_dtype=dtype.name, kv_dtype=self.kv_dtype.name, dtype=dtype.name, head_dim=self.cfg.head_dim,
-            num_q_heads=self.cfg.num_heads, num_heads=self.cfg.num_heads, num_kv_heads=self.cfg.num_kv_heads,
-            page_size=self.page_size, max_model_len=self.pages_per_seq * self.page_size,
-            pages_per_seq=self.pages_per_seq, max_num_seqs=self.max_num_seqs)
         self._bs = {}
         for b in self.buckets:
-            facts = dict(facts_base, num_tokens=b, token_budget=b, max_num_tokens=b, num_seqs=self._seqs(b))
-            lk = kernel_tables.rpa_lookup(b, facts, gen)
+            lk = kernel_tables.rpa_lookup(b, q_dtype=dtype, kv_dtype=self.kv_dtype, num_q_heads=self.cfg.num_heads,
+                                          num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
+                                          page_size=self.page_size, max_model_len=self.pages_per_seq * self.page_size,
+                                          generation=gen)
             self.lookups.append(lk)
-            attn_bs = lk.block_sizes if (self.ops.uses_kernels and lk.block_sizes) else None
             moe_bs = None
             if moe_layer is not None:
                 mk = kernel_tables.moe_lookups(b, dtype, moe_layer["w_gate_up"], moe_layer["w_down"],
                                                self.cfg.num_experts_per_tok, gen)
                 self.lookups.append(mk)
-                moe_bs = mk.block_sizes if (self.ops.uses_kernels and mk.block_sizes) else None
-            self._bs[b] = (attn_bs, moe_bs)
+                moe_bs = mk.block_sizes
+            self._bs[b] = (lk.block_sizes or None, moe_bs) if self.ops.uses_kernels else (None, None)
         self.table_summary = kernel_tables.summarize(self.lookups, gen)
         log.info("kernel tables: %s", self.table_summary)
 
@@ -105,10 +103,9 @@ class ModelRunner:
     def _step_fn(self, bucket: int):
         fn = self._fns.get(bucket)
         if fn is None:
-            attn_bs, moe_bs = self._bs.get(bucket, (None, None)) if hasattr(self, "_bs") else (None, None)
+            attn_bs, moe_bs = (self._bs or {}).get(bucket, (None, None))
             fwd = functools.partial(forward, cfg=self.cfg, ops=self.ops, inv_freq=self.inv_freq,
-                                    kv_scales=self.kv_scales, attn_block_sizes=_freeze(attn_bs),
-                                    moe_block_sizes=_freeze(moe_bs))
+                                    kv_scales=self.kv_scales, attn_block_sizes=attn_bs, moe_block_sizes=moe_bs)
 
             def step(params, caches, batch, samp):
                 logits, caches = fwd(params, caches, batch)
@@ -133,7 +130,7 @@ class ModelRunner:
     def warmup(self) -> float:
         """Compile (or load from the persistent cache) every bucket's step; returns the seconds taken."""
         _import_config_modules()
-        if not hasattr(self, "_bs"):
+        if self._bs is None:
             self.plan_block_sizes()
         t0 = time.perf_counter()
         before = self.counter.compiles
@@ -198,11 +195,6 @@ class ModelRunner:
     def padding_waste(self) -> float:
         """Fraction of computed token slots that were padding."""
         return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-
-def _freeze(bs):
-    """Block sizes as a hashable value (jit static data closes over it through partial)."""
-    return bs
 
 
 def _import_config_modules() -> None:

@@ -4,24 +4,71 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autotune.quiet import ArgumentParser, port_number, positive_int, quiet_libtpu
+
+if TYPE_CHECKING:
+    from engine.llm import LLM
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def checkpoint_dir(text: str) -> str:
+    """argparse type: a Hugging Face checkpoint directory whose config.json the engine supports.
+
+    Args:
+      text: the option's value.
+    Returns:
+      The path, as given.
+    """
+    from engine.config import CheckpointError, load_config
+
+    try:
+        load_config(text)
+    except (CheckpointError, NotImplementedError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def engine_args(ap: argparse.ArgumentParser) -> None:
-    """The LLM(...) options as flags (shared by the server and the demo)."""
-    ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--page-size", type=int, default=None)
-    ap.add_argument("--num-pages", type=int, default=None)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--backend", choices=["auto", "reference", "interpret", "pallas"], default="auto")
-    ap.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None)
-    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto")
-    ap.add_argument("--compile-cache-dir", default=None)
-    ap.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
-    ap.add_argument("--no-prefix-caching", action="store_true")
+    """The LLM(...) options as flags (shared by the server and the demo).
+
+    Args:
+      ap: the parser to add them to.
+    """
+    ap.add_argument("--max-model-len", type=positive_int, default=4096,
+                    help="longest sequence (prompt + output, tokens); capped at the model's max_position_embeddings")
+    ap.add_argument("--page-size", type=positive_int, default=None,
+                    help="tokens per KV-cache page (default: 16 with the reference backend, else 32)")
+    ap.add_argument("--num-pages", type=positive_int, default=None,
+                    help="KV-cache pages (default: what fits in the device memory)")
+    ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences running at once, at most")
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
+                    help="tokens per engine step (the prefill chunk budget)")
+    ap.add_argument("--backend", choices=["auto", "reference", "interpret", "pallas"], default="auto",
+                    help="kernels: pallas (the device's), interpret (TPU interpret mode, slow), reference "
+                         "(pure JAX), or auto (pallas on a TPU or GPU, else reference)")
+    ap.add_argument("--quantization", choices=["int8", "int4", "fp8"], default=None,
+                    help="quantize the linear layers' weights (default: the checkpoint's dtype)")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto",
+                    help="KV-cache dtype (auto: the model's dtype)")
+    ap.add_argument("--compile-cache-dir", default=None,
+                    help="JAX persistent compilation cache directory (default: none)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                    help="compute dtype (default: the checkpoint's torch_dtype)")
+    ap.add_argument("--no-prefix-caching", action="store_true", help="do not share KV pages between prompts")
 
 
-def llm_kwargs(args) -> dict:
+def llm_kwargs(args: argparse.Namespace) -> dict:
+    """The LLM(...) keyword arguments from engine_args' flags.
+
+    Args:
+      args: the parsed command line.
+    Returns:
+      The keyword arguments.
+    """
     return dict(max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 backend=args.backend, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
@@ -29,25 +76,60 @@ def llm_kwargs(args) -> dict:
                 prefix_caching=not args.no_prefix_caching)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m engine.serve", description=__doc__)
-    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--served-model-name", default=None)
-    ap.add_argument("--log-level", default="info")
+def make_llm(ap: argparse.ArgumentParser, model_dir: str | Path, args: argparse.Namespace) -> LLM:
+    """LLM(model_dir, ...) from the flags; a checkpoint or option the engine refuses is a usage error.
+
+    Args:
+      ap: the parser (its error() reports the problem on one line and exits with code 2).
+      model_dir: the checkpoint directory.
+      args: the parsed command line.
+    Returns:
+      The engine.LLM.
+    """
+    from engine.config import CheckpointError
+    from engine.llm import LLM
+
+    try:
+        return LLM(model_dir, **llm_kwargs(args))
+    except (CheckpointError, NotImplementedError, ValueError) as err:
+        logging.getLogger("engine").debug("engine start-up refused the options", exc_info=True)
+        ap.error(str(err))
+
+
+def build_parser() -> ArgumentParser:
+    """The server's argument parser.
+
+    Returns:
+      The parser; its usage errors are one line on stderr with exit code 2.
+    """
+    ap = ArgumentParser(prog="python -m engine.serve", description=__doc__)
+    ap.add_argument("--model", required=True, type=checkpoint_dir, help="Hugging Face checkpoint directory")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    ap.add_argument("--port", type=port_number, default=8000, help="port to listen on")
+    ap.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    ap.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower, help="logging level")
     engine_args(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, start the engine and serve until interrupted.
+
+    Args:
+      argv: the arguments (default: sys.argv[1:]).
+    """
+    ap = build_parser()
     args = ap.parse_args(argv)
+    quiet_libtpu()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
 
-    from engine.llm import LLM
     from engine.server import create_app
 
-    llm = LLM(args.model, **llm_kwargs(args))
+    llm = make_llm(ap, args.model, args)
     app = create_app(llm, args.served_model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import threading
 import time
 import uuid
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from engine.llm import LLM, StepOutput
 from engine.sampler import SamplingParams
@@ -156,14 +158,175 @@ def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, 
     return params, extras
 
 
+def _completion_prompt(body: dict) -> str | list:
+    """The one prompt of a completions request: a string or a list of token ids."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise RequestError("batched prompts are not supported: send one prompt per request", param="prompt")
+    if prompt is None or not isinstance(prompt, (str, list)):
+        raise RequestError("'prompt' must be a string or a list of token ids", param="prompt")
+    return prompt
+
+
+def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams) -> list[int]:
+    """The token ids of a chat request's messages under the chat template; without an explicit
+    max_tokens the reply is capped by the room left in the model length (params is updated)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", param="messages")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise RequestError("each message needs a 'role'", param="messages")
+        if isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
+            parts = m["content"]
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+                raise RequestError("only text content parts are supported", param="messages")
+            m["content"] = "".join(p.get("text", "") for p in parts)
+        if not isinstance(m.get("content"), str):
+            raise RequestError("each message needs a string 'content'", param="messages")
+    try:
+        text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as err:
+        raise RequestError(str(err), param="messages") from None
+    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    # a chat reply stops where the model ends its turn: cap max_tokens by the room left
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        params.max_tokens = max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids) - 1))
+    return prompt_ids
+
+
+def _completion_logprobs(llm: LLM, tokens: list[int], lps: list[float]) -> dict:
+    """The logprobs object of a completion choice."""
+    strs = [llm.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+    offs, at = [], 0
+    for s in strs:
+        offs.append(at)
+        at += len(s)
+    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": None, "text_offset": offs}
+
+
+def _chat_logprobs(llm: LLM, tokens: list[int], lps: list[float]) -> dict:
+    """The logprobs object of a chat choice."""
+    out = []
+    for t, lp in zip(tokens, lps):
+        s = llm.tokenizer.decode([t], skip_special_tokens=False)
+        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
+    return {"content": out}
+
+
+def _metrics_text(llm: LLM) -> str:
+    """The Prometheus text of /metrics: the engine's gauges and histograms."""
+    st = llm.stats()
+    gauges = {
+        "pallaskit_requests_running": (st["running"], "Requests being computed"),
+        "pallaskit_requests_waiting": (st["waiting"], "Requests waiting for admission"),
+        "pallaskit_kv_pages_in_use": (st["kv_pages_in_use"], "KV cache pages referenced by requests"),
+        "pallaskit_kv_pages_total": (st["kv_pages_total"], "KV cache pages"),
+        "pallaskit_prefix_cache_hit_rate": (round(st["prefix_cache_hit_rate"], 6),
+                                            "Prompt tokens served from the prefix cache / prompt tokens"),
+        "pallaskit_tokens_per_second": (round(llm.metrics.tokens_per_second(), 3),
+                                        "Generated tokens per second (last 10 s)"),
+        "pallaskit_compilations_after_warmup": (st["compiles_after_warmup"], "XLA compilations after warm-up"),
+        "pallaskit_padding_waste": (round(st["padding_waste"], 6), "Padding share of computed token slots"),
+        "pallaskit_preemptions": (st["preemptions"], "Requests preempted (recomputed later)"),
+    }
+    return llm.metrics.render(gauges)
+
+
+# ------------------------------------------------------------------------------- request handling
+
+
+def _error(message: str, status: int = 400, param: str | None = None,
+           type_: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": None}},
+                        status_code=status)
+
+
+async def _read_body(request: Request, name: str) -> dict:
+    """The request's JSON object; a model other than `name` is a 404."""
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != name:
+        raise RequestError(f"the model '{model}' does not exist; this server serves '{name}'", 404, "model",
+                           "NotFoundError")
+    return body
+
+
+def _submit(engine: AsyncEngine, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
+    if not engine.alive:
+        raise RequestError("the engine is not running", 503, type_="server_error")
+    try:
+        return engine.submit(prompt, params)
+    except ValueError as err:
+        raise RequestError(str(err), param="prompt") from None
+
+
+async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue) -> tuple[list, list, str, str]:
+    """(token ids, logprobs, text, finish reason) of a whole request; aborts it if the handler is cancelled."""
+    toks, lps, text, reason = [], [], "", None
+    try:
+        while reason is None:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise RequestError(f"engine error: {item}", 500, type_="server_error")
+            toks += item.new_token_ids
+            lps += item.new_logprobs
+            text += item.delta_text
+            reason = item.finish_reason
+    finally:
+        if reason is None:
+            engine.abort(rid)
+    return toks, lps, text, reason
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _stream_events(engine: AsyncEngine, rid: str, queue: asyncio.Queue, head: dict, choice,
+                         n_prompt: int, include_usage: bool, first: dict | None = None):
+    """Server-sent events of one streamed request: an optional first chunk, one chunk per engine
+    output (`choice(item)`), the usage chunk when asked for, then [DONE]. A client that goes away
+    before the end aborts the request in the engine."""
+    reason, n_out = None, 0
+    try:
+        if first is not None:
+            yield _sse({**head, "created": int(time.time()), "choices": [first]})
+        while reason is None:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                yield _sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
+                return
+            reason = item.finish_reason
+            n_out += len(item.new_token_ids)
+            yield _sse({**head, "created": int(time.time()), "choices": [choice(item)]})
+        if include_usage:
+            yield _sse({**head, "created": int(time.time()), "choices": [], "usage": usage(n_prompt, n_out)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if reason is None:
+            engine.abort(rid)
+
+
 # ------------------------------------------------------------------------------- the app
 
 
-def create_app(llm: LLM, model_name: str | None = None):
-    from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
+    """The FastAPI app serving `llm` as `model_name` (default: the model directory's name).
 
+    Args:
+      llm: the engine; it steps in a background thread started and stopped with the app.
+      model_name: the id under /v1/models, which requests' "model" must match.
+    Returns:
+      The app: /health, /v1/models, /metrics, /v1/completions, /v1/chat/completions.
+    """
     name = model_name or llm.model_dir.rstrip("/").split("/")[-1]
     engine = AsyncEngine(llm)
 
@@ -178,74 +341,18 @@ def create_app(llm: LLM, model_name: str | None = None):
     app.state.model_name = name
     created = int(time.time())
 
-    def error(message, status=400, param=None, type_="invalid_request_error"):
-        return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": None}},
-                            status_code=status)
-
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):  # noqa: RUF029
-        return error(str(exc), exc.status, exc.param, exc.type)
+        return _error(str(exc), exc.status, exc.param, exc.type)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):  # noqa: RUF029
-        return error(f"invalid request: {exc.errors()}")
-
-    async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(f"request body is not valid JSON: {err}") from None
-        if not isinstance(body, dict):
-            raise RequestError("request body must be a JSON object")
-        model = body.get("model")
-        if model is not None and model != name:
-            raise RequestError(f"the model '{model}' does not exist; this server serves '{name}'", 404, "model",
-                               "NotFoundError")
-        return body
-
-    def submit(prompt, params):
-        if not engine.alive:
-            raise RequestError("the engine is not running", 503, type_="server_error")
-        try:
-            return engine.submit(prompt, params)
-        except ValueError as err:
-            raise RequestError(str(err), param="prompt") from None
-
-    async def collect(rid, queue):
-        toks, lps, text, reason = [], [], "", None
-        try:
-            while reason is None:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise RequestError(f"engine error: {item}", 500, type_="server_error")
-                toks += item.new_token_ids
-                lps += item.new_logprobs
-                text += item.delta_text
-                reason = item.finish_reason
-        finally:
-            if reason is None:
-                engine.abort(rid)
-        return toks, lps, text, reason
-
-    def completion_logprobs(tokens, lps):
-        strs = [llm.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
-        offs, at = [], 0
-        for s in strs:
-            offs.append(at)
-            at += len(s)
-        return {"tokens": strs, "token_logprobs": lps, "top_logprobs": None, "text_offset": offs}
-
-    def chat_logprobs(tokens, lps):
-        out = []
-        for t, lp in zip(tokens, lps):
-            s = llm.tokenizer.decode([t], skip_special_tokens=False)
-            out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
-        return {"content": out}
+        return _error(f"invalid request: {exc.errors()}")
 
     @app.get("/health")
     async def health():  # noqa: RUF029
         if not engine.alive:
-            return error("engine not running", 503, type_="server_error")
+            return _error("engine not running", 503, type_="server_error")
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -255,124 +362,59 @@ def create_app(llm: LLM, model_name: str | None = None):
 
     @app.get("/metrics")
     async def metrics():  # noqa: RUF029
-        st = llm.stats()
-        gauges = {
-            "pallaskit_requests_running": (st["running"], "Requests being computed"),
-            "pallaskit_requests_waiting": (st["waiting"], "Requests waiting for admission"),
-            "pallaskit_kv_pages_in_use": (st["kv_pages_in_use"], "KV cache pages referenced by requests"),
-            "pallaskit_kv_pages_total": (st["kv_pages_total"], "KV cache pages"),
-            "pallaskit_prefix_cache_hit_rate": (round(st["prefix_cache_hit_rate"], 6),
-                                                "Prompt tokens served from the prefix cache / prompt tokens"),
-            "pallaskit_tokens_per_second": (round(llm.metrics.tokens_per_second(), 3),
-                                            "Generated tokens per second (last 10 s)"),
-            "pallaskit_compilations_after_warmup": (st["compiles_after_warmup"], "XLA compilations after warm-up"),
-            "pallaskit_padding_waste": (round(st["padding_waste"], 6), "Padding share of computed token slots"),
-            "pallaskit_preemptions": (st["preemptions"], "Requests preempted (recomputed later)"),
-        }
-        return PlainTextResponse(llm.metrics.render(gauges), media_type="text/plain; version=0.0.4")
-
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    async def stream_events(rid, queue, head: dict, choice, n_prompt: int, include_usage: bool, first=None):
-        """Server-sent events of one streamed request: an optional first chunk, one chunk per engine
-        output (`choice(item)`), the usage chunk when asked for, then [DONE]. A client that goes away
-        before the end aborts the request in the engine."""
-        reason, n_out = None, 0
-        try:
-            if first is not None:
-                yield sse({**head, "created": int(time.time()), "choices": [first]})
-            while reason is None:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    yield sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
-                    return
-                reason = item.finish_reason
-                n_out += len(item.new_token_ids)
-                yield sse({**head, "created": int(time.time()), "choices": [choice(item)]})
-            if include_usage:
-                yield sse({**head, "created": int(time.time()), "choices": [], "usage": usage(n_prompt, n_out)})
-            yield "data: [DONE]\n\n"
-        finally:
-            if reason is None:
-                engine.abort(rid)
+        return PlainTextResponse(_metrics_text(llm), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await read_body(request)
+        body = await _read_body(request, name)
         params, extras = sampling_from(body, 16)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-            raise RequestError("batched prompts are not supported: send one prompt per request", param="prompt")
-        if prompt is None or not isinstance(prompt, (str, list)):
-            raise RequestError("'prompt' must be a string or a list of token ids", param="prompt")
+        prompt = _completion_prompt(body)
         want_lp = body.get("logprobs") is not None and body.get("logprobs") is not False
         cid = f"cmpl-{uuid.uuid4().hex}"
-        rid, queue = submit(prompt, params)
+        rid, queue = _submit(engine, prompt, params)
         n_prompt = len(llm.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
 
         if extras["stream"]:
             def choice(item):
                 return {"index": 0, "text": item.delta_text, "finish_reason": item.finish_reason,
-                        "logprobs": completion_logprobs(item.new_token_ids, item.new_logprobs) if want_lp else None}
+                        "logprobs": _completion_logprobs(llm, item.new_token_ids, item.new_logprobs) if want_lp
+                        else None}
 
             head = {"id": cid, "object": "text_completion", "model": name}
-            return StreamingResponse(stream_events(rid, queue, head, choice, n_prompt, extras["include_usage"]),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_stream_events(engine, rid, queue, head, choice, n_prompt,
+                                                    extras["include_usage"]), media_type="text/event-stream")
 
-        toks, lps, text, reason = await collect(rid, queue)
+        toks, lps, text, reason = await _collect(engine, rid, queue)
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason,
-                             "logprobs": completion_logprobs(toks, lps) if want_lp else None}],
+                             "logprobs": _completion_logprobs(llm, toks, lps) if want_lp else None}],
                 "usage": usage(n_prompt, len(toks))}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await read_body(request)
+        body = await _read_body(request, name)
         params, extras = sampling_from(body, max(1, llm.max_model_len // 2))
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("'messages' must be a non-empty list", param="messages")
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise RequestError("each message needs a 'role'", param="messages")
-            if isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
-                parts = m["content"]
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-                    raise RequestError("only text content parts are supported", param="messages")
-                m["content"] = "".join(p.get("text", "") for p in parts)
-            if not isinstance(m.get("content"), str):
-                raise RequestError("each message needs a string 'content'", param="messages")
-        try:
-            text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as err:
-            raise RequestError(str(err), param="messages") from None
-        prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        # a chat reply stops where the model ends its turn: cap max_tokens by the room left
-        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-            params.max_tokens = max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids) - 1))
+        prompt_ids = _chat_prompt_ids(llm, body, params)
         want_lp = bool(body.get("logprobs"))
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        rid, queue = submit(prompt_ids, params)
+        rid, queue = _submit(engine, prompt_ids, params)
         n_prompt = len(prompt_ids)
 
         if extras["stream"]:
             def choice(item):
                 return {"index": 0, "delta": {"content": item.delta_text} if item.delta_text else {},
                         "finish_reason": item.finish_reason,
-                        "logprobs": chat_logprobs(item.new_token_ids, item.new_logprobs) if want_lp else None}
+                        "logprobs": _chat_logprobs(llm, item.new_token_ids, item.new_logprobs) if want_lp else None}
 
             head = {"id": cid, "object": "chat.completion.chunk", "model": name}
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-            return StreamingResponse(stream_events(rid, queue, head, choice, n_prompt, extras["include_usage"], first),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_stream_events(engine, rid, queue, head, choice, n_prompt,
+                                                    extras["include_usage"], first), media_type="text/event-stream")
 
-        toks, lps, text, reason = await collect(rid, queue)
+        toks, lps, text, reason = await _collect(engine, rid, queue)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                             "logprobs": chat_logprobs(toks, lps) if want_lp else None}],
+                             "logprobs": _chat_logprobs(llm, toks, lps) if want_lp else None}],
                 "usage": usage(n_prompt, len(toks))}
 
     return app

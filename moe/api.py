@@ -11,14 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autotune.hardware import GPU_GENERATIONS, detect
-from autotune.kernel_util import check_implementation, no_kernel
+from autotune import protocol
 from autotune.tables import lookup
 from moe import routing, tpu, tuning
 from quant.tensor import QuantizedTensor, unpack_int4
 from reference.gmm import gmm as reference_gmm
-
-_REFERENCE = "reference.gmm"
 
 ACTIVATIONS = tpu.ACTIVATIONS
 FUSED_ACTIVATIONS = {"silu": "swiglu", "gelu": "gelu_glu"}
@@ -28,11 +25,11 @@ SCORINGS = ("softmax", "sigmoid")
 # ---------------------------------------------------------------- validation
 
 
-def _is_concrete(x) -> bool:
+def _is_concrete(x: object) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _rhs_info(rhs, name: str = "rhs"):
+def _rhs_info(rhs: object, name: str = "rhs") -> tuple[tuple, str, int]:
     """(logical shape, dtype name, quant_block: -1 float / 0 per channel / rows per scale)."""
     if isinstance(rhs, QuantizedTensor):
         shape = tuple(rhs.shape)
@@ -49,7 +46,7 @@ def _rhs_info(rhs, name: str = "rhs"):
     return tuple(rhs.shape), jnp.dtype(rhs.dtype).name, -1
 
 
-def check_group_sizes(group_sizes, m: int, *, name: str = "group_sizes") -> None:
+def check_group_sizes(group_sizes: jax.Array | np.ndarray, m: int, *, name: str = "group_sizes") -> None:
     """Value checks (debug_checks): no negative size, sizes summing to at most M (concrete values)."""
     sizes = np.asarray(group_sizes)
     if np.any(sizes < 0):
@@ -97,44 +94,55 @@ def _validate_gmm(lhs, rhs, group_sizes, group_offset, activation, debug_checks)
 # ---------------------------------------------------------------- dispatch
 
 
-def _platform() -> str:
-    """"tpu" | "gpu" | "cpu": where the call will run (a compile-only TPU mesh in scope counts)."""
-    gen = detect()
-    if gen is not None:
-        return "gpu" if gen in GPU_GENERATIONS else "tpu"
-    platform = jax.devices()[0].platform
-    return platform if platform in ("tpu", "gpu") else "cpu"
+def _tpu_config(key: dict, block_sizes: object, generation: str | None) -> tuning.GmmConfig:
+    """The caller's block sizes, else the generation's table (the conservative heuristic in
+    interpret mode off a TPU)."""
+    if block_sizes is None:
+        block_sizes = (tuning.default_block_sizes(key, None) if generation is None
+                       else lookup("gmm", key, generation)[0])
+    if not isinstance(block_sizes, (dict, tuning.GmmConfig)):
+        raise ValueError(f"block_sizes: expected a dict with tm, tk, tn or a moe.GmmConfig, got {block_sizes!r}")
+    return tuning.GmmConfig.from_any(block_sizes)
 
 
-def _gpu_gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_sizes):
-    """moe/gpu.py's Hopper kernel (bf16/fp16 arrays; the gated activation applied after it)."""
-    if isinstance(rhs, QuantizedTensor):
-        raise NotImplementedError("GPU gmm: quantized experts")
-    from moe import gpu
-
-    gpu_bs = block_sizes if isinstance(block_sizes, dict) and "tile_m" in block_sizes else None
-    out = gpu.gmm_gpu(lhs, rhs, group_sizes, group_offset=group_offset,
-                      preferred_element_type=out_dtype if activation is None else jnp.float32,
-                      block_sizes=gpu_bs)
-    if activation is None:
-        return out
+def _gated(activation: str | None, out: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
+    """act(gate) * up of an unfused [M, N] result (gate columns first)."""
     half = out.shape[1] // 2
     return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
 
 
-def block_sizes_for(key: dict, block_sizes=None, interpret=False):
-    """The caller's block sizes, else the table's (autotune.lookup("gmm", key)): on a GPU the GPU
-    generation's table (moe/gpu_tuning.py's default on a miss), whose entries pass through as is."""
-    if not interpret and _platform() == "gpu":
-        return lookup("gmm", key)[0] if block_sizes is None else block_sizes
+def _tpu_gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, generation: str | None, *, key: dict,
+             group_offset: object, out_dtype: jnp.dtype, activation: str | None, block_sizes: object,
+             interpret: object, fill_zeros: bool) -> jax.Array:
+    """moe/tpu.py's kernel; its scoped-VMEM limit derived from the block sizes."""
+    cfg = _tpu_config(key, block_sizes, generation)
+    values, scales, scale_block, int4 = _kernel_args(rhs)
+    fused = activation is None or tpu.fuses_activation(values.shape[-1])
+    out = tpu.gmm(lhs, values, group_sizes, scales=scales, scale_block=scale_block, int4=int4,
+                  group_offset=group_offset, preferred_element_type=out_dtype if fused else jnp.float32,
+                  activation=activation if fused else None, tm=cfg.tm, tk=cfg.tk, tn=cfg.tn,
+                  vmem_limit_bytes=protocol.vmem_limit_bytes(tuning.vmem_bytes(key, cfg.to_dict()), generation),
+                  fill_zeros=fill_zeros, interpret=interpret)
+    return out if fused else _gated(activation, out, out_dtype)
+
+
+def _gpu_gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, generation: str | None, *, key: dict,
+             group_offset: object, out_dtype: jnp.dtype, activation: str | None, block_sizes: object) -> jax.Array:
+    """moe/gpu.py's Hopper kernel (bf16/fp16 arrays; the gated activation applied after it). Block
+    sizes: the caller's, else the GPU generation's table."""
+    if isinstance(rhs, QuantizedTensor):
+        raise NotImplementedError("quantized experts")
+    from moe import gpu
+
     if block_sizes is None:
-        block_sizes, _ = lookup("gmm", key)
-    if not isinstance(block_sizes, dict) or not {"tm", "tk", "tn"} <= set(block_sizes):
-        raise ValueError(f"block_sizes: expected a dict with tm, tk, tn, got {block_sizes!r}")
-    return dict(block_sizes)
+        block_sizes, _ = lookup("gmm", key, generation)
+    out = gpu.gmm_gpu(lhs, rhs, group_sizes, group_offset=group_offset,
+                      preferred_element_type=out_dtype if activation is None else jnp.float32,
+                      block_sizes=block_sizes)
+    return out if activation is None else _gated(activation, out, out_dtype)
 
 
-def _kernel_args(rhs):
+def _kernel_args(rhs: object) -> tuple:
     """(values, scales, scale_block, int4) for the kernel: scales expanded to one per column."""
     if not isinstance(rhs, QuantizedTensor):
         return rhs, None, None, False
@@ -148,43 +156,25 @@ def _kernel_args(rhs):
     return rhs.values, scales, (None if bk == k else bk), rhs.dtype == "int4"
 
 
-def _gmm(lhs, rhs, group_sizes, *, group_offset, out_dtype, activation, block_sizes, interpret,
-         fill_zeros=True, implementation=None):
-    """Kernel when possible, else the reference (with a warning; an error under "pallas")."""
-    if implementation == "xla":
-        return reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype,
-                             activation=activation)
-    platform = "tpu" if interpret else _platform()
-    if platform == "gpu":
-        try:
-            return _gpu_gmm(lhs, rhs, group_sizes, group_offset=group_offset, out_dtype=out_dtype,
-                            activation=activation, block_sizes=block_sizes)
-        except (NotImplementedError, ImportError) as err:
-            no_kernel(f"moe.gmm: the GPU kernel does not handle this call ({err})", implementation, _REFERENCE)
-    elif platform == "tpu":
-        values, scales, scale_block, int4 = _kernel_args(rhs)
-        fused = activation is None or tpu.fuses_activation(values.shape[-1])
-        try:
-            out = tpu.gmm(lhs, values, group_sizes, scales=scales, scale_block=scale_block, int4=int4,
-                          group_offset=group_offset, out_dtype=out_dtype if fused else jnp.float32,
-                          activation=activation if fused else None,
-                          tm=int(block_sizes["tm"]), tk=int(block_sizes["tk"]), tn=int(block_sizes["tn"]),
-                          vmem_limit_bytes=block_sizes.get("vmem_limit_bytes"), fill_zeros=fill_zeros,
-                          interpret=interpret)
-            if fused:
-                return out
-            half = out.shape[1] // 2
-            return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
-        except NotImplementedError as err:
-            no_kernel(f"moe.gmm: the TPU kernel does not handle this call ({err})", implementation, _REFERENCE)
-    else:
-        no_kernel("moe.gmm: no TPU or GPU attached and interpret=False", implementation, _REFERENCE)
-    return reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype,
-                       activation=activation)
+def _gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, *, key: dict, group_offset: object,
+         out_dtype: jnp.dtype, activation: str | None, block_sizes: object, interpret: object,
+         fill_zeros: bool = True, implementation: str | None = None) -> jax.Array:
+    """The device's kernel through autotune.protocol.dispatch, else reference.gmm."""
+    common = dict(key=key, group_offset=group_offset, out_dtype=out_dtype, activation=activation,
+                  block_sizes=block_sizes)
+    kernels = {"tpu": lambda gen: _tpu_gmm(lhs, rhs, group_sizes, gen, interpret=interpret, fill_zeros=fill_zeros,
+                                           **common),
+               "gpu": lambda gen: _gpu_gmm(lhs, rhs, group_sizes, gen, **common)}
+    reference = lambda: reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset,
+                                      preferred_element_type=out_dtype, activation=activation)
+    return protocol.dispatch("moe.gmm", implementation=implementation, interpret=interpret, kernels=kernels,
+                             reference=reference)
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, activation=None,
-        block_sizes=None, interpret=False, debug_checks=False, implementation=None):
+def gmm(lhs: jax.Array, rhs: jax.Array | QuantizedTensor, group_sizes: jax.Array, *, group_offset: int | jax.Array = 0,
+        preferred_element_type: object = None, activation: str | None = None,
+        block_sizes: dict | tuning.GmmConfig | None = None, interpret: object = False, debug_checks: bool = False,
+        implementation: str | None = None) -> jax.Array:
     """Grouped matmul: rows of lhs [M, K] (sorted by group) times their group's rhs [K, N].
 
     group_sizes i32[G] covers all groups; rhs [G_local, K, N] (array or quant.QuantizedTensor) holds
@@ -195,7 +185,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, a
     (concrete arrays only). implementation None | "pallas" | "xla" (autotune/kernel_util.py):
     "pallas" raises NotImplementedError instead of falling back, "xla" runs reference.gmm.
     """
-    check_implementation(implementation)
+    protocol.check_implementation(implementation)
     m, k, n, g_local, rhs_dtype, quant_block = _validate_gmm(lhs, rhs, group_sizes, group_offset,
                                                              activation, debug_checks)
     if isinstance(rhs, QuantizedTensor):
@@ -206,15 +196,15 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, a
         return jnp.zeros((0, n // 2 if activation else n), out_dtype)
     key = tuning.make_key(m=m, k=k, n=n, num_groups=g_local, lhs_dtype=lhs.dtype, rhs_dtype=rhs_dtype,
                           quant_block=quant_block, activation=activation)
-    bs = None if implementation == "xla" else block_sizes_for(key, block_sizes, interpret)
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), group_offset=group_offset, out_dtype=out_dtype,
-                activation=activation, block_sizes=bs, interpret=interpret, implementation=implementation)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), key=key, group_offset=group_offset, out_dtype=out_dtype,
+                activation=activation, block_sizes=block_sizes, interpret=interpret, implementation=implementation)
 
 
 # ---------------------------------------------------------------- fused MoE
 
 
-def validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation):
+def validate_fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: object, w_down: object, top_k: int,
+                       scoring: str, activation: str) -> tuple[int, int, int, int]:
     """Shape checks of fused_moe; returns (T, D, E, F)."""
     if not hasattr(x, "ndim") or x.ndim != 2:
         raise ValueError(f"x: expected 2 dims [T, D], got shape {tuple(getattr(x, 'shape', ()))}")
@@ -239,21 +229,18 @@ def validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, acti
     return t, d, e, f
 
 
-def moe_block_sizes(block_sizes, keys: dict, interpret=False) -> dict:
-    """Per-gmm block sizes of fused_moe: block_sizes may be None (tables), one dict for both calls or
-    {"gate_up": {...}, "down": {...}}."""
+def moe_block_sizes(block_sizes: dict | None) -> dict:
+    """The caller's block sizes of fused_moe's two gmm calls: None (tables), one dict for both calls
+    or {"gate_up": {...}, "down": {...}}."""
     if block_sizes is not None and not isinstance(block_sizes, dict):
         raise ValueError(f"block_sizes: expected None or a dict, got {block_sizes!r}")
     split = isinstance(block_sizes, dict) and bool({"gate_up", "down"} & set(block_sizes))
-    out = {}
-    for name, key in keys.items():
-        given = block_sizes.get(name) if split else block_sizes
-        out[name] = block_sizes_for(key, given, interpret)
-    return out
+    return {name: (block_sizes.get(name) if split else block_sizes) for name in ("gate_up", "down")}
 
 
-def expert_layer(x, weights, experts, w_gate_up, w_down, *, group_offset, num_experts, activation,
-                 block_sizes, interpret, implementation=None):
+def expert_layer(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: object, w_down: object, *,
+                 group_offset: int | jax.Array, num_experts: int, activation: str, keys: dict, block_sizes: dict,
+                 interpret: object, implementation: str | None = None) -> jax.Array:
     """Sort, gate/up gmm with the fused activation, down gmm, weighted combine (f32 [T, D]).
 
     Computes the experts [group_offset, group_offset + G_local) that w_gate_up / w_down hold; the
@@ -264,10 +251,11 @@ def expert_layer(x, weights, experts, w_gate_up, w_down, *, group_offset, num_ex
     order, inverse, group_sizes = routing.sort_by_expert(experts, num_experts)
     x_sorted = x[order // top_k]
     local_all = g_local == num_experts
-    h = _gmm(x_sorted, w_gate_up, group_sizes, group_offset=group_offset, out_dtype=x.dtype,
+    h = _gmm(x_sorted, w_gate_up, group_sizes, key=keys["gate_up"], group_offset=group_offset, out_dtype=x.dtype,
              activation=FUSED_ACTIVATIONS[activation], block_sizes=block_sizes["gate_up"],
              interpret=interpret, fill_zeros=local_all, implementation=implementation)
-    y = _gmm(h, w_down, group_sizes, group_offset=group_offset, out_dtype=jnp.float32, activation=None,
+    y = _gmm(h, w_down, group_sizes, key=keys["down"], group_offset=group_offset, out_dtype=jnp.float32,
+             activation=None,
              block_sizes=block_sizes["down"], interpret=interpret, fill_zeros=local_all,
              implementation=implementation)
     keep = None
@@ -276,7 +264,8 @@ def expert_layer(x, weights, experts, w_gate_up, w_down, *, group_offset, num_ex
     return routing.combine(y, inverse, weights, keep)
 
 
-def gmm_keys(t, d, f, g_local, top_k, x_dtype, w_gate_up, w_down, activation) -> dict:
+def gmm_keys(t: int, d: int, f: int, g_local: int, top_k: int, x_dtype: object, w_gate_up: object, w_down: object,
+             activation: str) -> dict:
     """Table keys of fused_moe's two gmm calls (both are "gmm" entries)."""
     _, gu_dtype, gu_block = _rhs_info(w_gate_up, "w_gate_up")
     _, dn_dtype, dn_block = _rhs_info(w_down, "w_down")
@@ -290,8 +279,10 @@ def gmm_keys(t, d, f, g_local, top_k, x_dtype, w_gate_up, w_down, activation) ->
     }
 
 
-def fused_moe(x, router_logits, w_gate_up, w_down, *, top_k, renormalize=True, scoring="softmax",
-              activation="silu", block_sizes=None, interpret=False, implementation=None):
+def fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array | QuantizedTensor,
+              w_down: jax.Array | QuantizedTensor, *, top_k: int, renormalize: bool = True, scoring: str = "softmax",
+              activation: str = "silu", block_sizes: dict | None = None, interpret: object = False,
+              implementation: str | None = None) -> jax.Array:
     """Mixture-of-experts layer: x [T, D], router_logits [T, E], w_gate_up [E, D, 2F] (gate columns
     first, then up), w_down [E, F, D] (arrays or quant.QuantizedTensor) -> [T, D] in x.dtype.
 
@@ -300,13 +291,12 @@ def fused_moe(x, router_logits, w_gate_up, w_down, *, top_k, renormalize=True, s
     weight = probs there, divided by their sum when renormalize. activation "silu" | "gelu".
     implementation None | "pallas" | "xla" applies to both gmm calls (see gmm).
     """
-    check_implementation(implementation)
+    protocol.check_implementation(implementation)
     t, d, e, f = validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation)
     if t == 0:
         return jnp.zeros_like(x)
     keys = gmm_keys(t, d, f, e, top_k, x.dtype, w_gate_up, w_down, activation)
-    bs = {"gate_up": None, "down": None} if implementation == "xla" else moe_block_sizes(block_sizes, keys, interpret)
     weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring=scoring)
     out = expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=0, num_experts=e,
-                       activation=activation, block_sizes=bs, interpret=interpret, implementation=implementation)
+                       activation=activation, keys=keys, block_sizes=moe_block_sizes(block_sizes), interpret=interpret, implementation=implementation)
     return out.astype(x.dtype)

@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, k_pipeline
+from autotune.hardware import HOPPER_SMEM_PER_BLOCK
+from autotune.kernel_util import gpu_interpret_params, k_pipeline
+from autotune.protocol import BlockConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class GmmBlockSizes(BlockSizesFromAny):
+class GmmBlockSizes(BlockConfig):
     """tile_m x tile_n: one consumer warpgroup's accumulator; the CTA tile doubles tile_n
     (wg_dim "n") or tile_m (wg_dim "m"). tile_k: K per pipeline step; num_stages: TMA buffers;
     epi_n: columns per epilogue store; grid_tile_width: snake width over the (row, col) tiles."""
@@ -57,7 +59,6 @@ class GmmBlockSizes(BlockSizesFromAny):
         return self.tile_n * (2 if self.wg_dim == "n" else 1)
 
 
-_SMEM_LIMIT = 227 * 1024
 
 
 def smem_bytes(bs: GmmBlockSizes, itemsize: int = 2) -> int:
@@ -85,7 +86,7 @@ def check_supported(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, bs: GmmBlockSize
         raise NotImplementedError(f"GPU gmm: the CTA tile width {bs.cta_n} must divide N {n}")
     if bs.tile_n % bs.epi_n:
         raise NotImplementedError(f"GPU gmm: epi_n {bs.epi_n} must divide tile_n {bs.tile_n}")
-    if smem_bytes(bs) > _SMEM_LIMIT:
+    if smem_bytes(bs) > HOPPER_SMEM_PER_BLOCK:
         raise NotImplementedError(f"GPU gmm: {bs} needs {smem_bytes(bs)} B of shared memory")
 
 

@@ -1,7 +1,7 @@
-"""gmm's side of the tuning protocol on Hopper GPUs (h100, h200): candidates of moe/gpu.py's kernel.
+"""gmm's tuning module on Hopper GPUs (h100, h200; autotune/protocol.py): candidates of moe/gpu.py's kernel.
 
 Block sizes: moe.gpu.GmmBlockSizes fields (tile_m, tile_n, tile_k, num_stages, wg_dim, epi_n, ...).
-moe/tuning.py hands GPU generations here. The cost model counts the operand re-reads of each CTA
+The key, inputs, reference, presets and bench cases are the family's (moe/tuning.py). The cost model counts the operand re-reads of each CTA
 tile shape (A once per column tile, B once per row tile), which prefers large tiles and knows
 nothing of occupancy or pipelining: GPU tables are meant to be measured (`autotune run --chip h100`
 on the GPU).
@@ -17,15 +17,13 @@ import jax.numpy as jnp
 from autotune.cost_model import Traffic
 from autotune.kernel_util import cdiv
 
+STATIC_GRID = False  # the tables are meant to be measured
+
 TILE_M = (64, 128)
 TILE_N = (64, 128, 256)
 TILE_K = (64, 128)
 NUM_STAGES = (2, 3, 4, 5)
 WG_DIM = ("n", "m")
-
-
-def is_gpu_block_sizes(block_sizes) -> bool:
-    return isinstance(block_sizes, dict) and "tile_m" in block_sizes
 
 
 def _shapes(key: dict):
@@ -43,14 +41,14 @@ def _supported(key: dict, bs) -> bool:
     return True
 
 
-def default_block_sizes(key: dict) -> dict:
+def default_block_sizes(key: dict, generation: str | None = None) -> dict:
     """moe.gpu's measured default for the shapes."""
     from moe import gpu
 
     return dataclasses.asdict(gpu.default_block_sizes(key["m"], key["k"], key["n"], key["num_groups"]))
 
 
-def search_space(key: dict) -> list[dict]:
+def search_space(key: dict, generation: str | None = None) -> list[dict]:
     """Tile shapes, stages and warpgroup split the kernel takes for the key's shapes."""
     from moe.gpu import GmmBlockSizes
 
@@ -62,13 +60,14 @@ def search_space(key: dict) -> list[dict]:
     return out
 
 
-def smem_estimate(key: dict, block_sizes: dict) -> int:
+def vmem_estimate(key: dict, block_sizes: dict) -> int:
+    """Shared-memory bytes of the kernel with these sizes."""
     from moe import gpu
 
     return gpu.smem_bytes(gpu.GmmBlockSizes.from_any(block_sizes), jnp.dtype(key["lhs_dtype"]).itemsize)
 
 
-def cost(key: dict, block_sizes: dict) -> Traffic:
+def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
     """HBM bytes with operand re-reads per CTA tile, and the FLOPs of the (padded) row tiles."""
     from moe import gpu
 

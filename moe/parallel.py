@@ -52,7 +52,7 @@ def fused_moe_expert_parallel(x, router_logits, w_gate_up, w_down, *, top_k, mes
         raise ValueError(f"w_gate_up: {e} experts do not split evenly over the {shards} devices of {axis_name!r}")
     g_local = e // shards
     keys = gmm_keys(t, d, f, g_local, top_k, x.dtype, w_gate_up, w_down, activation)
-    bs = moe_block_sizes(block_sizes, keys, interpret)
+    bs = moe_block_sizes(block_sizes)
 
     def shard(x, logits, w_gu, w_dn):
         w_gu, w_dn = _local(w_gu), _local(w_dn)
@@ -60,7 +60,7 @@ def fused_moe_expert_parallel(x, router_logits, w_gate_up, w_down, *, top_k, mes
         offset = (jax.lax.axis_index(axis_name) * g_local).astype(jnp.int32)
         weights, experts = routing.top_k_routing(logits, top_k, renormalize=renormalize, scoring=scoring)
         part = expert_layer(x, weights, experts, w_gu, w_dn, group_offset=offset, num_experts=e,
-                            activation=activation, block_sizes=bs, interpret=interpret)
+                            activation=activation, keys=keys, block_sizes=bs, interpret=interpret)
         return jax.lax.psum(part, axis_name)
 
     specs = (P(), P(), P(axis_name), P(axis_name))

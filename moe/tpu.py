@@ -253,19 +253,8 @@ def _gmm_kernel(bounds_ref, grp_ref, tile_ref, sgrp_ref, stile_ref, *refs, tm, t
             out_ref[...] = jnp.where(mask, val.astype(out_dtype), out_ref[...])
 
 
-def gmm(lhs, rhs, group_sizes, *, scales=None, scale_block=None, int4=False, group_offset=0,
-        out_dtype=None, activation=None, tm=128, tk=512, tn=512, vmem_limit_bytes=None,
-        fill_zeros=True, interpret=False):
-    """Grouped matmul on TPU (shapes in the module docstring).
-
-    rhs: float weights, or the raw values of quantized ones when `scales` [G_local, S, N] (f32, one
-    scale per column per `scale_block` rows of K; scale_block None = per channel, S = 1) is given;
-    int4=True marks quant's packed int4 layout (byte r of a column: rows r and r + K/2).
-    Block sizes: tm rows, tk of K, tn output columns (per half with a gated activation); tk must
-    divide K and tn the output width; tm is clamped to M. fill_zeros=False leaves row tiles with no
-    local rows unwritten (for callers that mask them anyway).
-    Raises NotImplementedError for combinations this kernel does not handle.
-    """
+def _check_supported(lhs, rhs, scales, scale_block, int4, activation, tm, tk, tn, interpret) -> None:
+    """NotImplementedError naming what moe/tpu.py's gmm does not handle."""
     if activation not in ACTIVATIONS:
         raise NotImplementedError(f"activation {activation!r}")
     if jnp.dtype(lhs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
@@ -289,15 +278,40 @@ def gmm(lhs, rhs, group_sizes, *, scales=None, scale_block=None, int4=False, gro
             raise NotImplementedError(f"tn {tn} is not a multiple of 128 (or N)")
         if min(tm, m) % sub and tm < m:
             raise NotImplementedError(f"tm {tm} is not a multiple of {sub} (or M)")
+    if tk % n_parts or (scales is not None and scale_block is not None and (tk // n_parts) % scale_block):
+        raise NotImplementedError(f"tk {tk} must hold whole scale groups of {scale_block} rows per part")
+
+
+def gmm(lhs, rhs, group_sizes, *, scales=None, scale_block=None, int4=False, group_offset=0,
+        preferred_element_type=None, activation=None, tm=128, tk=512, tn=512, vmem_limit_bytes=None,
+        fill_zeros=True, interpret=False):
+    """Grouped matmul on TPU (shapes in the module docstring).
+
+    rhs: float weights, or the raw values of quantized ones when `scales` [G_local, S, N] (f32, one
+    scale per column per `scale_block` rows of K; scale_block None = per channel, S = 1) is given;
+    int4=True marks quant's packed int4 layout (byte r of a column: rows r and r + K/2).
+    Block sizes: tm rows, tk of K, tn output columns (per half with a gated activation); tk must
+    divide K and tn the output width; tm is clamped to M. fill_zeros=False leaves row tiles with no
+    local rows unwritten (for callers that mask them anyway).
+    Raises NotImplementedError for combinations this kernel does not handle.
+    """
+    _check_supported(lhs, rhs, scales, scale_block, int4, activation, tm, tk, tn, interpret)
+    m, k_dim = lhs.shape
+    g_local, kr, n = rhs.shape
+    glu = activation is not None
+    n_out = n // 2 if glu else n
+    n_parts = 2 if int4 else 1
     scale_mode = None if scales is None else ("channel" if scale_block is None else "group")
     tkp = tk // n_parts  # K rows per part in one block
-    if tk % n_parts or (scale_mode == "group" and tkp % scale_block):
-        raise NotImplementedError(f"tk {tk} must hold whole scale groups of {scale_block} rows per part")
+    if scale_mode is None:
+        raise NotImplementedError(f"activation {activation!r}")
+    if jnp.dtype(lhs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise NotImplementedError(f"lhs dtype {lhs.dtype} (bfloat16 or float32)")
     if scale_mode is None:
         compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     else:
         compute_dtype = jnp.dtype(jnp.float32 if lhs.dtype == jnp.float32 else jnp.bfloat16)
-    out_dtype = jnp.dtype(out_dtype or lhs.dtype)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     tm = min(tm, m)
     ts = sub_block_rows(tm)
     nk, nn = k_dim // tk, n_out // tn

@@ -5,9 +5,10 @@ Table key (tuned_configs/<generation>/gmm.json):
            0 = per channel, -1 = not quantized), num_groups (G_local), k, n (rhs columns, both halves
            with a gated activation), activation ("none" | "swiglu" | "gelu_glu");
   dynamic: m (rows, bucketed to powers of two by autotune.lookup).
-Block sizes: {"tm", "tk", "tn"} (+ "vmem_limit_bytes"); tn counts output columns (per half).
+Block sizes: {"tm", "tk", "tn"}; tn counts output columns (per half). The scoped-VMEM limit is
+derived from them (autotune.protocol.vmem_limit_bytes of vmem_bytes).
 
-This module is gmm's side of the tuning protocol (autotune/registry.py): default_block_sizes,
+This module is gmm's TPU tuning module (autotune/protocol.py): default_block_sizes,
 search_space, keys_for_preset, vmem_estimate, cost, input_specs, example_inputs, kernel_fn,
 reference_fn, demo_key, bench_cases. fused_moe's two matmuls are "gmm" entries too (gate_up with
 its activation, down without).
@@ -21,8 +22,9 @@ import functools
 import jax.numpy as jnp
 
 from autotune.cost_model import Traffic, predict
-from autotune.hardware import GPU_GENERATIONS, MiB, chip
+from autotune.hardware import MiB, chip
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up, sublane_tile
+from autotune.protocol import BlockConfig
 from moe.tpu import fuses_activation, packed_int4_ok, sub_block_rows
 
 STATIC_KEYS = ("lhs_dtype", "rhs_dtype", "quant_block", "num_groups", "k", "n", "activation")
@@ -38,23 +40,19 @@ _QUANT_FORMATS = ("int8", "int4", "float8_e4m3fn", "float8_e5m2")
 
 
 @dataclasses.dataclass(frozen=True)
-class GmmConfig:
-    """Block sizes of one gmm call."""
+class GmmConfig(BlockConfig):
+    """Block sizes of one gmm call: rows, K and output columns (per half) of a tile."""
 
     tm: int
     tk: int
     tn: int
-    vmem_limit_bytes: int | None = None
-
-    def as_dict(self) -> dict:
-        out = {"tm": self.tm, "tk": self.tk, "tn": self.tn}
-        if self.vmem_limit_bytes:
-            out["vmem_limit_bytes"] = self.vmem_limit_bytes
-        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> GmmConfig:
-        return cls(int(d["tm"]), int(d["tk"]), int(d["tn"]), d.get("vmem_limit_bytes"))
+        missing = sorted({"tm", "tk", "tn"} - set(d))
+        if missing:
+            raise ValueError(f"block_sizes: expected a dict with tm, tk, tn, missing {missing}: {d!r}")
+        return super().from_dict({k: int(v) for k, v in d.items()})
 
 
 def make_key(*, m, k, n, num_groups, lhs_dtype, rhs_dtype, quant_block=-1, activation=None) -> dict:
@@ -193,26 +191,18 @@ def _valid_tk(key: dict, tk: int) -> bool:
     return not (qb > 0 and (tk // parts) % qb)
 
 
-def vmem_budget(generation: str | None) -> tuple[int, int | None]:
-    """(bytes the blocks may use, vmem_limit_bytes to request) for a generation (None: conservative)."""
+def vmem_budget(generation: str | None) -> int:
+    """Bytes the blocks may use on a generation (None: conservative). vmem_bytes is an upper bound of
+    what the kernel allocates (checked against libtpu's own accounting); leave the compiler room."""
     if generation is None:
-        return int(CONSERVATIVE_SCOPED_VMEM * 0.85), None
-    spec = chip(generation)
-    # Leave 1/8 of the physical VMEM to the compiler; vmem_bytes is an upper bound of what the
-    # kernel allocates (checked against libtpu's own accounting), so blocks may use 90% of the limit.
-    limit = spec.vmem_bytes * 7 // 8
-    return int(limit * 0.9), int(limit)
+        return int(CONSERVATIVE_SCOPED_VMEM * 0.85)
+    return int(chip(generation).vmem_bytes * 7 // 8 * 0.9)
 
 
 def search_space(key: dict, generation: str | None) -> list[dict]:
-    """Every (tm, tk, tn) that fits the generation's VMEM budget (block-size dicts); on a GPU
-    generation, moe/gpu.py's candidates (moe/gpu_tuning.py)."""
-    if generation in GPU_GENERATIONS:
-        from moe import gpu_tuning
-
-        return gpu_tuning.search_space(key)
+    """Every (tm, tk, tn) that fits the generation's VMEM budget (block-size dicts)."""
     _, n_out, _ = _shape(key)
-    budget, limit = vmem_budget(generation)
+    budget = vmem_budget(generation)
     sub = sublane_tile(key["lhs_dtype"])
     m_cap = round_up(key["m"], sub)
     tms = sorted({min(t, m_cap) for t in _TM_CHOICES if t >= sub})
@@ -222,19 +212,14 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
     for tm in tms:
         for tk in tks:
             for tn in tns:
-                c = GmmConfig(tm, tk, tn, limit).as_dict()
+                c = GmmConfig(tm, tk, tn).to_dict()
                 if vmem_bytes(key, c) <= budget:
                     out.append(c)
     return out
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:
-    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None);
-    on a GPU generation, moe/gpu.py's measured default."""
-    if generation in GPU_GENERATIONS:
-        from moe import gpu_tuning
-
-        return gpu_tuning.default_block_sizes(key)
+    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None)."""
     return dict(_default(tuple(sorted((k, str(v)) for k, v in key.items())), generation))
 
 
@@ -246,8 +231,7 @@ def _default(frozen: tuple, generation: str | None) -> dict:
         _, n_out, _ = _shape(key)
         tk = min(t for t in _divisors(key["k"], LANES) if _valid_tk(key, t))
         tn = min(_divisors(n_out, LANES))
-        return GmmConfig(min(sublane_tile(key["lhs_dtype"]), key["m"]), tk, tn,
-                         vmem_budget(generation)[1]).as_dict()
+        return GmmConfig(min(sublane_tile(key["lhs_dtype"]), key["m"]), tk, tn).to_dict()
     gen = generation or "v5e"
     timed = [(predict(traffic(key, c, gen), gen).seconds, c) for c in space]
     best = min(t for t, _ in timed)
@@ -258,21 +242,11 @@ def _default(frozen: tuple, generation: str | None) -> dict:
 
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
-def vmem_estimate(key: dict, block_sizes: dict) -> int:
-    """VMEM bytes of a TPU candidate; shared-memory bytes of a GPU one."""
-    from moe import gpu_tuning
-
-    if gpu_tuning.is_gpu_block_sizes(block_sizes):
-        return gpu_tuning.smem_estimate(key, block_sizes)
-    return vmem_bytes(key, block_sizes)
+vmem_estimate = vmem_bytes
 
 
-def cost(key: dict, block_sizes: dict, generation: str | None = None):
-    """traffic() of a TPU candidate; moe/gpu_tuning.py's count for a GPU one."""
-    from moe import gpu_tuning
-
-    if gpu_tuning.is_gpu_block_sizes(block_sizes):
-        return gpu_tuning.cost(key, block_sizes)
+def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
+    """traffic() of the key with these block sizes."""
     return traffic(key, block_sizes, generation)
 
 

@@ -8,16 +8,16 @@ back the same way. interpret=True runs the TPU kernel in TPU interpret mode anyw
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-from autotune.hardware import chip, detect
-from autotune.kernel_util import check_implementation, no_kernel
+from autotune import protocol
+from autotune.cost_model import Traffic
+from autotune.tables import lookup
 from quant import tuning
 from quant.tensor import QuantizedTensor
 from reference import quantization as qref
 from reference.quantized_matmul import quantized_matmul_qt as _reference_qt
-
-_REFERENCE = "reference.quantized_matmul"
 
 
 def _validate(x, qw, act_quant, out_dtype, bias):
@@ -51,102 +51,105 @@ def _validate(x, qw, act_quant, out_dtype, bias):
     return act
 
 
-def _check_block_sizes(key: dict, block_sizes) -> tuning.QuantizedMatmulConfig:
-    if not isinstance(block_sizes, dict):
+def _check_block_sizes(key: dict, block_sizes: object) -> tuning.QuantizedMatmulConfig:
+    if not isinstance(block_sizes, (dict, tuning.QuantizedMatmulConfig)):
         raise ValueError(f"block_sizes: expected a dict with tm, tn, tk, got {block_sizes!r}")
-    cfg = tuning.QuantizedMatmulConfig.from_dict(block_sizes)
+    cfg = tuning.QuantizedMatmulConfig.from_any(block_sizes)
     if min(cfg.tm, cfg.tn, cfg.tk) <= 0:
         raise ValueError(f"block_sizes: sizes must be positive, got {block_sizes!r}")
     if cfg.tk > key["k"]:  # a step larger than K is the whole of K
-        cfg = tuning.QuantizedMatmulConfig(cfg.tm, cfg.tn, key["k"], cfg.vmem_limit_bytes)
+        cfg = tuning.QuantizedMatmulConfig(cfg.tm, cfg.tn, key["k"])
     if not tuning.valid_tk(key, cfg.tk):
         raise ValueError(f"block_sizes: tk={cfg.tk} is not legal for K={key['k']} ({key['w_dtype']}, "
                          f"group {key['block_k'] or 'per column'}); legal: {tuning.tk_choices(key)}")
     return cfg
 
 
-def quantized_matmul(x, qw: QuantizedTensor, *, act_quant=None, out_dtype=None, bias=None, block_sizes=None,
-                     interpret=False, implementation=None):
+def quantized_matmul(x: jax.Array, qw: QuantizedTensor, *, act_quant: str | None = None, out_dtype: object = None,
+                     bias: jax.Array | None = None, block_sizes: dict | None = None,
+                     vmem_limit_bytes: int | None = None, interpret: object = False,
+                     implementation: str | None = None) -> jax.Array:
     """y[M, N] = x[M, K] @ qw (+ bias), in out_dtype (default x.dtype).
 
-    act_quant None | "int8" | "float8_e4m3fn" quantizes each row of x dynamically (absmax per row).
-    block_sizes None: looked up in tuned_configs for the detected chip (heuristic when missing);
-    else a dict {"tm", "tn", "tk"} (+ optional "vmem_limit_bytes"). implementation None | "pallas" |
-    "xla" (autotune/kernel_util.py): "pallas" raises NotImplementedError where no kernel serves the
-    call instead of falling back; "xla" runs reference.quantized_matmul.
+    Args:
+      x: [M, K] bfloat16 / float16 / float32 activations.
+      qw: a quant.QuantizedTensor of logical shape [K, N] (quant.quantize).
+      act_quant: None | "int8" | "float8_e4m3fn": quantize each row of x dynamically (absmax per row).
+      out_dtype: the output dtype (default x.dtype).
+      bias: [N] or [1, N], added in f32.
+      block_sizes: None (tuned_configs for the detected chip, heuristic when missing) or the
+        backend's sizes: {"tm", "tn", "tk"} on a TPU (a quant.tuning.QuantizedMatmulConfig too).
+      vmem_limit_bytes: overrides the TPU kernel's scoped-VMEM limit (default: derived from the
+        block sizes, autotune.protocol.vmem_limit_bytes).
+      interpret: True (or a pltpu.InterpretParams) runs the TPU kernel in TPU interpret mode.
+      implementation: None | "pallas" | "xla" (autotune/protocol.py).
+    Returns:
+      y [M, N].
     """
-    check_implementation(implementation)
+    protocol.check_implementation(implementation)
     act = _validate(x, qw, act_quant, out_dtype, bias)
-    if implementation == "xla":
-        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
     m, k = x.shape
     n = qw.shape[1]
-    generation = detect()
     key = tuning.make_key(m=m, k=k, n=n, x_dtype=x.dtype, w_dtype=qw.dtype, act_quant=act,
                           block_size=qw.block_size)
-    if generation is not None and not chip(generation).is_tpu and not interpret:
-        return _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implementation)
-    if generation is None and not interpret:
-        no_kernel("quant.quantized_matmul: no TPU or GPU attached and interpret=False", implementation, _REFERENCE)
-        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
-    if generation is not None and not chip(generation).is_tpu:
-        generation = None  # interpret mode on a GPU host: no TPU table applies
-    if block_sizes is None:
-        if generation is None:  # interpret mode off-TPU: the conservative heuristic, no table
-            block_sizes = tuning.default_block_sizes(key, None)
-        else:
-            from autotune import lookup
+    args = (x, qw, act, out_dtype, bias, key)
+    if vmem_limit_bytes is not None and int(vmem_limit_bytes) <= 0:
+        raise ValueError(f"vmem_limit_bytes: must be positive, got {vmem_limit_bytes}")
+    kernels = {"tpu": lambda gen: _tpu_path(*args, gen, block_sizes=block_sizes, interpret=interpret,
+                                            vmem_limit_bytes=vmem_limit_bytes),
+               "gpu": lambda gen: _gpu_path(*args, gen, block_sizes=block_sizes)}
+    return protocol.dispatch("quant.quantized_matmul", implementation=implementation, interpret=interpret,
+                             kernels=kernels,
+                             reference=lambda: _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias))
 
-            block_sizes, _ = lookup("quantized_matmul", key, generation)
-    cfg = _check_block_sizes(key, block_sizes)
-    mxu = tuning.mxu_path(qw.dtype, act, generation)
+
+def _tpu_path(x: jax.Array, qw: QuantizedTensor, act: str | None, out_dtype: object, bias: jax.Array | None,
+              key: dict, generation: str | None, *, block_sizes: object, interpret: object,
+              vmem_limit_bytes: int | None) -> jax.Array:
+    """quant/tpu.py's kernel. Block sizes: the caller's, else the generation's table (the
+    conservative heuristic in interpret mode off a TPU); the scoped-VMEM limit derived from them."""
     from quant import tpu
 
-    try:
-        return tpu.quantized_matmul(
-            x, qw.values, qw.scales, None if bias is None else jnp.asarray(bias).reshape(n),
-            w_dtype=qw.dtype, block=tuple(qw.block_size), shape=(k, n), act_quant=act,
-            out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
-            tm=tuning.legal_tm(m, cfg.tm), tn=tuning.legal_tn(n, cfg.tn), tk=cfg.tk, mxu=mxu,
-            vmem_limit_bytes=cfg.vmem_limit_bytes, interpret=interpret)
-    except NotImplementedError as err:
-        no_kernel(f"quant.quantized_matmul: the TPU kernel does not handle this call ({err})", implementation,
-                  _REFERENCE)
-        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
+    if block_sizes is None:
+        block_sizes = (tuning.default_block_sizes(key, None) if generation is None
+                       else lookup("quantized_matmul", key, generation)[0])
+    cfg = _check_block_sizes(key, block_sizes)
+    (m, k), n = x.shape, qw.shape[1]
+    need = tuning.vmem_bytes(key, cfg.to_dict(), generation)
+    return tpu.quantized_matmul(
+        x, qw.values, qw.scales, None if bias is None else jnp.asarray(bias).reshape(n),
+        w_dtype=qw.dtype, block=tuple(qw.block_size), shape=(k, n), act_quant=act,
+        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
+        tm=tuning.legal_tm(m, cfg.tm), tn=tuning.legal_tn(n, cfg.tn), tk=cfg.tk,
+        mxu=tuning.mxu_path(qw.dtype, act, generation),
+        vmem_limit_bytes=vmem_limit_bytes or protocol.vmem_limit_bytes(need, generation), interpret=interpret)
 
 
-def _on_gpu(x, qw, act, out_dtype, bias, key, generation, block_sizes, implementation):
+def _gpu_path(x: jax.Array, qw: QuantizedTensor, act: str | None, out_dtype: object, bias: jax.Array | None,
+              key: dict, generation: str | None, *, block_sizes: object) -> jax.Array:
     """On a Hopper GPU: int8 x int8 / fp8 x fp8 (act_quant given, per-column scales) -> quant.gpu_w8a8;
-    weight-only int8/int4 per column with M <= 128 -> quant.gpu's decode kernel (block_sizes None: the
-    GPU generation's table, quant/gpu_tuning.py's default on a miss); anything else -> the reference.
-    bias is added by XLA."""
+    weight-only int8/int4 per column with M <= 128 -> quant.gpu's decode kernel; NotImplementedError
+    for the rest. Block sizes: the caller's sizes for that kernel, else the GPU generation's table
+    (quant/gpu_tuning.py's default on a miss). bias is added by XLA."""
     from quant import gpu, gpu_tuning, gpu_w8a8
 
     y_dtype = jnp.float32 if bias is not None else out_dtype
-    # Each kernel takes only its own block sizes (a field only it has marks its dicts); any other
-    # sizes (TPU ones) are dropped and the GPU generation's table is read where a kernel takes the key.
-    own_cls, own_field = (gpu_w8a8.W8A8BlockSizes, "tile_k") if act is not None else (gpu.QmmDecodeBlockSizes, "consumers")
-    if not (isinstance(block_sizes, own_cls) or (isinstance(block_sizes, dict) and own_field in block_sizes)):
-        block_sizes = None
+    config = gpu_w8a8.W8A8BlockSizes if act is not None else gpu.QmmDecodeBlockSizes
+    block_sizes = protocol.own_block_sizes(config, block_sizes)
     if block_sizes is None and gpu_tuning.supported_key(key):
-        from autotune import lookup
         block_sizes, _ = lookup("quantized_matmul", key, generation)
-    try:
-        if act is not None:
-            y = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=act, out_dtype=y_dtype, block_sizes=block_sizes)
-        else:
-            y = gpu.quantized_matmul_gpu(x, qw, out_dtype=y_dtype, block_sizes=block_sizes)
-    except NotImplementedError as err:
-        no_kernel(f"quant.quantized_matmul: the GPU kernel does not handle this call ({err})", implementation,
-                  _REFERENCE)
-        return _reference_qt(x, qw, act_quant=act, out_dtype=out_dtype, bias=bias)
+    if act is not None:
+        y = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=act, out_dtype=y_dtype, block_sizes=block_sizes)
+    else:
+        y = gpu.quantized_matmul_gpu(x, qw, out_dtype=y_dtype, block_sizes=block_sizes)
     if bias is None:
         return y
     return (y + jnp.asarray(bias, jnp.float32).reshape(-1)).astype(out_dtype or x.dtype)
 
 
-def traffic(m, k, n, *, x_dtype="bfloat16", w_dtype="int8", act_quant=None, block_size=None, block_sizes=None,
-            generation=None):
+def traffic(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype: str = "int8",
+            act_quant: str | None = None, block_size: object = None, block_sizes: dict | None = None,
+            generation: str | None = None) -> Traffic:
     """Modelled traffic of one call (quant.tuning.traffic for these arguments; default block sizes)."""
     bk, bn = qref.normalize_block_size(block_size, k, n)
     key = tuning.make_key(m=m, k=k, n=n, x_dtype=x_dtype, w_dtype=w_dtype, act_quant=act_quant,
@@ -155,8 +158,9 @@ def traffic(m, k, n, *, x_dtype="bfloat16", w_dtype="int8", act_quant=None, bloc
     return tuning.traffic(key, bs, generation)
 
 
-def vmem_bytes(m, k, n, *, x_dtype="bfloat16", w_dtype="int8", act_quant=None, block_size=None,
-               block_sizes=None, generation=None):
+def vmem_bytes(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype: str = "int8",
+               act_quant: str | None = None, block_size: object = None, block_sizes: dict | None = None,
+               generation: str | None = None) -> int:
     """Modelled VMEM footprint of one call (quant.tuning.vmem_bytes; default block sizes)."""
     bk, bn = qref.normalize_block_size(block_size, k, n)
     key = tuning.make_key(m=m, k=k, n=n, x_dtype=x_dtype, w_dtype=w_dtype, act_quant=act_quant,

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, wgmma_accumulate
+from autotune.hardware import HOPPER_SMEM_PER_BLOCK
+from autotune.kernel_util import gpu_interpret_params, wgmma_accumulate
+from autotune.protocol import BlockConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class QmmDecodeBlockSizes(BlockSizesFromAny):
+class QmmDecodeBlockSizes(BlockConfig):
     """tk: packed weight rows per pipeline step; num_stages: TMA buffers in flight; consumers:
     consumer warpgroups of tn columns each (cta_n = tn * consumers); k_splits: K ranges per column
     tile (partials summed by the epilogue)."""
@@ -45,7 +47,6 @@ class QmmDecodeBlockSizes(BlockSizesFromAny):
 
 
 
-_SMEM_LIMIT = 227 * 1024
 
 
 def smem_bytes(bs: QmmDecodeBlockSizes, m_pad: int, int4: bool, layout: str = "kn") -> int:
@@ -82,7 +83,7 @@ def check_supported(x_shape, x_dtype, values_shape, values_dtype, fmt: str, bloc
     if bs.tk % 64 or kp % (bs.tk * bs.k_splits):
         raise NotImplementedError(f"GPU quantized matmul: tk {bs.tk} x {bs.k_splits} splits must divide {kp}")
     m_pad = -(-m // 8) * 8
-    if smem_bytes(bs, m_pad, fmt == "int4", layout) > _SMEM_LIMIT:
+    if smem_bytes(bs, m_pad, fmt == "int4", layout) > HOPPER_SMEM_PER_BLOCK:
         raise NotImplementedError(f"GPU quantized matmul: {bs} needs too much shared memory")
 
 

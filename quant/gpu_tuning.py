@@ -1,4 +1,4 @@
-"""quantized_matmul's side of the tuning protocol on Hopper GPUs (h100, h200): candidates of
+"""quantized_matmul's tuning module on Hopper GPUs (autotune/protocol.py) (h100, h200): candidates of
 quant/gpu.py's decode kernel ([K, N] weights; the K-major variant needs weights prepared at load
 time and keeps its measured defaults) and of quant/gpu_w8a8.py's 8-bit GEMM.
 
@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from autotune.cost_model import Traffic
 
+STATIC_GRID = False  # the tables are meant to be measured
+
 TK = (64, 128, 256)
 NUM_STAGES = (2, 3, 4, 6)
 CONSUMERS = (1, 2)
@@ -29,10 +31,6 @@ W8A8_TILE_M = (64, 128)
 W8A8_TILE_N = (64, 128)
 W8A8_STAGES = (3, 4, 5)
 W8A8_SNAKE = (8, 16)
-
-
-def is_gpu_block_sizes(block_sizes) -> bool:
-    return isinstance(block_sizes, dict) and ("consumers" in block_sizes or "tile_k" in block_sizes)
 
 
 def is_w8a8_key(key: dict) -> bool:
@@ -62,7 +60,8 @@ def _supported(key: dict, bs) -> bool:
     return True
 
 
-def default_block_sizes(key: dict) -> dict:
+def default_block_sizes(key: dict, generation: str | None = None) -> dict:
+    """The kernel's measured default for the key's kind (8-bit GEMM or weight-only decode)."""
     from quant.gpu import QmmDecodeBlockSizes
     from quant.gpu_w8a8 import W8A8BlockSizes
 
@@ -84,7 +83,7 @@ def _w8a8_space(key: dict) -> list[dict]:
     return out
 
 
-def search_space(key: dict) -> list[dict]:
+def search_space(key: dict, generation: str | None = None) -> list[dict]:
     """Every configuration of the kernel that takes the key; [] for keys no GPU kernel takes."""
     from quant.gpu import QmmDecodeBlockSizes
 
@@ -100,7 +99,8 @@ def search_space(key: dict) -> list[dict]:
     return out
 
 
-def smem_estimate(key: dict, block_sizes: dict) -> int:
+def vmem_estimate(key: dict, block_sizes: dict) -> int:
+    """Shared-memory bytes of the key's kernel with these sizes."""
     from quant import gpu, gpu_w8a8
 
     if is_w8a8_key(key):
@@ -128,7 +128,7 @@ def _w8a8_cost(key: dict, block_sizes: dict) -> Traffic:
                    useful_flops=int(2 * m * k * n))
 
 
-def cost(key: dict, block_sizes: dict) -> Traffic:
+def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
     """Decode kernel: the weight stream once, x once per column tile, f32 partials written and summed by
     XLA. 8-bit keys: `_w8a8_cost`."""
     from quant import gpu

@@ -27,12 +27,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, k_pipeline
+from autotune.hardware import HOPPER_SMEM_PER_BLOCK
+from autotune.kernel_util import gpu_interpret_params, k_pipeline
+from autotune.protocol import BlockConfig
 from reference import quantization as qref
 
 
 @dataclasses.dataclass(frozen=True)
-class W8A8BlockSizes(BlockSizesFromAny):
+class W8A8BlockSizes(BlockConfig):
     """tile_m x tile_n: one consumer warpgroup's accumulator (the CTA tile is tile_m x 2 tile_n);
     tile_k: 8-bit elements per pipeline step (128 = one 128-B swizzle row); num_stages: TMA buffers;
     epi_n: columns per epilogue store; grid_tile_width: snake width over the output tiles."""
@@ -47,7 +49,6 @@ class W8A8BlockSizes(BlockSizesFromAny):
 
 
 FORMATS = {"int8": (jnp.int8, jnp.int32), "float8_e4m3fn": (jnp.float8_e4m3fn, jnp.float32)}
-_SMEM_LIMIT = 227 * 1024
 
 
 def smem_bytes(bs: W8A8BlockSizes, out_itemsize: int = 2) -> int:
@@ -68,7 +69,7 @@ def check_supported(m: int, k: int, n: int, fmt: str, act: str | None, block_siz
         raise NotImplementedError(f"GPU 8-bit matmul: the CTA width {2 * bs.tile_n} must divide N {n}")
     if bs.tile_n % bs.epi_n:
         raise NotImplementedError(f"GPU 8-bit matmul: epi_n {bs.epi_n} must divide tile_n {bs.tile_n}")
-    if smem_bytes(bs) > _SMEM_LIMIT:
+    if smem_bytes(bs) > HOPPER_SMEM_PER_BLOCK:
         raise NotImplementedError(f"GPU 8-bit matmul: {bs} needs {smem_bytes(bs)} B of shared memory")
 
 

@@ -6,7 +6,7 @@ Table key (tuned_configs/<generation>/quantized_matmul.json):
            "float8_e4m3fn"), block_k (rows of K per scale; 0 = one scale per column), block_n
            (columns per scale, 1 = per column), k, n;
   dynamic: m (rows, bucketed to powers of two by autotune.lookup).
-Block sizes: {"tm", "tn", "tk"} (+ "vmem_limit_bytes"); tk counts LOGICAL rows of K per grid step
+Block sizes: {"tm", "tn", "tk"} (the scoped-VMEM limit is derived from them); tk counts LOGICAL rows of K per grid step
 (an int4 step reads tk / 2 packed rows: tk / 2 rows of each half of K).
 
 MXU path per generation ("int8" | "fp8" | "bf16"): int8 x int8 on v5e, v5p, v6e when act_quant is
@@ -14,7 +14,7 @@ MXU path per generation ("int8" | "fp8" | "bf16"): int8 x int8 on v5e, v5p, v6e 
 the weights are float8; everything else dequantizes in VMEM and multiplies in bf16 (f32 for f32 x),
 which still reads the narrow weights from HBM.
 
-This module is quantized_matmul's side of the tuning protocol (autotune/registry.py).
+This module is quantized_matmul's TPU tuning module (autotune/protocol.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import functools
 import jax.numpy as jnp
 
 from autotune.cost_model import Traffic, predict
-from autotune.hardware import GPU_GENERATIONS, MiB, chip
+from autotune.hardware import MiB, chip
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
+from autotune.protocol import BlockConfig
 
 STATIC_KEYS = ("x_dtype", "w_dtype", "act_quant", "block_k", "block_n", "k", "n")
 DYNAMIC_KEYS = ("m",)
@@ -44,25 +45,18 @@ _TK_CAP = 16384
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizedMatmulConfig:
-    """Block sizes of one quantized_matmul call."""
+class QuantizedMatmulConfig(BlockConfig):
+    """Block sizes of one quantized_matmul call: rows, columns and (logical) K rows of a tile."""
 
     tm: int
     tn: int
     tk: int
-    vmem_limit_bytes: int | None = None
-
-    def as_dict(self) -> dict:
-        out = {"tm": self.tm, "tn": self.tn, "tk": self.tk}
-        if self.vmem_limit_bytes:
-            out["vmem_limit_bytes"] = int(self.vmem_limit_bytes)
-        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantizedMatmulConfig:
         try:
-            return cls(int(d["tm"]), int(d["tn"]), int(d["tk"]), d.get("vmem_limit_bytes"))
-        except (KeyError, TypeError) as err:
+            return super().from_dict({k: int(v) for k, v in d.items()})
+        except (TypeError, AttributeError) as err:
             raise ValueError(f"block_sizes: expected a dict with tm, tn, tk, got {d!r}") from err
 
 
@@ -267,13 +261,11 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None) -> Traf
                    useful_bytes=useful, useful_flops=int(2 * m * k * n), parallel_tiles=int(nm * nn))
 
 
-def vmem_budget(generation: str | None) -> tuple[int, int | None]:
-    """(bytes the blocks may use, vmem_limit_bytes to request) for a generation (None: conservative)."""
+def vmem_budget(generation: str | None) -> int:
+    """Bytes the blocks may use on a generation (None: conservative)."""
     if generation is None:
-        return int(CONSERVATIVE_SCOPED_VMEM * 0.75), None
-    spec = chip(generation)
-    limit = min(spec.vmem_bytes * 3 // 4, 96 * MiB)
-    return int(limit * 0.8), int(limit)
+        return int(CONSERVATIVE_SCOPED_VMEM * 0.75)
+    return int(min(chip(generation).vmem_bytes * 3 // 4, 96 * MiB) * 0.8)
 
 
 def _divisors(total: int, quantum: int, cap: int) -> list[int]:
@@ -295,14 +287,9 @@ def tk_choices(key: dict) -> list[int]:
 
 
 def search_space(key: dict, generation: str | None) -> list[dict]:
-    """Every legal (tm, tn, tk) that fits the generation's VMEM budget (block-size dicts); on a GPU
-    generation, quant/gpu.py's decode-kernel candidates (quant/gpu_tuning.py)."""
-    if generation in GPU_GENERATIONS:
-        from quant import gpu_tuning
-
-        return gpu_tuning.search_space(key)
+    """Every legal (tm, tn, tk) that fits the generation's VMEM budget (block-size dicts)."""
     m, n = key["m"], key["n"]
-    budget, limit = vmem_budget(generation)
+    budget = vmem_budget(generation)
     tms = sorted({legal_tm(m, t) for t in _TM_CHOICES} | ({m} if m <= 512 else set()))
     tns = sorted({legal_tn(n, t) for t in _TN_CHOICES})
     tks = tk_choices(key)
@@ -310,11 +297,11 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
     for tm in tms:
         for tn in tns:
             for tk in tks:
-                c = QuantizedMatmulConfig(tm, tn, tk, limit).as_dict()
+                c = QuantizedMatmulConfig(tm, tn, tk).to_dict()
                 if vmem_bytes(key, c, generation) <= budget:
                     out.append(c)
     if not out and tks:  # nothing fits the budget (e.g. a large K that is one step): the smallest legal blocks
-        out.append(QuantizedMatmulConfig(legal_tm(m, 32), legal_tn(n, LANES), min(tks), limit).as_dict())
+        out.append(QuantizedMatmulConfig(legal_tm(m, 32), legal_tn(n, LANES), min(tks)).to_dict())
     return out
 
 
@@ -325,12 +312,7 @@ def score(key: dict, block_sizes: dict, generation: str | None) -> float:
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:
-    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None);
-    on a GPU generation, quant/gpu.py's decode-kernel default."""
-    if generation in GPU_GENERATIONS:
-        from quant import gpu_tuning
-
-        return gpu_tuning.default_block_sizes(key)
+    """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None)."""
     return dict(_default(tuple(sorted((k, str(v)) for k, v in key.items())), generation))
 
 
@@ -345,33 +327,17 @@ def _default(frozen: tuple, generation: str | None) -> dict:
     def rank(c):
         return (round(score(key, c, generation), 9), -c["tk"], -c["tm"] * c["tn"])
 
-    best = dict(min(space, key=rank))
-    if generation is not None:  # ask for what the blocks need (+25%, + 2 MiB), not the whole budget
-        spec = chip(generation)
-        need = vmem_bytes(key, best, generation)
-        best["vmem_limit_bytes"] = int(min(vmem_budget(generation)[1],
-                                           max(spec.default_scoped_vmem_bytes, need * 5 // 4 + 2 * MiB)))
-    return best
+    return dict(min(space, key=rank))
 
 
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
 def vmem_estimate(key: dict, block_sizes: dict) -> int:
-    """VMEM bytes of a TPU candidate; shared-memory bytes of a GPU one."""
-    from quant import gpu_tuning
-
-    if gpu_tuning.is_gpu_block_sizes(block_sizes):
-        return gpu_tuning.smem_estimate(key, block_sizes)
+    """VMEM bytes of the blocks on any generation's MXU path (the larger of the two)."""
     return vmem_bytes(key, block_sizes)
 
 
-def cost(key: dict, block_sizes: dict, generation: str | None = None):
-    """traffic() of a TPU candidate; quant/gpu_tuning.py's count for a GPU one."""
-    from quant import gpu_tuning
-
-    if gpu_tuning.is_gpu_block_sizes(block_sizes):
-        return gpu_tuning.cost(key, block_sizes)
-    return traffic(key, block_sizes, generation)
+cost = traffic
 
 
 def _block_size(key: dict):

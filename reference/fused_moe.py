@@ -13,16 +13,27 @@ activation "silu" (SwiGLU) or "gelu" (GeGLU, tanh approximation).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from reference.gmm import dequantized, glu
 
 GLU_OF = {"silu": "swiglu", "gelu": "gelu_glu"}
 
 
-def route(router_logits, top_k: int, *, renormalize: bool = True, scoring: str = "softmax"):
-    """(weights f32 [T, top_k], experts i32 [T, top_k]) of each token."""
+def route(router_logits: ArrayLike, top_k: int, *, renormalize: bool = True,
+          scoring: str = "softmax") -> tuple[jax.Array, jax.Array]:
+    """The experts of each token and their weights (see the module docstring).
+
+    Args:
+      router_logits: [T, E]; top_k: experts per token; renormalize: divide the weights by their sum;
+      scoring: "softmax" or "sigmoid".
+    Returns:
+      (weights f32 [T, top_k], experts i32 [T, top_k]).
+    """
     logits = jnp.asarray(router_logits).astype(jnp.float32)
     if scoring == "softmax":
         probs = jax.nn.softmax(logits, axis=-1)
@@ -36,9 +47,17 @@ def route(router_logits, top_k: int, *, renormalize: bool = True, scoring: str =
     return weights, experts.astype(jnp.int32)
 
 
-def fused_moe(x, router_logits, w_gate_up, w_down, *, top_k: int, renormalize: bool = True,
-              scoring: str = "softmax", activation: str = "silu"):
-    """x [T, D] -> [T, D] in x.dtype (see the module docstring)."""
+def fused_moe(x: ArrayLike, router_logits: ArrayLike, w_gate_up: Any, w_down: Any, *, top_k: int,
+              renormalize: bool = True, scoring: str = "softmax", activation: str = "silu") -> jax.Array:
+    """The mixture-of-experts layer (see the module docstring).
+
+    Args:
+      x: [T, D]; router_logits: [T, E]; w_gate_up: [E, D, 2F] (gate columns first); w_down: [E, F, D]
+        (arrays or quantized tensors); top_k, renormalize, scoring: as in `route`;
+      activation: "silu" or "gelu".
+    Returns:
+      [T, D] in x.dtype.
+    """
     if activation not in GLU_OF:
         raise ValueError(f"activation must be one of {sorted(GLU_OF)}, got {activation!r}")
     x = jnp.asarray(x)
@@ -50,7 +69,7 @@ def fused_moe(x, router_logits, w_gate_up, w_down, *, top_k: int, renormalize: b
     xf = x.astype(jnp.float32)
     hi = jax.lax.Precision.HIGHEST
 
-    def add_expert(out, expert):
+    def add_expert(out: jax.Array, expert: tuple) -> tuple[jax.Array, None]:
         e, w_gu_e, w_dn_e = expert
         coef = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=-1)  # [T]: 0 if not routed to e
         gate = jnp.dot(xf, w_gu_e[:, :f], precision=hi)

@@ -11,14 +11,23 @@ quant.QuantizedTensor): it is dequantized to float32 first. With `activation` th
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 ACTIVATIONS = (None, "swiglu", "gelu_glu")
 
 
-def glu(activation: str, gate, up):
-    """act(gate) * up in float32: swiglu = silu(gate) * up; gelu_glu = gelu_tanh(gate) * up."""
+def glu(activation: str, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """act(gate) * up in float32: swiglu = silu(gate) * up; gelu_glu = gelu_tanh(gate) * up.
+
+    Args:
+      activation: "swiglu" or "gelu_glu"; gate, up: arrays of one shape.
+    Returns:
+      float32, the shape of gate.
+    """
     gate = gate.astype(jnp.float32)
     up = up.astype(jnp.float32)
     if activation == "swiglu":
@@ -28,15 +37,30 @@ def glu(activation: str, gate, up):
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def dequantized(w):
-    """Float32 weights of an array or a quantized tensor."""
+def dequantized(w: Any) -> jax.Array:
+    """Float32 weights of an array or a quantized tensor (anything with `.dequantize()`).
+
+    Args:
+      w: an array or a quantized tensor, any shape.
+    Returns:
+      float32, w's (logical) shape.
+    """
     if hasattr(w, "dequantize"):
         return w.dequantize(jnp.float32)
     return jnp.asarray(w).astype(jnp.float32)
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, activation=None):
-    """lhs [M, K] (rows sorted by group), rhs [G_local, K, N], group_sizes i32[G] -> [M, N] or [M, N/2]."""
+def gmm(lhs: ArrayLike, rhs: Any, group_sizes: ArrayLike, *, group_offset: ArrayLike = 0,
+        preferred_element_type: DTypeLike | None = None, activation: str | None = None) -> jax.Array:
+    """Grouped matmul (see the module docstring).
+
+    Args:
+      lhs: [M, K], rows sorted by group; rhs: [G_local, K, N], an array or a quantized tensor.
+      group_sizes: i32[G], rows per group; group_offset: the first of rhs's G_local groups.
+      preferred_element_type: the output dtype (default lhs's); activation: None, "swiglu", "gelu_glu".
+    Returns:
+      [M, N], or [M, N/2] with an activation.
+    """
     lhs = jnp.asarray(lhs)
     w = dequantized(rhs)
     m = lhs.shape[0]

@@ -27,9 +27,11 @@ This module imports nothing from the project.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 QMAX: dict[str, float] = {
     "int8": 127.0,
@@ -49,7 +51,7 @@ _STORAGE = {
 }
 
 
-def dtype_name(dtype, *, arg: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> str:
+def dtype_name(dtype: DTypeLike, *, arg: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> str:
     """Canonical name of a quantized format ("int8", "int4", "float8_e4m3fn", "float8_e5m2").
 
     Accepts the name or a numpy/jax dtype; ValueError naming `arg` otherwise.
@@ -65,21 +67,12 @@ def dtype_name(dtype, *, arg: str = "dtype", allowed: tuple[str, ...] = DTYPES) 
     return name
 
 
-def qmax(dtype) -> float:
-    """Largest quantized magnitude of a format: 127, 7, 448 or 57344."""
-    return QMAX[dtype_name(dtype)]
-
-
-def storage_dtype(dtype):
+def storage_dtype(dtype: DTypeLike) -> type:
     """The jnp dtype the unpacked values of a format are stored in (int4 -> int8 container)."""
     return _STORAGE[dtype_name(dtype)]
 
 
-def is_integer_format(dtype) -> bool:
-    return dtype_name(dtype) in ("int8", "int4")
-
-
-def normalize_block_size(block_size, k: int, n: int, *, arg: str = "block_size") -> tuple[int, int]:
+def normalize_block_size(block_size: int | Sequence[int] | None, k: int, n: int, *, arg: str = "block_size") -> tuple[int, int]:
     """(bk, bn) for a block_size given as None (per column: (K, 1)), an int b ((b, 1)) or a pair.
 
     ValueError naming `arg` when a size is not a positive int or does not divide K (resp. N).
@@ -104,13 +97,13 @@ def normalize_block_size(block_size, k: int, n: int, *, arg: str = "block_size")
     return bk, bn
 
 
-def scales_shape(shape, block: tuple[int, int]) -> tuple[int, ...]:
+def scales_shape(shape: Sequence[int], block: tuple[int, int]) -> tuple[int, ...]:
     """Shape of the scales of a [..., K, N] tensor quantized with (bk, bn) blocks."""
     *lead, k, n = shape
     return (*lead, k // block[0], n // block[1])
 
 
-def _divide(a, b):
+def _divide(a: jax.Array, b: ArrayLike) -> jax.Array:
     """a / b, correctly rounded in float32 wherever XLA runs it.
 
     XLA rewrites a division by a broadcast (or constant) divisor into a multiplication by its
@@ -125,17 +118,17 @@ def _divide(a, b):
 _TINY = float(jnp.finfo(jnp.float32).tiny)  # smallest normal float32
 
 
-def _flush_subnormals(x):
+def _flush_subnormals(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     return jnp.where(jnp.abs(x) < _TINY, jnp.float32(0.0), x)
 
 
-def _safe_scale(absmax, qm: float):
+def _safe_scale(absmax: jax.Array, qm: float) -> jax.Array:
     scale = _divide(absmax, qm)
     return jnp.where(scale >= _TINY, scale, jnp.float32(1.0))
 
 
-def _to_values(q, name: str):
+def _to_values(q: jax.Array, name: str) -> jax.Array:
     qm = jnp.float32(QMAX[name])
     q = jnp.clip(q, -qm, qm)
     if name in ("int8", "int4"):
@@ -143,13 +136,19 @@ def _to_values(q, name: str):
     return q.astype(_STORAGE[name])
 
 
-def quantize(w, dtype, block_size=None):
-    """Quantize w[..., K, N] -> (values [..., K, N], scales float32 [..., K//bk, N//bn]).
+def quantize(w: ArrayLike, dtype: DTypeLike,
+             block_size: int | Sequence[int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Quantize w with the scheme of the module docstring.
 
-    int4 values are unpacked (int8 container, values in [-7, 7]). See the module docstring.
     Concrete inputs are quantized on the host CPU (whose division is correctly rounded; GPUs'
     is not) and the results placed on w's device (default device for host arrays); traced inputs
     are quantized where the trace runs, where a scale may differ in its last bit.
+
+    Args:
+      w: [..., K, N]; dtype: "int8", "int4", "float8_e4m3fn" or "float8_e5m2";
+      block_size: None (per column), an int b ((b, 1)) or a pair (bk, bn).
+    Returns:
+      (values [..., K, N] in storage_dtype(dtype), int4 unpacked in [-7, 7]; scales f32 [..., K//bk, N//bn]).
     """
     name = dtype_name(dtype)
     w = w if isinstance(w, (jax.Array, jax.core.Tracer)) else jnp.asarray(w)
@@ -161,7 +160,7 @@ def quantize(w, dtype, block_size=None):
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_impl(w, name, block):
+def _quantize_impl(w: jax.Array, name: str, block: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
     *lead, k, n = w.shape
     bk, bn = block
     wf = _flush_subnormals(w)
@@ -173,7 +172,7 @@ def _quantize_impl(w, name, block):
     return values, scales
 
 
-def _on_host(fn, x, *static):
+def _on_host(fn: Callable, x: jax.Array, *static: object) -> tuple[jax.Array, jax.Array]:
     """fn(x, *static) computed on the CPU backend when x is concrete, results put back on x's device."""
     if isinstance(x, jax.core.Tracer):
         return fn(x, *static)
@@ -194,19 +193,15 @@ def _on_host(fn, x, *static):
     return jax.device_put(out, target)
 
 
-def expand_scales(scales, block_size, shape):
-    """Scales [..., K//bk, N//bn] broadcast to one per element of `shape` [..., K, N] (float32)."""
-    *lead, k, n = shape
-    bk, bn = normalize_block_size(block_size, k, n)
-    s = jnp.asarray(scales, jnp.float32)
-    s = jnp.broadcast_to(s[..., :, None, :, None], (*lead, k // bk, bk, n // bn, bn))
-    return s.reshape(*lead, k, n)
+def dequantize(values: ArrayLike, scales: ArrayLike, block_size: int | Sequence[int] | None = None,
+               out_dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """Values times their block scales.
 
-
-def dequantize(values, scales, block_size=None, out_dtype=jnp.float32):
-    """values [..., K, N] (unpacked) times their block scales -> out_dtype (default float32).
-
-    `block_size` as given to `quantize` (None, an int or a pair).
+    Args:
+      values: [..., K, N] (unpacked); scales: [..., K//bk, N//bn];
+      block_size: as given to `quantize` (None, an int or a pair); out_dtype: default float32.
+    Returns:
+      [..., K, N] in out_dtype.
     """
     values = jnp.asarray(values)
     *lead, k, n = values.shape
@@ -219,12 +214,15 @@ def dequantize(values, scales, block_size=None, out_dtype=jnp.float32):
     return out.astype(out_dtype)
 
 
-def quantize_rows(x, dtype):
-    """Dynamic per-row quantization of activations x[..., M, K] -> (values [..., M, K], scales [..., M, 1]).
+def quantize_rows(x: ArrayLike, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-row quantization of activations: the rules of `quantize` with one block per row
+    (absmax over K). Concrete inputs are computed on the host CPU like `quantize`.
 
-    Same rules as `quantize` with one block per row (absmax over K). dtype "int8" or "float8_e4m3fn"
-    (any weight format is accepted here; act_quant in quant.quantized_matmul allows those two).
-    Concrete inputs are computed on the host CPU like `quantize`.
+    Args:
+      x: [..., M, K]; dtype: "int8" or "float8_e4m3fn" (any weight format is accepted here;
+        act_quant in quant.quantized_matmul allows those two).
+    Returns:
+      (values [..., M, K], scales f32 [..., M, 1]).
     """
     name = dtype_name(dtype)
     x = x if isinstance(x, (jax.Array, jax.core.Tracer)) else jnp.asarray(x)
@@ -232,13 +230,19 @@ def quantize_rows(x, dtype):
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _quantize_rows_impl(x, name):
+def _quantize_rows_impl(x: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
     xf = _flush_subnormals(x)
     absmax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
     scales = _safe_scale(absmax, QMAX[name])
     return _to_values(_divide(xf, scales), name), scales
 
 
-def dequantize_rows(values, scales, out_dtype=jnp.float32):
-    """Inverse of quantize_rows: values [..., M, K] * scales [..., M, 1]."""
+def dequantize_rows(values: ArrayLike, scales: ArrayLike, out_dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """Inverse of quantize_rows.
+
+    Args:
+      values: [..., M, K]; scales: [..., M, 1]; out_dtype: default float32.
+    Returns:
+      values * scales, [..., M, K] in out_dtype.
+    """
     return (jnp.asarray(values).astype(jnp.float32) * jnp.asarray(scales, jnp.float32)).astype(out_dtype)

@@ -1,4 +1,5 @@
-"""Readable pure-JAX reference for ragged paged attention with a fused KV-cache write (jittable).
+"""Readable pure-JAX reference for ragged paged attention with a fused KV-cache write: traceable
+(the metadata may be traced arrays), so it also serves the engine's compiled "reference" backend.
 
 The cache here has its natural layout: k_cache and v_cache, each [num_pages, page_size, Hkv, D].
 (The kernel's packed layout lives in rpa/layout.py; this module imports nothing from rpa.)
@@ -21,15 +22,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike, DTypeLike
 
 from reference.quantization import QMAX
 
 
-def quantize_store(x, dtype, scale=None):
+def quantize_store(x: ArrayLike, dtype: DTypeLike, scale: float | None = None) -> jax.Array:
     """The value a cache of `dtype` stores for a new key/value `x`: quantize(x / scale).
 
     float8: saturating cast (clip to +-max finite, then cast); int8: round half to even, clip to
     [-127, 127]; other dtypes: a plain cast. The quotient is taken in float32.
+
+    Args:
+      x: any shape; dtype: the cache's dtype; scale: the cache's scale (None: 1).
+    Returns:
+      x's shape in `dtype`.
     """
     dtype = jnp.dtype(dtype)
     y = jnp.asarray(x).astype(jnp.float32)
@@ -43,14 +50,27 @@ def quantize_store(x, dtype, scale=None):
     return y.astype(dtype)
 
 
-def dequantize(stored, scale=None):
-    """What attention reads for a stored cache value: stored * scale, in float32."""
+def dequantize(stored: ArrayLike, scale: float | None = None) -> jax.Array:
+    """What attention reads for a stored cache value.
+
+    Args:
+      stored: cache values, any shape; scale: the cache's scale (None: 1).
+    Returns:
+      stored * scale in float32, stored's shape.
+    """
     y = jnp.asarray(stored).astype(jnp.float32)
     return y if scale is None else y * jnp.float32(scale)
 
 
-def token_metadata(cu_q_lens, kv_lens, distribution, num_tokens):
-    """Per token t: (its sequence, its position in that sequence, whether it is a real token)."""
+def token_metadata(cu_q_lens: jax.Array, kv_lens: jax.Array, distribution: jax.Array,
+                   num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Where each token of the step sits.
+
+    Args:
+      cu_q_lens: i32[S+1]; kv_lens: i32[S]; distribution: i32[3]; num_tokens: T.
+    Returns:
+      (sequence i32[T], position in that sequence i32[T] (0 for padding), real token bool[T]).
+    """
     num_seqs = distribution[2]
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
@@ -61,9 +81,15 @@ def token_metadata(cu_q_lens, kv_lens, distribution, num_tokens):
     return seq, jnp.where(valid, pos, 0), valid
 
 
-def write_kv(k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribution, *, k_scale=None,
-             v_scale=None):
-    """Store each real token's key/value in its page slot; returns the updated (k_cache, v_cache)."""
+def write_kv(k: ArrayLike, v: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, kv_lens: ArrayLike,
+             page_indices: ArrayLike, cu_q_lens: ArrayLike, distribution: ArrayLike, *, k_scale: float | None = None,
+             v_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """Store each real token's key/value (quantize_store) in its page slot.
+
+    Args: as `ragged_paged_attention`.
+    Returns:
+      The updated (k_cache, v_cache), each [num_pages, page_size, Hkv, D].
+    """
     kv_lens, page_indices, cu_q_lens, distribution = (
         jnp.asarray(a, jnp.int32) for a in (kv_lens, page_indices, cu_q_lens, distribution))
     k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)
@@ -77,14 +103,21 @@ def write_kv(k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribut
     return k_cache, v_cache
 
 
-def ragged_paged_attention(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
-                           sm_scale=None, sliding_window=None, soft_cap=None, sinks=None, k_scale=None,
-                           v_scale=None):
-    """Reference RPA: (out [T, Hq, D] in q.dtype, k_cache, v_cache) with the new tokens stored.
+def ragged_paged_attention(q: jax.Array, k: ArrayLike, v: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
+                           kv_lens: ArrayLike, page_indices: ArrayLike, cu_q_lens: ArrayLike,
+                           distribution: ArrayLike, *, sm_scale: float | None = None,
+                           sliding_window: int | None = None, soft_cap: float | None = None,
+                           sinks: ArrayLike | None = None, k_scale: float | None = None,
+                           v_scale: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reference RPA (the semantics of the module docstring).
 
-    q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D];
-    kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S+1];
-    distribution: i32[3] = (decode_end, prefill_end, num_seqs).
+    Args:
+      q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_pages, page_size, Hkv, D];
+      kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S+1];
+      distribution: i32[3] = (decode_end, prefill_end, num_seqs); sinks: f32[Hq] or None;
+      sm_scale (default 1/sqrt(D)), sliding_window, soft_cap, k_scale, v_scale: static numbers or None.
+    Returns:
+      (out [T, Hq, D] in q.dtype, k_cache, v_cache) with the new tokens stored.
     """
     kv_lens, page_indices, cu_q_lens, distribution = (
         jnp.asarray(a, jnp.int32) for a in (kv_lens, page_indices, cu_q_lens, distribution))
@@ -104,7 +137,7 @@ def ragged_paged_attention(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_
     # 2. Each token attends to the keys of its own sequence at positions <= its own.
     seq, pos, valid = token_metadata(cu_q_lens, kv_lens, distribution, num_tokens)
 
-    def attend(args):
+    def attend(args: tuple[jax.Array, ...]) -> jax.Array:
         q_t, seq_t, pos_t, valid_t = args  # [Hq, D], scalars
         pages = page_indices[seq_t]  # every page of the sequence (unused entries masked below)
         keys = dequantize(k_cache[pages], k_scale).reshape(length, num_kv_heads, head_dim)

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autotune.hardware import GPU_GENERATIONS, TPU_GENERATIONS, detect
-from autotune.kernel_util import check_implementation
+from autotune import protocol
 from autotune.tables import lookup
 from rpa import layout, tuning
 
 Q_DTYPES = ("bfloat16", "float32")
 
 
-def _is_concrete(*xs) -> bool:
+def _is_concrete(*xs: object) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
@@ -36,7 +34,7 @@ def _static_float(x, name):
     return val
 
 
-def _pages(kv_cache) -> tuple[int, int]:
+def _pages(kv_cache: jax.Array) -> tuple[int, int]:
     """(num_pages, page_size) of a cache in either layout."""
     if layout.cache_backend(kv_cache) == "gpu":
         return int(kv_cache.shape[0]), int(kv_cache.shape[3])
@@ -151,18 +149,18 @@ def _runtime_check(kv_lens, page_indices, cu_q_lens, distribution, *, num_tokens
     return jnp.where(ok == 1, kv_lens, 0)
 
 
-def resolve_block_sizes(block_sizes, key: dict, generation: str | None):
-    """(BlockSizes, vmem_limit_bytes | None, match) from a BlockSizes, a dict, or None (table lookup)."""
+def resolve_block_sizes(block_sizes: tuning.BlockSizes | dict | None, key: dict,
+                        generation: str | None) -> tuple[tuning.BlockSizes, str]:
+    """(BlockSizes, match) from a BlockSizes, a dict, or None: the table lookup for a TPU generation,
+    the conservative heuristic for None (interpret mode off a TPU)."""
+    if block_sizes is None and generation is None:
+        return tuning.BlockSizes.from_dict(tuning.default_block_sizes(key, None)), "default"
     if block_sizes is None:
         found, match = lookup("rpa", key, generation)
-    elif isinstance(block_sizes, tuning.BlockSizes):
-        return block_sizes, None, "given"
-    elif isinstance(block_sizes, dict):
-        found, match = dict(block_sizes), "given"
-    else:
-        raise ValueError(f"block_sizes: expected None, a dict or rpa.BlockSizes, got {type(block_sizes).__name__}")
-    limit = found.pop("vmem_limit_bytes", None)
-    return tuning.BlockSizes.from_dict(found), limit, match
+        return tuning.BlockSizes.from_dict(found), match
+    if isinstance(block_sizes, (tuning.BlockSizes, dict)):
+        return tuning.BlockSizes.from_any(block_sizes), "given"
+    raise ValueError(f"block_sizes: expected None, a dict or rpa.BlockSizes, got {type(block_sizes).__name__}")
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale",
@@ -177,8 +175,11 @@ def _kernel_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distributi
         groups=dict(groups), vmem_limits=dict(vmem_limits), interpret=interpret)
 
 
-def reference_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
-                   sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None):
+def reference_path(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, kv_lens: jax.Array,
+                   page_indices: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, *,
+                   sm_scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
+                   sinks: jax.Array | None = None, k_scale: float | None = None,
+                   v_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """The pure-JAX reference on a cache in either layout (padding lanes and unwritten slots kept
     bit-exact)."""
     from reference.ragged_paged_attention import ragged_paged_attention as ref
@@ -194,31 +195,53 @@ def reference_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribu
     return out, kv_cache
 
 
-def _gpu_path(q, k, v, kv_cache, meta, sinks, *, block_sizes, implementation, generation, kw):
-    """The Hopper kernel (rpa/gpu.py) on a GPU-layout cache; XLA when it does not cover the call
-    (unless implementation="pallas", which re-raises its NotImplementedError)."""
+def _gpu_path(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, meta: tuple, sinks: jax.Array | None,
+              generation: str | None, *, block_sizes: object, kw: dict) -> tuple[jax.Array, jax.Array]:
+    """The Hopper kernel (rpa/gpu.py) on a GPU-layout cache; NotImplementedError where it does not
+    cover the call. Block sizes: the caller's GPU sizes, else the GPU generation's table
+    (rpa/gpu_tuning.py's default on a miss); a caller's TPU sizes leave the kernel its defaults."""
     from rpa import gpu
 
-    if block_sizes is None:  # the GPU table (tuned_configs/h100, ...), else rpa/gpu_tuning.py's default
+    given = block_sizes
+    block_sizes = protocol.own_block_sizes(gpu.GpuBlockSizes, given)
+    if given is None:
         _, page_size = _pages(kv_cache)
         key = tuning.make_key(q.dtype, kv_cache.dtype, q.shape[1], k.shape[1], k.shape[2], page_size,
                               q.shape[0], meta[1].shape[1] * page_size)
         block_sizes, _ = lookup("rpa", key, generation)
-    gpu_bs = block_sizes if isinstance(block_sizes, (dict, gpu.DecodeBlockSizes)) and (
-        not isinstance(block_sizes, dict) or "block_kv" in block_sizes) else None
-    try:
-        return gpu.ragged_paged_attention_gpu(q, k, v, kv_cache, *meta, sinks=sinks, block_sizes=gpu_bs, **kw)
-    except NotImplementedError as err:
-        if implementation == "pallas":
-            raise
-        warnings.warn(f"rpa.ragged_paged_attention: {err}; running the XLA reference", stacklevel=3)
-        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
+    return gpu.ragged_paged_attention_gpu(q, k, v, kv_cache, *meta, sinks=sinks, block_sizes=block_sizes, **kw)
 
 
-def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
-                           sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None,
-                           block_sizes=None, vmem_limit_bytes=None, debug_checks=False, interpret=False,
-                           implementation=None):
+def _tpu_path(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, meta: tuple, sinks: jax.Array | None,
+              generation: str | None, *, block_sizes: object, vmem_limit_bytes: int | None, interpret: object,
+              kw: dict) -> tuple[jax.Array, jax.Array]:
+    """rpa/tpu.py's kernel on a TPU-layout cache (generation None: interpret mode off a TPU, no
+    table). Each group call's scoped-VMEM limit: the caller's override, else derived from its
+    block sizes (autotune.protocol.vmem_limit_bytes)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    _, page_size = _pages(kv_cache)
+    key = tuning.make_key(q.dtype, kv_cache.dtype, num_q_heads, num_kv_heads, head_dim, page_size, num_tokens,
+                          meta[1].shape[1] * page_size)
+    bs, _ = resolve_block_sizes(block_sizes, key, generation)
+    groups = bs.groups(num_kv_heads)
+    shape_kw = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                    q_dtype=q.dtype, kv_dtype=kv_cache.dtype)
+    limits = {name: (int(vmem_limit_bytes) if vmem_limit_bytes is not None else
+                     protocol.vmem_limit_bytes(tuning.group_vmem_bytes(*t, **shape_kw), generation))
+              for name, t in groups.items()}
+    return _kernel_path(q, k, v, kv_cache, *meta, sinks, groups=tuple(sorted(groups.items())),
+                        vmem_limits=tuple(sorted(limits.items())), interpret=interpret, **kw)
+
+
+def ragged_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, kv_lens: jax.Array,
+                           page_indices: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, *,
+                           sm_scale: float | None = None, sliding_window: int | None = None,
+                           soft_cap: float | None = None, sinks: jax.Array | None = None,
+                           k_scale: float | None = None, v_scale: float | None = None,
+                           block_sizes: tuning.BlockSizes | dict | None = None, vmem_limit_bytes: int | None = None,
+                           debug_checks: bool = False, interpret: object = False,
+                           implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Ragged paged attention over a paged KV cache, storing this step's new K/V first.
 
     q [T, Hq, D] (bfloat16 / float32); k, v [T, Hkv, D] (q's dtype); kv_cache of shape
@@ -240,15 +263,14 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
     (on a TPU or in interpret mode), a GPU-layout cache (rpa.kv_cache_shape(..., backend="gpu"))
     runs rpa/gpu.py on a Hopper GPU.
     """
-    check_implementation(implementation)
+    protocol.check_implementation(implementation)
     q, k, v = (jnp.asarray(x) if not hasattr(x, "shape") else x for x in (q, k, v))
     kv_lens, page_indices, cu_q_lens, distribution = (
         jnp.asarray(x) if not hasattr(x, "dtype") else x for x in (kv_lens, page_indices, cu_q_lens, distribution))
     if sinks is not None and not hasattr(sinks, "shape"):
         sinks = jnp.asarray(sinks)
     _check_shapes(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks)
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    num_tokens, _, head_dim = q.shape
     num_pages, page_size = _pages(kv_cache)
     sm_scale = _static_float(sm_scale, "sm_scale")
     if sm_scale is None:
@@ -277,42 +299,13 @@ def ragged_paged_attention(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, 
         kv_lens = _runtime_check(*meta, **sizes)
         meta = (kv_lens, page_indices, cu_q_lens, distribution)
 
-    generation = detect()
-    on_tpu = generation in TPU_GENERATIONS
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
-    if implementation == "xla":
-        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
+    args = (q, k, v, kv_cache, meta, sinks)
     if layout.cache_backend(kv_cache) == "gpu":
-        if generation in GPU_GENERATIONS and not interpret:
-            return _gpu_path(q, k, v, kv_cache, meta, sinks, block_sizes=block_sizes,
-                             implementation=implementation, generation=generation, kw=kw)
-        if implementation == "pallas":
-            raise NotImplementedError("rpa.ragged_paged_attention: the GPU-layout kernel needs a Hopper GPU "
-                                      f"(running on {generation or 'cpu'}, interpret={bool(interpret)})")
-        warnings.warn("rpa.ragged_paged_attention: GPU-layout cache without a GPU; running the XLA reference",
-                      stacklevel=2)
-        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
-    if implementation == "pallas" and not (interpret or on_tpu):
-        raise NotImplementedError(f"rpa.ragged_paged_attention: the TPU-layout kernel needs a TPU or "
-                                  f"interpret=True (running on {generation or 'cpu'})")
-    if not (interpret or on_tpu):
-        warnings.warn("rpa.ragged_paged_attention: no TPU and interpret=False; running the pure-JAX reference",
-                      stacklevel=2)
-        return reference_path(q, k, v, kv_cache, *meta, sinks=sinks, **kw)
-
-    key = tuning.make_key(q.dtype, kv_cache.dtype, num_q_heads, num_kv_heads, head_dim, page_size, num_tokens,
-                          page_indices.shape[1] * page_size)
-    bs, table_limit, _ = resolve_block_sizes(block_sizes, key, generation if on_tpu else None)
-    groups = bs.groups(num_kv_heads)
-    shape_kw = dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                    q_dtype=q.dtype, kv_dtype=kv_cache.dtype)
-    limits = {}
-    for name, t in groups.items():
-        if vmem_limit_bytes is not None:
-            limits[name] = int(vmem_limit_bytes)
-        elif table_limit is not None:
-            limits[name] = int(table_limit)
-        else:
-            limits[name] = tuning.vmem_limit_for(tuning.group_vmem_bytes(*t, **shape_kw), generation if on_tpu else None)
-    return _kernel_path(q, k, v, kv_cache, *meta, sinks, groups=tuple(sorted(groups.items())),
-                        vmem_limits=tuple(sorted(limits.items())), interpret=interpret, **kw)
+        kernels = {"gpu": lambda gen: _gpu_path(*args, gen, block_sizes=block_sizes, kw=kw)}
+    else:
+        kernels = {"tpu": lambda gen: _tpu_path(*args, gen, block_sizes=block_sizes,
+                                                vmem_limit_bytes=vmem_limit_bytes, interpret=interpret, kw=kw)}
+    return protocol.dispatch("rpa.ragged_paged_attention", implementation=implementation, interpret=interpret,
+                             kernels=kernels, reference=lambda: reference_path(q, k, v, kv_cache, *meta, sinks=sinks,
+                                                                               **kw))

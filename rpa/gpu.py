@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from autotune.kernel_util import BlockSizesFromAny, gpu_interpret_params, wgmma_accumulate
+from autotune.hardware import HOPPER_SMEM_PER_BLOCK
+from autotune.kernel_util import gpu_interpret_params, wgmma_accumulate
+from autotune.protocol import BlockConfig
 from rpa.layout import gpu_kv_cache_shape  # noqa: F401 - the GPU layout's home is rpa/layout.py
 
 LOG2E = math.log2(math.e)
@@ -43,7 +45,7 @@ _LSE_COLS = 32  # lse rows are 128 B wide so every TMA row start stays 128-B ali
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeBlockSizes(BlockSizesFromAny):
+class GpuBlockSizes(BlockConfig):
     """Decode kernel: block_kv: KV tokens per pipeline step (multiple of 64); num_stages: TMA buffers
     in flight; num_splits: KV splits per (token, kv head) combined by the XLA epilogue.
     Prefill kernel (rpa/gpu_prefill.py): prefill_block_kv (None: 128, or 64 where 128 does not fit
@@ -63,7 +65,7 @@ class DecodeBlockSizes(BlockSizesFromAny):
 
         if self.prefill_block_kv is not None:
             return self.prefill_block_kv, self.prefill_num_stages
-        fits = gpu_prefill.smem_bytes(128, self.prefill_num_stages, head_dim) <= gpu_prefill._SMEM_LIMIT
+        fits = gpu_prefill.smem_bytes(128, self.prefill_num_stages, head_dim) <= HOPPER_SMEM_PER_BLOCK
         return (128 if fits else 64), self.prefill_num_stages
 
 
@@ -74,11 +76,10 @@ def smem_bytes(block_kv: int, num_stages: int, head_dim: int, itemsize: int = 2)
             + _ROWS * head_dim * 4 + _ROWS * _LSE_COLS * 4 + 1024)  # + barriers and alignment
 
 
-_SMEM_LIMIT = 227 * 1024
 
 
 def check_supported(*, q_dtype, cache_dtype, num_q_heads, num_kv_heads, head_dim, page_size,
-                    block_sizes: DecodeBlockSizes) -> None:
+                    block_sizes: GpuBlockSizes) -> None:
     """Raise NotImplementedError for combinations this kernel does not handle (caller falls back)."""
     if jnp.dtype(cache_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise NotImplementedError(f"GPU RPA: cache dtype {jnp.dtype(cache_dtype)} (only bf16/fp16)")
@@ -100,13 +101,13 @@ def check_supported(*, q_dtype, cache_dtype, num_q_heads, num_kv_heads, head_dim
             f"GPU RPA: page_size {page_size} with block_kv {bkv} (pages must tile the block in runs of 8 rows)")
     if block_sizes.num_stages < 1 or block_sizes.num_splits < 1:
         raise ValueError(f"block_sizes: {block_sizes}")
-    if smem_bytes(bkv, block_sizes.num_stages, head_dim) > _SMEM_LIMIT:
+    if smem_bytes(bkv, block_sizes.num_stages, head_dim) > HOPPER_SMEM_PER_BLOCK:
         raise NotImplementedError(
             f"GPU RPA: block_kv {bkv} x {block_sizes.num_stages} stages needs "
-            f"{smem_bytes(bkv, block_sizes.num_stages, head_dim)} B of shared memory (> {_SMEM_LIMIT})")
+            f"{smem_bytes(bkv, block_sizes.num_stages, head_dim)} B of shared memory (> {HOPPER_SMEM_PER_BLOCK})")
 
 
-def prefill_supported(*, num_q_heads, num_kv_heads, head_dim, page_size, block_sizes: DecodeBlockSizes) -> bool:
+def prefill_supported(*, num_q_heads, num_kv_heads, head_dim, page_size, block_sizes: GpuBlockSizes) -> bool:
     """Whether rpa/gpu_prefill.py takes this step's prefill tokens (else the decode kernel does).
     A prefill block size the caller set explicitly and the kernel cannot take raises."""
     from rpa import gpu_prefill
@@ -270,7 +271,7 @@ def produce_kv_stages(kv_ref, page_ref, smem, landed, released, *, seq, head, fi
 def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, num_q_heads: int,
                              sm_scale: float, soft_cap: float | None = None,
                              sliding_window: int | None = None,
-                             block_sizes: DecodeBlockSizes = DecodeBlockSizes(), sanitize_v: bool = True,
+                             block_sizes: GpuBlockSizes = GpuBlockSizes(), sanitize_v: bool = True,
                              interpret=False):
     """Flash-decoding partials for every query token.
 
@@ -467,7 +468,7 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
     q [T, Hq, D], k / v [T, Hkv, D] (the step's new rows), kv_cache [P, 2, Hkv, page_size, D]
     (`gpu_kv_cache_shape`), kv_lens i32[S], page_indices i32[S, pages_per_seq], cu_q_lens i32[S+1],
     distribution i32[3] = (decode_end, prefill_end, num_seqs). Returns (out [T, Hq, D], kv_cache).
-    block_sizes: None | dict(block_kv=, num_stages=, num_splits=) | DecodeBlockSizes.
+    block_sizes: None | dict(block_kv=, num_stages=, num_splits=) | GpuBlockSizes.
     Raises NotImplementedError for what the kernel does not cover (fp8/int8 caches, head_dim not a
     multiple of 64, more than 64 query heads per kv head, ...): fall back to XLA then.
     interpret=True runs the kernels in GPU interpret mode on the CPU (tests), op by op (not under an
@@ -481,7 +482,7 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
         raise ValueError(f"kv_cache: head_dim {d2} != q head_dim {d}")
     if k.shape != (t_total, hkv, d) or v.shape != (t_total, hkv, d):
         raise ValueError(f"k/v: expected {(t_total, hkv, d)}, got {k.shape} / {v.shape}")
-    bs = DecodeBlockSizes.from_any(block_sizes)
+    bs = GpuBlockSizes.from_any(block_sizes)
     check_supported(q_dtype=q.dtype, cache_dtype=kv_cache.dtype, num_q_heads=hq, num_kv_heads=hkv,
                     head_dim=d, page_size=page_size, block_sizes=bs)
     if sm_scale is None:

@@ -32,13 +32,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from autotune.hardware import HOPPER_SMEM_PER_BLOCK
 from autotune.kernel_util import cdiv, gpu_interpret_params, wgmma_accumulate
 from rpa.gpu import LOG2E, produce_kv_stages, softmax_finish, softmax_state, softmax_step
 
 BLOCK_ROWS = 128  # query rows per CTA: 2 consumer warpgroups x 64 (wgmma M)
 _ROWS = 64
 _LSE_COLS = 8  # 32-B rows: the smallest TMA box width that keeps lse rows addressable
-_SMEM_LIMIT = 227 * 1024
 
 
 def smem_bytes(block_kv: int, num_stages: int, head_dim: int, itemsize: int = 2) -> int:
@@ -58,10 +58,10 @@ def check_supported(*, group: int, head_dim: int, page_size: int, block_kv: int,
         raise NotImplementedError(f"GPU RPA prefill: page_size {page_size} with block_kv {block_kv}")
     if num_stages < 1:
         raise ValueError(f"block_sizes: prefill_num_stages {num_stages}")
-    if smem_bytes(block_kv, num_stages, head_dim) > _SMEM_LIMIT:
+    if smem_bytes(block_kv, num_stages, head_dim) > HOPPER_SMEM_PER_BLOCK:
         raise NotImplementedError(
             f"GPU RPA prefill: block_kv {block_kv} x {num_stages} stages needs "
-            f"{smem_bytes(block_kv, num_stages, head_dim)} B of shared memory (> {_SMEM_LIMIT})")
+            f"{smem_bytes(block_kv, num_stages, head_dim)} B of shared memory (> {HOPPER_SMEM_PER_BLOCK})")
 
 
 def max_blocks(num_tokens: int, max_seqs: int, tokens_per_block: int) -> int:

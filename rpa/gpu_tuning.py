@@ -1,8 +1,9 @@
-"""rpa's side of the tuning protocol on Hopper GPUs (h100, h200): candidates of rpa/gpu.py's kernel.
+"""rpa's tuning module on Hopper GPUs (h100, h200; autotune/protocol.py): candidates of rpa/gpu.py's kernel.
 
-Block sizes: {"block_kv", "num_stages", "num_splits"} of the decode kernel (rpa.gpu.DecodeBlockSizes);
+Block sizes: {"block_kv", "num_stages", "num_splits"} of the decode kernel (rpa.gpu.GpuBlockSizes);
 the prefill kernel (rpa/gpu_prefill.py) keeps its default sizes (prefill_block_kv, prefill_num_stages)
-unless a caller sets them. rpa/tuning.py hands GPU generations here. The cost model barely tells these
+unless a caller sets them. The key, inputs, reference, presets and bench cases are the family's
+(rpa/tuning.py). The cost model barely tells these
 candidates apart (the KV bytes do not depend on them; splits add partial-result traffic), so GPU
 tables are meant to be measured: `autotune run --chip h100` on the GPU times every candidate.
 """
@@ -15,14 +16,13 @@ import jax.numpy as jnp
 
 from autotune.cost_model import Traffic
 from autotune.kernel_util import cdiv
+from rpa.tuning import representative_batch
+
+STATIC_GRID = False  # one launch; the tables are meant to be measured
 
 BLOCK_KV = (64, 128, 256)
 NUM_STAGES = (2, 3, 4)
 NUM_SPLITS = (1, 2, 4, 8)
-
-
-def is_gpu_block_sizes(block_sizes) -> bool:
-    return isinstance(block_sizes, dict) and "block_kv" in block_sizes
 
 
 def _supported(key: dict, bs) -> bool:
@@ -37,43 +37,45 @@ def _supported(key: dict, bs) -> bool:
     return True
 
 
-def default_block_sizes(key: dict) -> dict:
+def default_block_sizes(key: dict, generation: str | None = None) -> dict:
     """rpa.gpu's default (measured best for Llama-3-8B decode on the H100), with 2 splits for
     small decode batches so that (tokens x kv heads x splits) still fills the 132 SMs."""
-    from rpa.gpu import DecodeBlockSizes
+    from rpa.gpu import GpuBlockSizes
 
     splits = 2 if key["num_tokens"] * key["num_kv_heads"] < 132 else 1
-    bs = DecodeBlockSizes(num_splits=splits)  # the prefill kernel's sizes stay its own default
+    bs = GpuBlockSizes(num_splits=splits)  # the prefill kernel's sizes stay its own default
     return dict(block_kv=bs.block_kv, num_stages=bs.num_stages, num_splits=bs.num_splits)
 
 
-def search_space(key: dict) -> list[dict]:
+def search_space(key: dict, generation: str | None = None) -> list[dict]:
     """Every (block_kv, num_stages, num_splits) the kernel takes for the key's shapes."""
-    from rpa.gpu import DecodeBlockSizes
+    from rpa.gpu import GpuBlockSizes
 
     out = []
     for bkv, st, sp in itertools.product(BLOCK_KV, NUM_STAGES, NUM_SPLITS):
-        bs = DecodeBlockSizes(bkv, st, sp)
+        bs = GpuBlockSizes(bkv, st, sp)
         if _supported(key, bs):
             out.append(dict(block_kv=bkv, num_stages=st, num_splits=sp))
     return out
 
 
-def smem_estimate(key: dict, block_sizes: dict) -> int:
+def vmem_estimate(key: dict, block_sizes: dict) -> int:
+    """Shared-memory bytes of the decode kernel with these sizes."""
     from rpa import gpu
 
-    bs = gpu.DecodeBlockSizes.from_any(block_sizes)
+    bs = gpu.GpuBlockSizes.from_any(block_sizes)
     return gpu.smem_bytes(bs.block_kv, bs.num_stages, key["head_dim"], jnp.dtype(key["kv_dtype"]).itemsize)
 
 
-def cost(key: dict, block_sizes: dict, batch: dict) -> Traffic:
-    """Bytes and FLOPs of one call on `batch` (rpa.tuning.representative_batch). A decode token
+def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
+    """Bytes and FLOPs of one call on the key's representative batch. A decode token
     (q_len 1) reads the KV it sees; a prefill sequence goes through rpa/gpu_prefill.py where that
     kernel takes the shapes, which reads the KV once per query block of 128 / G tokens (else every
     token reads its own causal prefix). Splits write and re-read f32 partials."""
     from rpa import gpu, gpu_prefill
 
-    bs = gpu.DecodeBlockSizes.from_any(block_sizes)
+    bs = gpu.GpuBlockSizes.from_any(block_sizes)
+    batch = representative_batch(key)
     hq, hkv, d = key["num_q_heads"], key["num_kv_heads"], key["head_dim"]
     item = jnp.dtype(key["kv_dtype"]).itemsize
     prefill = gpu.prefill_supported(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=key["page_size"],

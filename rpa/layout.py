@@ -33,6 +33,7 @@ GPU layout, what the Hopper kernel (rpa/gpu.py) reads:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from autotune.hardware import GPU_GENERATIONS, detect
@@ -46,7 +47,7 @@ __all__ = ["BACKENDS", "SUPPORTED_CACHE_DTYPES", "cache_backend", "gpu_kv_cache_
            "pack_kv", "padded_head_dim", "quantize_store", "unpack_kv"]
 
 
-def _backend(backend) -> str:
+def _backend(backend: str | None) -> str:
     if backend is None:
         return "gpu" if detect() in GPU_GENERATIONS else "tpu"
     if backend not in BACKENDS:
@@ -54,7 +55,7 @@ def _backend(backend) -> str:
     return backend
 
 
-def cache_backend(kv_cache) -> str:
+def cache_backend(kv_cache: jax.Array) -> str:
     """Which layout an array is in, from its rank: "gpu" (5-D) or "tpu" (4-D)."""
     return "gpu" if getattr(kv_cache, "ndim", None) == 5 else "tpu"
 
@@ -68,7 +69,7 @@ def padded_head_dim(head_dim: int) -> int:
     return round_up(int(head_dim), LANES)
 
 
-def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype=None, *,
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: object = None, *,
                    backend: str | None = None) -> tuple:
     """Shape of the cache for `backend` ("tpu" | "gpu"; None: the running chip's, TPU layout on a CPU).
 
@@ -88,7 +89,7 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
     return (int(num_pages), int(page_size), 2 * int(num_kv_heads), padded_head_dim(head_dim))
 
 
-def pack_kv(k_pages, v_pages, *, backend: str | None = None):
+def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, backend: str | None = None) -> jax.Array:
     """[num_pages, page_size, Hkv, D] keys and values (same shape and dtype) -> the cache in the layout
     of `backend` (None: the running chip's)."""
     k_pages = jnp.asarray(k_pages)
@@ -108,7 +109,7 @@ def pack_kv(k_pages, v_pages, *, backend: str | None = None):
     return kv
 
 
-def unpack_kv(kv_cache, num_kv_heads: int, head_dim: int):
+def unpack_kv(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array]:
     """A cache in either layout -> (k_pages, v_pages), each [num_pages, page_size, Hkv, head_dim]."""
     kv_cache = jnp.asarray(kv_cache)
     if kv_cache.ndim == 5:
@@ -122,7 +123,8 @@ def unpack_kv(kv_cache, num_kv_heads: int, head_dim: int):
     return kv_cache[:, :, 0::2, :head_dim], kv_cache[:, :, 1::2, :head_dim]
 
 
-def new_kv_rows(k, v, cache_dtype, *, k_scale=None, v_scale=None):
+def new_kv_rows(k: jax.Array, v: jax.Array, cache_dtype: object, *, k_scale: float | None = None,
+                v_scale: float | None = None) -> jax.Array:
     """New tokens' k, v [T, Hkv, D] -> rows [T, 2*Hkv, Dp] in the cache's layout and dtype (quantized)."""
     kq = quantize_store(k, cache_dtype, k_scale)
     vq = quantize_store(v, cache_dtype, v_scale)

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune.cost_model import Traffic, predict
-from autotune.hardware import GPU_GENERATIONS, TPU_GENERATIONS, MiB, chip
+from autotune.hardware import TPU_GENERATIONS, MiB, chip
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, next_power_of_2, round_up, sublane_tile
+from autotune.protocol import BlockConfig
 
 STATIC_KEYS = ("q_dtype", "kv_dtype", "num_q_heads", "num_kv_heads", "head_dim", "page_size")
 DYNAMIC_KEYS = ("num_tokens", "max_model_len")
@@ -27,7 +28,7 @@ CONSERVATIVE_VMEM = 16 * MiB  # generation unknown: the smallest default scoped 
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
+class BlockSizes(BlockConfig):
     """Static block sizes of the three group calls (decode always uses one query token per block).
 
     *_kv_pages: pages per KV block; *_kv_heads: KV heads per head block (all of them, or a
@@ -45,14 +46,7 @@ class BlockSizes:
 
     @classmethod
     def from_dict(cls, d: dict) -> BlockSizes:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names - {"vmem_limit_bytes"}
-        if unknown:
-            raise ValueError(f"block_sizes: unknown fields {sorted(unknown)}; expected {sorted(names)}")
-        return cls(**{k: int(v) for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return super().from_dict({k: int(v) for k, v in d.items()})
 
     def groups(self, num_kv_heads: int) -> dict[str, tuple[int, int, int]]:
         """{group: (bq, kv_pages, kv_heads)} with 0 heads resolved to num_kv_heads."""
@@ -139,17 +133,6 @@ def vmem_bytes(block_sizes, *, num_q_heads: int, num_kv_heads: int, head_dim: in
     return per[group] if group else max(per.values())
 
 
-def vmem_limit_for(needed: int, generation: str | None) -> int | None:
-    """The scoped-VMEM limit to ask for: None when the default suffices (or the chip is unknown)."""
-    if generation is None:
-        return None
-    spec = chip(generation)
-    want = int(needed * 1.25) + 2 * MiB
-    if want <= spec.default_scoped_vmem_bytes:
-        return None
-    return min(round_up(want, MiB), int(spec.vmem_bytes * 0.9))
-
-
 def _budget(generation: str | None) -> int:
     if generation is None:
         return int(CONSERVATIVE_VMEM * 0.75)
@@ -158,9 +141,7 @@ def _budget(generation: str | None) -> int:
 
 
 def _as_block_sizes(block_sizes) -> BlockSizes:
-    if isinstance(block_sizes, BlockSizes):
-        return block_sizes
-    return BlockSizes.from_dict(dict(block_sizes))
+    return block_sizes if isinstance(block_sizes, BlockSizes) else BlockSizes.from_dict(dict(block_sizes))
 
 
 def head_block_options(num_q_heads: int, num_kv_heads: int) -> list[int]:
@@ -174,12 +155,7 @@ def head_block_options(num_q_heads: int, num_kv_heads: int) -> list[int]:
 
 
 def default_block_sizes(key: dict, generation: str | None) -> dict:
-    """Analytic, VMEM-safe block sizes for `key` on `generation` (None: fit 16 MiB scoped VMEM);
-    on a GPU generation, rpa/gpu.py's sizes (rpa/gpu_tuning.py)."""
-    if generation in GPU_GENERATIONS:
-        from rpa import gpu_tuning
-
-        return gpu_tuning.default_block_sizes(key)
+    """Analytic, VMEM-safe block sizes for `key` on a TPU `generation` (None: fit 16 MiB scoped VMEM)."""
     hq, hkv, d, ps, qdt, kvdt = _shape(key)
     kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=ps, q_dtype=qdt, kv_dtype=kvdt)
     budget = _budget(generation)
@@ -214,21 +190,11 @@ def default_block_sizes(key: dict, generation: str | None) -> dict:
     pq = min(512 if big else 128, max(8, round_up(next_power_of_2(num_tokens), 8)))
     pq, pp_pages, ph = fit(pq, 2 * pq)
     mq, mp_pages, mh = fit(min(32, pq), 1024 if big else 256)
-    bs = BlockSizes(dp_pages, dh, pq, pp_pages, ph, mq, mp_pages, mh)
-    out = bs.to_dict()
-    limit = vmem_limit_for(vmem_bytes(bs, **kw), generation)
-    if limit is not None:
-        out["vmem_limit_bytes"] = limit
-    return out
+    return BlockSizes(dp_pages, dh, pq, pp_pages, ph, mq, mp_pages, mh).to_dict()
 
 
 def search_space(key: dict, generation: str | None) -> list[dict]:
-    """Candidate block sizes for the tuner: coordinate variations around the heuristic, VMEM-filtered
-    (GPU generations: rpa/gpu_tuning.py)."""
-    if generation in GPU_GENERATIONS:
-        from rpa import gpu_tuning
-
-        return gpu_tuning.search_space(key)
+    """Candidate block sizes for the tuner: coordinate variations around the heuristic, VMEM-filtered."""
     hq, hkv, d, ps, qdt, kvdt = _shape(key)
     kw = dict(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=ps, q_dtype=qdt, kv_dtype=kvdt)
     base = BlockSizes.from_dict(default_block_sizes(key, generation))
@@ -244,16 +210,8 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
         cands.add(dataclasses.replace(base, prefill_q=qb, prefill_kv_pages=p, prefill_kv_heads=h))
     for qb, p in itertools.product(q_opts[:5], page_opts):
         cands.add(dataclasses.replace(base, mixed_q=qb, mixed_kv_pages=p))
-    out = []
-    for c in sorted(cands, key=lambda b: tuple(b.to_dict().values())):
-        need = vmem_bytes(c, **kw)
-        if need <= budget:
-            dct = c.to_dict()
-            limit = vmem_limit_for(need, generation)
-            if limit is not None:
-                dct["vmem_limit_bytes"] = limit
-            out.append(dct)
-    return out
+    return [c.to_dict() for c in sorted(cands, key=lambda b: tuple(b.to_dict().values()))
+            if vmem_bytes(c, **kw) <= budget]
 
 
 # ---------------------------------------------------------------- traffic
@@ -601,27 +559,15 @@ def reference_fn(key: dict):
 
 
 def vmem_estimate(key: dict, block_sizes) -> int:
-    """VMEM bytes of a TPU candidate; shared-memory bytes of a GPU one."""
-    from rpa import gpu_tuning
-
-    if gpu_tuning.is_gpu_block_sizes(block_sizes):
-        return gpu_tuning.smem_estimate(key, block_sizes)
+    """VMEM bytes of the largest group call with these block sizes."""
     dims, ps = _key_dims(key)
-    bs = {k: v for k, v in dict(block_sizes).items() if k != "vmem_limit_bytes"} \
-        if not isinstance(block_sizes, BlockSizes) else block_sizes
-    return vmem_bytes(bs, page_size=ps, **dims)
+    return vmem_bytes(block_sizes, page_size=ps, **dims)
 
 
 def cost(key: dict, block_sizes, generation=None) -> Traffic:
-    """traffic() of the key's representative batch (a GPU candidate: rpa/gpu_tuning.py's count)."""
-    from rpa import gpu_tuning
-
-    if gpu_tuning.is_gpu_block_sizes(block_sizes):
-        return gpu_tuning.cost(key, block_sizes, representative_batch(key))
+    """traffic() of the key's representative batch."""
     dims, _ = _key_dims(key)
-    bs = {k: v for k, v in dict(block_sizes).items() if k != "vmem_limit_bytes"} \
-        if not isinstance(block_sizes, BlockSizes) else block_sizes
-    return traffic(representative_batch(key), bs, sliding_window=key.get("sliding_window") or None, **dims)
+    return traffic(representative_batch(key), block_sizes, sliding_window=key.get("sliding_window") or None, **dims)
 
 
 def keys_for_preset(preset: dict, *, kv_dtypes=("bfloat16",)) -> list[dict]:
@@ -655,7 +601,7 @@ def bench_cases(shape_set: str) -> list[tuple[str, dict]]:
     if shape_set == "decode-heavy":
         return [(f"llama3-8b decode b64 ctx{c}", base(64, 2 * c, "decode")) for c in (2048, 8192)]
     if shape_set == "prefill-heavy":
-        return [("llama3-8b prefill 2048", base(2048, 2048, "prefill"))]
+        return [("llama3-8b prefill 2048 ctx4096", base(2048, 4096, "prefill"))]
     if shape_set == "mixed":
         return [("llama3-8b mixed 512 tok", base(512, 8192, "mixed"))]
     return []

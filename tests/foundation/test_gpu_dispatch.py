@@ -15,7 +15,6 @@ import autotune.tables as lk
 import moe
 import quant
 import rpa
-from autotune import protocol
 from autotune.registry import tuning_module
 from autotune.tuner import table_entry, tune_key, write_table
 from reference.gmm import gmm as reference_gmm
@@ -29,12 +28,12 @@ def on_h100(monkeypatch, tmp_path):
     import quant.api
     import rpa.api
     import rpa.layout
+    from autotune import protocol
 
-    for mod in (rpa.api, rpa.layout, moe.api, quant.api, lk):
+    for mod in (rpa.api, rpa.layout, moe.api, quant.api, lk, protocol):
         monkeypatch.setattr(mod, "detect", lambda: "h100", raising=False)
     monkeypatch.setattr(lk, "table_path", lambda gen, kernel: tmp_path / gen / f"{kernel}.json")
     lk.clear_cache()
-    protocol.clear_warnings()
     yield tmp_path
     lk.clear_cache()
 
@@ -56,7 +55,7 @@ KEYS = {
 
 @pytest.mark.parametrize("kernel", sorted(KEYS))
 def test_gpu_protocol(kernel):
-    module = tuning_module(kernel)
+    module = tuning_module(kernel, "h100")
     key = KEYS[kernel]
     space = module.search_space(key, "h100")
     default = module.default_block_sizes(key, "h100")
@@ -68,11 +67,11 @@ def test_gpu_protocol(kernel):
     assert res.best.feasible and not res.best.compiled and res.gain >= 1
     # TPU generations keep their own candidates
     assert all("block_kv" not in c and "tile_m" not in c and "consumers" not in c
-               for c in module.search_space(key, "v6e")[:50])
+               for c in tuning_module(kernel, "v6e").search_space(key, "v6e")[:50])
 
 
 def test_qmm_keys_the_gpu_kernels_do_not_take_have_no_gpu_candidates():
-    module = tuning_module("quantized_matmul")
+    module = tuning_module("quantized_matmul", "h100")
     for key in (quant.tuning.make_key(m=4096, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int8"),
                 quant.tuning.make_key(m=16, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int4", act_quant="int8"),
                 quant.tuning.make_key(m=512, k=8192, n=8192, x_dtype="bfloat16", w_dtype="int8",
@@ -82,7 +81,7 @@ def test_qmm_keys_the_gpu_kernels_do_not_take_have_no_gpu_candidates():
 
 @pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
 def test_qmm_w8a8_keys_have_8bit_gemm_candidates(fmt):
-    module = tuning_module("quantized_matmul")
+    module = tuning_module("quantized_matmul", "h100")
     key = quant.tuning.make_key(m=4096, k=8192, n=8192, x_dtype="bfloat16", w_dtype=fmt, act_quant=fmt)
     space = module.search_space(key, "h100")
     default = module.default_block_sizes(key, "h100")
@@ -117,7 +116,7 @@ def test_rpa_on_gpu_reads_the_gpu_table(on_h100, monkeypatch, rng):
     # a miss: the GPU default (with a warning)
     with pytest.warns(UserWarning, match="no tuned block sizes|default"):
         rpa.ragged_paged_attention(q, k, k, cache, kv_lens, table, cu, dist)
-    assert seen["bs"] == rpa.tuning.default_block_sizes(KEYS["rpa"], "h100")
+    assert seen["bs"] == rpa.gpu_tuning.default_block_sizes(KEYS["rpa"], "h100")
     # a tuned entry: its sizes reach the kernel; TPU sizes passed by a caller do not
     _ship(on_h100, "rpa", KEYS["rpa"], {"block_kv": 64, "num_stages": 4, "num_splits": 2})
     rpa.ragged_paged_attention(q, k, k, cache, kv_lens, table, cu, dist)

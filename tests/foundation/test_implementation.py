@@ -28,7 +28,6 @@ def gmm_case(rng):
 
 def test_gmm(gmm_case):
     lhs, rhs, sizes = gmm_case
-    protocol.clear_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "xla" is asked for: no fallback warning
         out = moe.gmm(lhs, rhs, sizes, implementation="xla")
@@ -58,7 +57,6 @@ def test_fused_moe(rng):
 def test_quantized_matmul(rng):
     x = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
     qw = quant.quantize(rng.standard_normal((256, 384)).astype(np.float32) / 16, "int8")
-    protocol.clear_warnings()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = quant.quantized_matmul(x, qw, act_quant="int8", implementation="xla")

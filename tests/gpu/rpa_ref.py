@@ -1,8 +1,12 @@
-"""NumPy float64 reference for ragged paged attention on the GPU cache layout, and random cases."""
+"""Random ragged paged attention cases on the GPU cache layout, and the reference on that layout."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+
+import rpa
+from reference.ragged_paged_attention import ragged_paged_attention
 
 
 def make_case(rng, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, num_pages,
@@ -43,50 +47,12 @@ def make_case(rng, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page
                 distribution=np.asarray([s, s, s], np.int32))
 
 
-def reference(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale=None,
-              sliding_window=None, soft_cap=None, sinks=None):
-    """float64 reference: (out [T, Hq, D], updated cache). Padding tokens give zeros."""
-    q = np.asarray(q, np.float64)
-    cache = np.array(kv_cache, np.float64)
-    t_total, hq, d = q.shape
-    _, _, hkv, ps, _ = cache.shape
-    g = hq // hkv
-    scale = 1.0 / np.sqrt(d) if sm_scale is None else sm_scale
-    out = np.zeros_like(q)
-    num_seqs = int(distribution[2])
-    for i in range(num_seqs):
-        q0, q1 = int(cu_q_lens[i]), int(cu_q_lens[i + 1])
-        ql, kl = q1 - q0, int(kv_lens[i])
-        for j in range(ql):
-            pos = kl - ql + j
-            page, slot = page_indices[i, pos // ps], pos % ps
-            cache[page, 0, :, slot] = k[q0 + j]
-            cache[page, 1, :, slot] = v[q0 + j]
-    for i in range(num_seqs):
-        q0, q1 = int(cu_q_lens[i]), int(cu_q_lens[i + 1])
-        ql, kl = q1 - q0, int(kv_lens[i])
-        pos = np.arange(kl)
-        pages = page_indices[i, pos // ps]
-        kk = cache[pages, 0, :, pos % ps]  # [kl, hkv, d]
-        vv = cache[pages, 1, :, pos % ps]
-        for j in range(ql):
-            qpos = kl - ql + j
-            lo = 0 if sliding_window is None else max(0, qpos + 1 - sliding_window)
-            for hh in range(hq):
-                kvh = hh // g
-                s = kk[lo:qpos + 1, kvh] @ q[q0 + j, hh] * scale
-                if soft_cap is not None:
-                    s = soft_cap * np.tanh(s / soft_cap)
-                m = s.max()
-                if sinks is not None:
-                    m = max(m, float(sinks[hh]))
-                p = np.exp(s - m)
-                den = p.sum() + (0.0 if sinks is None else np.exp(float(sinks[hh]) - m))
-                out[q0 + j, hh] = p @ vv[lo:qpos + 1, kvh] / den
-    return out, cache
-
-
-def rel_err(x, ref):
-    x = np.asarray(x, np.float64)
-    ref = np.asarray(ref, np.float64)
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+def reference(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, **kw):
+    """reference.ragged_paged_attention on the GPU cache layout [num_pages, 2, Hkv, page_size, D]:
+    (out [T, Hq, D], updated cache) as NumPy arrays. Padding tokens give zeros; kw: sm_scale,
+    sliding_window, soft_cap, sinks."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache, v_cache = rpa.unpack_kv(jnp.asarray(kv_cache), num_kv_heads, head_dim)
+    out, k_cache, v_cache = ragged_paged_attention(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens,
+                                                   distribution, **kw)
+    return np.asarray(out), np.asarray(rpa.pack_kv(k_cache, v_cache, backend="gpu"))

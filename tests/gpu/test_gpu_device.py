@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.common import rel_error
 from tests.gpu import rpa_ref
 
 pytestmark = [
@@ -46,7 +47,7 @@ def test_rpa_gpu_matches_reference(rng, q_lens, kv_lens, bs, kw):
                                                block_sizes=bs, **kw)
     out = np.asarray(out.astype(jnp.float32))
     assert not np.isnan(out).any()
-    assert rpa_ref.rel_err(out, ref_out) < 1e-2
+    assert rel_error(out, ref_out) < 1e-2
     written = ~np.isnan(ref_cache)
     np.testing.assert_array_equal(np.asarray(cache.astype(jnp.float32))[written],
                                   ref_cache[written].astype(np.float32))
@@ -69,7 +70,7 @@ def test_gmm_gpu_matches_reference(rng, offset):
     for bs in (mg.GmmBlockSizes(tile_m=64, tile_n=128, wg_dim="m", num_stages=3),
                mg.GmmBlockSizes(tile_m=128, tile_n=128, num_stages=3)):
         out = mg.gmm_gpu(lhs, rhs, jnp.asarray(sizes), group_offset=offset, block_sizes=bs)
-        assert rpa_ref.rel_err(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
+        assert rel_error(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -92,7 +93,7 @@ def test_qmm_gpu_matches_reference(rng, fmt, layout):
         out = qg.quantized_matmul_decode_nk(jnp.asarray(x, jnp.bfloat16), qg.prepare_weights_nk(w),
                                             jnp.asarray(scales), fmt=fmt,
                                             block_sizes=dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64))
-    assert rpa_ref.rel_err(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
+    assert rel_error(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
 
 
 def test_public_rpa_runs_the_gpu_kernel_on_a_gpu_layout_cache(rng):
@@ -130,7 +131,7 @@ def test_w8a8_gpu_matches_reference(rng, fmt):
     for bs in ({}, dict(tile_m=64, tile_n=128, num_stages=5)):
         out = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=fmt, values_nk=gpu.prepare_weights_nk(qw.values),
                                              block_sizes=bs, out_dtype=jnp.float32)
-        assert rpa_ref.rel_err(np.asarray(out), ref) < 1e-4
+        assert rel_error(np.asarray(out), ref) < 1e-4
 
 
 def test_rpa_gpu_prefill_chunk_matches_reference(rng):
@@ -152,4 +153,4 @@ def test_rpa_gpu_prefill_chunk_matches_reference(rng):
     n = sum(q_lens)
     out = np.asarray(out.astype(jnp.float32))[:n]
     assert not np.isnan(out).any()
-    assert rpa_ref.rel_err(out, ref_out[:n]) < 1e-2
+    assert rel_error(out, ref_out[:n]) < 1e-2

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from tests.common import rel_error
 from tests.gpu import rpa_ref
 
 pytestmark = pytest.mark.interpret
@@ -52,7 +53,7 @@ def _check_rpa(c, out, cache, **ref_kw):
     ref_out, ref_cache = rpa_ref.reference(**c, **ref_kw)
     n = int(c["cu_q_lens"][-1])
     assert not np.isnan(out[:n]).any()
-    assert rpa_ref.rel_err(out[:n], ref_out[:n]) < 1e-2
+    assert rel_error(out[:n], ref_out[:n]) < 1e-2
     written = ~np.isnan(ref_cache)
     np.testing.assert_array_equal(cache[written], ref_cache[written].astype(np.float32))
 
@@ -100,7 +101,7 @@ def test_rpa_gpu_prefill_falls_back_to_the_decode_kernel(rng):
     from rpa import gpu as rg
 
     assert not rg.prefill_supported(num_q_heads=48, num_kv_heads=2, head_dim=64, page_size=16,
-                                    block_sizes=rg.DecodeBlockSizes())
+                                    block_sizes=rg.GpuBlockSizes())
     c = _rpa_case(rng, [6, 1], [30, 50], hq=48, hkv=2)
     out, cache = _run_rpa(c, block_sizes=dict(block_kv=64))
     _check_rpa(c, out, cache)
@@ -144,7 +145,7 @@ def test_gmm_gpu_kernel_interpret(sizes, offset, wg_dim):
     out = np.asarray(mg.gmm_gpu(lhs, rhs, jnp.asarray(sizes), group_offset=offset, block_sizes=bs,
                                 interpret=True).astype(jnp.float32))
     assert not np.isnan(out).any()
-    assert rpa_ref.rel_err(out, ref) < 1e-2
+    assert rel_error(out, ref) < 1e-2
     np.testing.assert_array_equal(out[int(sizes.sum()):], 0.0)  # rows past sum(group_sizes)
 
 
@@ -172,7 +173,7 @@ def test_qmm_gpu_kernel_interpret(rng, fmt, layout, cfg):
     else:
         out = qg.quantized_matmul_decode_nk(xb, qg.prepare_weights_nk(w), jnp.asarray(scales), fmt=fmt,
                                             block_sizes=cfg, interpret=True)
-    assert rpa_ref.rel_err(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
+    assert rel_error(np.asarray(out.astype(jnp.float32)), ref) < 1e-2
 
 
 @pytest.mark.parametrize("fmt", ["int8", "float8_e4m3fn"])
@@ -190,4 +191,4 @@ def test_w8a8_gpu_kernel_interpret(rng, fmt, m, bs):
     ref = np.asarray(quantized_matmul_qt(x, qw, act_quant=fmt, out_dtype=jnp.float32))
     out = gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant=fmt, values_nk=gpu.prepare_weights_nk(qw.values),
                                          block_sizes=bs, out_dtype=jnp.float32, interpret=True)
-    assert rpa_ref.rel_err(np.asarray(out), ref) < 1e-5  # same quantized operands: f32 rounding only
+    assert rel_error(np.asarray(out), ref) < 1e-5  # same quantized operands: f32 rounding only

@@ -17,6 +17,7 @@ import pytest
 from moe import gpu as mg
 from quant import gpu as qg
 from rpa import gpu as rg
+from tests.common import rel_error
 from tests.gpu import rpa_ref
 
 sd = jax.ShapeDtypeStruct
@@ -33,7 +34,7 @@ def _lower_cuda(f, *avals):
                          [(128, 2, 1, 16), (64, 4, 2, 16), (64, 2, 1, 128), (256, 1, 2, 32)])
 def test_rpa_kernel_lowers(block_kv, num_stages, num_splits, page_size):
     t, hq, hkv, d, pages, pps = 8, 32, 8, 128, 64, 8
-    bs = rg.DecodeBlockSizes(block_kv, num_stages, num_splits)
+    bs = rg.GpuBlockSizes(block_kv, num_stages, num_splits)
 
     def f(q2d, cache, ts, te, pi):
         return rg.paged_attention_partials(q2d, cache, ts, te, pi, num_q_heads=hq, sm_scale=0.1,
@@ -101,7 +102,7 @@ def test_rpa_prefill_schedule_covers_every_prefill_token():
 def test_rpa_unsupported_raises(kw, err):
     base = dict(q_dtype=jnp.bfloat16, cache_dtype=jnp.bfloat16, num_q_heads=32, num_kv_heads=8,
                 head_dim=128, page_size=16)
-    bs = rg.DecodeBlockSizes(kw.pop("block_kv", 128), kw.pop("num_stages", 2), 1)
+    bs = rg.GpuBlockSizes(kw.pop("block_kv", 128), kw.pop("num_stages", 2), 1)
     base.update(kw)
     if "cache_dtype" in kw:
         base["q_dtype"] = jnp.bfloat16
@@ -165,7 +166,7 @@ def test_rpa_xla_parts_match_reference(splits):
     o, lse = _xla_partials(a["q"], cache0, ts, te, a["page_indices"], hq, 1 / math.sqrt(d), splits)
     out = rg.combine_partials(o, lse, num_tokens=10, num_kv_heads=hkv, group=hq // hkv, sinks=jnp.asarray(sinks),
                               out_dtype=jnp.float32)
-    assert rpa_ref.rel_err(out, ref_out) < 1e-5
+    assert rel_error(out, ref_out) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------- gmm
@@ -295,6 +296,6 @@ def test_gpu_bad_inputs_name_the_argument():
     # a prefill block size the caller set and the prefill kernel cannot take raises (no silent fallback)
     with pytest.raises(NotImplementedError, match="prefill"):
         rg.prefill_supported(num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
-                             block_sizes=rg.DecodeBlockSizes(prefill_block_kv=96))
+                             block_sizes=rg.GpuBlockSizes(prefill_block_kv=96))
     assert not rg.prefill_supported(num_q_heads=48, num_kv_heads=2, head_dim=64, page_size=16,
-                                    block_sizes=rg.DecodeBlockSizes())
+                                    block_sizes=rg.GpuBlockSizes())

@@ -11,7 +11,9 @@ import pytest
 
 import moe
 from autotune.aot import compile_for
+from autotune.hardware import chip
 from autotune.presets import preset
+from autotune.protocol import vmem_limit_bytes
 from autotune.tables import lookup
 from moe import tuning
 from quant.tensor import QuantizedTensor
@@ -51,8 +53,8 @@ def _compile_fused_moe(generation, model, tokens, fmt="bfloat16", block=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bs, _ = lookup("gmm", key, generation)
-        limit = bs.get("vmem_limit_bytes") or tuning.CONSERVATIVE_SCOPED_VMEM
-        assert moe.vmem_bytes(key, bs) <= limit, (key, bs)
+        need = moe.vmem_bytes(key, bs)
+        assert need <= (vmem_limit_bytes(need, generation) or chip(generation).default_scoped_vmem_bytes), (key, bs)
 
 
 @pytest.mark.parametrize("generation", AOT_GENERATIONS)
@@ -74,7 +76,8 @@ def _compile_gmm(generation, key):
         bs, _ = lookup("gmm", key, generation)
         compiled = compile_for(tuning.kernel_fn(key, bs), tuning.input_specs(key), generation)
     assert "moe_gmm" in compiled.as_text(), key
-    assert moe.vmem_bytes(key, bs) <= bs["vmem_limit_bytes"], (key, bs)
+    need = moe.vmem_bytes(key, bs)
+    assert need <= (vmem_limit_bytes(need, generation) or chip(generation).default_scoped_vmem_bytes), (key, bs)
 
 
 @pytest.mark.parametrize("generation", AOT_GENERATIONS)

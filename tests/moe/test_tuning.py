@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import moe
-from autotune import kernel_util, tables
+from autotune import tables
 from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS
 from autotune.presets import MODEL_PRESETS, preset
+from autotune.protocol import KernelFallbackWarning
 from moe import tuning
 from tests.common import assert_close, tolerance
 
@@ -31,7 +32,7 @@ def _keys():
 
 @pytest.mark.parametrize("generation", [None, *TPU_GENERATIONS])
 def test_default_block_sizes_fit_and_divide(generation):
-    budget, limit = tuning.vmem_budget(generation)
+    budget = tuning.vmem_budget(generation)
     for key in _keys():
         bs = tuning.default_block_sizes(key, generation)
         fused = key["activation"] != "none" and key["n"] // 2 % 128 == 0
@@ -43,7 +44,7 @@ def test_default_block_sizes_fit_and_divide(generation):
         if key["quant_block"] > 0:
             parts = 2 if key["rhs_dtype"] == "int4" else 1
             assert (bs["tk"] // parts) % key["quant_block"] == 0, (key, bs)
-        assert bs.get("vmem_limit_bytes") == limit
+        assert set(bs) == {"tm", "tk", "tn"}  # block sizes only: the VMEM limit is derived from them
         if not tuning.search_space(key, generation):
             # Only dims that are not lane multiples (gpt-oss's 2880) force whole-K, whole-N blocks that
             # overflow 16 MiB (v4, or an unknown chip); the generations with 64+ MiB fit them.
@@ -81,14 +82,14 @@ def test_lookup_reads_a_table_entry(tmp_path, monkeypatch):
                           activation="swiglu")
     table = tmp_path / "v6e" / "gmm.json"
     table.parent.mkdir()
-    entry = {"key": key, "block_sizes": {"tm": 64, "tk": 128, "tn": 128}, "vmem_limit_bytes": 1 << 25,
+    entry = {"key": key, "block_sizes": {"tm": 64, "tk": 128, "tn": 128},
              "provenance": {"source": "model"}}
     table.write_text(json.dumps({"schema_version": 1, "kernel": "gmm", "generation": "v6e", "entries": [entry]}))
     monkeypatch.setattr(tables, "table_path", lambda gen, kernel: tmp_path / gen / f"{kernel}.json")
     tables.clear_cache()
     try:
         bs, match = tables.lookup("gmm", key, "v6e")
-        assert match == "exact" and bs == {"tm": 64, "tk": 128, "tn": 128, "vmem_limit_bytes": 1 << 25}
+        assert match == "exact" and bs == {"tm": 64, "tk": 128, "tn": 128}
         bs, match = tables.lookup("gmm", dict(key, m=200), "v6e")
         assert match == "nearest" and bs["tm"] == 64
         with warnings.catch_warnings(record=True):
@@ -119,8 +120,7 @@ def test_fallback_to_reference_off_tpu(rng):
     lhs = jax.numpy.asarray(rng.standard_normal((20, 128)), jax.numpy.float32)
     rhs = jax.numpy.asarray(rng.standard_normal((2, 128, 128)), jax.numpy.float32)
     sizes = jax.numpy.asarray([5, 15], jax.numpy.int32)
-    kernel_util.WARNED.clear()
-    with pytest.warns(UserWarning, match="no TPU or GPU attached"):
+    with pytest.warns(KernelFallbackWarning, match="moe.gmm: no TPU or GPU attached"):
         out = moe.gmm(lhs, rhs, sizes)
     ref = jax.lax.ragged_dot(lhs, rhs, sizes, precision=jax.lax.Precision.HIGHEST)
     assert_close(out, ref, tolerance("float32"), "fallback")

@@ -24,12 +24,13 @@ SHAPES_70B = tuning.LLAMA3_SHAPES["llama3-70b"]
 M_ROTATION = (1, 16, 128, 1024, 8192)
 
 
-def compile_call(gen, m, k, n, w_dtype, act=None, block_size=None, block_sizes=None):
+def compile_call(gen, m, k, n, w_dtype, act=None, block_size=None, block_sizes=None, vmem_limit_bytes=None):
     bk, bn = (k, 1) if block_size is None else ((block_size, 1) if isinstance(block_size, int) else block_size)
     key = tuning.make_key(m=m, k=k, n=n, x_dtype="bfloat16", w_dtype=w_dtype, act_quant=act, block_size=(bk, bn))
     blocks = block_sizes or tuning.default_block_sizes(key, gen)
     x, qw = tuning.input_specs(key)
-    fn = lambda x, qw: quant.quantized_matmul(x, qw, act_quant=act, block_sizes=blocks)  # noqa: E731
+    fn = lambda x, qw: quant.quantized_matmul(x, qw, act_quant=act, block_sizes=blocks,  # noqa: E731
+                                              vmem_limit_bytes=vmem_limit_bytes)
     compiled = compile_for(fn, (x, qw), gen)
     assert compiled is not None
     text = compiled.as_text() or ""
@@ -86,7 +87,7 @@ def test_vmem_estimate_is_an_upper_bound(gen):
                               (1024, "int8", None, {"tm": 512, "tn": 1024, "tk": 2048})):
         key = tuning.make_key(m=m, k=k, n=n, x_dtype="bfloat16", w_dtype=w, act_quant=act, block_size=(k, 1))
         est = tuning.vmem_bytes(key, blocks, gen)
-        compile_call(gen, m, k, n, w, act, None, dict(blocks, vmem_limit_bytes=est))
+        compile_call(gen, m, k, n, w, act, None, blocks, vmem_limit_bytes=est)
 
 
 def test_too_large_blocks_fail_to_compile():
@@ -94,4 +95,4 @@ def test_too_large_blocks_fail_to_compile():
     k, n = SHAPES_8B["gate_up"]
     with pytest.raises(Exception, match="(?i)vmem|resource"):
         compile_call("v6e", 16, k, n, "int8", None, None,
-                     {"tm": 16, "tn": 7168, "tk": 4096, "vmem_limit_bytes": 16 * 2**20})
+                     {"tm": 16, "tn": 7168, "tk": 4096}, vmem_limit_bytes=16 * 2**20)

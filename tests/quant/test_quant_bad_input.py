@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import quant
-from autotune import kernel_util
+from autotune.protocol import KernelFallbackWarning
 from quant import tpu
 from reference.quantized_matmul import quantized_matmul_qt
 
@@ -83,9 +83,7 @@ def test_unsupported_mxu_path_raises_not_implemented(x, qw):
 
 
 def test_cpu_fallback_warns_and_matches_reference(x, qw):
-
-    kernel_util.WARNED.clear()
-    with pytest.warns(UserWarning, match="reference"):
+    with pytest.warns(KernelFallbackWarning, match="quant.quantized_matmul: no TPU or GPU attached"):
         y = quant.quantized_matmul(x, qw, act_quant="int8")
     np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
                                   np.asarray(quantized_matmul_qt(x, qw, act_quant="int8").astype(jnp.float32)))

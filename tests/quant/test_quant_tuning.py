@@ -10,6 +10,7 @@ import quant
 from autotune import lookup
 from autotune.cost_model import predict
 from autotune.hardware import chip
+from autotune.protocol import vmem_limit_bytes
 from quant import tuning
 
 GENS = (None, "v5e", "v6e", "v5p", "tpu7x")
@@ -30,14 +31,15 @@ def keys():
 
 @pytest.mark.parametrize("gen", GENS)
 def test_default_block_sizes_legal_and_within_budget(gen):
-    budget, limit = tuning.vmem_budget(gen)
+    budget = tuning.vmem_budget(gen)
     for key in keys():
         b = tuning.default_block_sizes(key, gen)
         assert tuning.valid_tk(key, b["tk"]), (key, b)
         assert tuning.legal_tm(key["m"], b["tm"]) == b["tm"] or b["tm"] >= key["m"]
         assert tuning.vmem_bytes(key, b, gen) <= budget, (key, b)
-        if gen is not None:  # what the blocks need with headroom, within the generation's limit
-            assert tuning.vmem_bytes(key, b, gen) < b["vmem_limit_bytes"] <= limit
+        if gen is not None:  # the derived limit covers what the blocks need, within the chip's VMEM
+            need = tuning.vmem_bytes(key, b, gen)
+            assert need < (vmem_limit_bytes(need, gen) or chip(gen).default_scoped_vmem_bytes) <= chip(gen).vmem_bytes
         if gen is None:  # no limit requested: must fit the smallest default scoped VMEM (v5e 16 MiB)
             assert tuning.vmem_bytes(key, b, gen) <= 16 * 2**20
 
@@ -80,7 +82,7 @@ def test_traffic_counts():
     # several M tiles re-read the weights; several N tiles re-read x
     assert w8a8.bytes_read >= 8 * 4096 * 14336 + 8 * 4096 * 4096
     assert quant.traffic(16, 4096, 14336, generation="v6e").flops_kind == "bf16"
-    assert quant.vmem_bytes(16, 4096, 14336, generation="v6e") <= tuning.vmem_budget("v6e")[0]
+    assert quant.vmem_bytes(16, 4096, 14336, generation="v6e") <= tuning.vmem_budget("v6e")
 
 
 @pytest.mark.parametrize("gen", ("v5e", "v6e", "v5p", "tpu7x"))

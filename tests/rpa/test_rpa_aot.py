@@ -17,6 +17,7 @@ import rpa
 from autotune import lookup
 from autotune.aot import abstract_args, compile_for
 from autotune.hardware import chip
+from autotune.protocol import vmem_limit_bytes
 from rpa import tuning
 
 pytestmark = pytest.mark.aot
@@ -77,7 +78,7 @@ def test_compiles_with_lookup_block_sizes(model, gen):
         warnings.simplefilter("ignore")
         bs, _ = lookup("rpa", key, gen)
     need = tuning.vmem_estimate(key, bs)
-    assert need <= (bs.get("vmem_limit_bytes") or chip(gen).default_scoped_vmem_bytes)
+    assert need <= (vmem_limit_bytes(need, gen) or chip(gen).default_scoped_vmem_bytes)
     compiled = _compile(hq, hkv, d, tuple(sorted(extra.items())), gen)
     text = compiled.as_text()
     assert text.count("tpu_custom_call") >= 3  # decode, prefill and mixed calls

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import rpa
+from autotune.protocol import KernelFallbackWarning
 from tests.rpa.harness import SMALL_BLOCKS, Shape, batch_from_lengths, make_inputs
 
 SHAPE = Shape()
@@ -123,14 +124,16 @@ def test_debug_checks_pass_on_good_metadata(case):
 
 def test_unsupported_block_sizes_raise_not_implemented(case):
     with pytest.raises(NotImplementedError, match="head block"):
-        call(case, block_sizes=rpa.BlockSizes(prefill_kv_heads=1))
+        call(case, block_sizes=rpa.BlockSizes(prefill_kv_heads=1), implementation="pallas")
     with pytest.raises(NotImplementedError, match="bq must be"):
+        call(case, block_sizes=rpa.BlockSizes(prefill_q=12), implementation="pallas")
+    with pytest.warns(KernelFallbackWarning, match="TPU kernel does not handle this call.*bq must be"):
         call(case, block_sizes=rpa.BlockSizes(prefill_q=12))
 
 
 @pytest.mark.interpret
 def test_cpu_without_interpret_falls_back_to_reference(case):
-    with pytest.warns(UserWarning, match="running the pure-JAX reference"):
+    with pytest.warns(KernelFallbackWarning, match="running the XLA reference"):
         out, cache = call(case, interpret=False)
     ref_out, ref_cache = call(case)
     n = int(case[6][2])

@@ -14,6 +14,7 @@ import rpa
 from autotune import lookup
 from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS, chip
+from autotune.protocol import vmem_limit_bytes
 from rpa import tuning
 from tests.rpa.harness import SMALL_BLOCKS, Shape, batch_from_lengths, make_inputs, run_both
 
@@ -95,7 +96,7 @@ def test_default_block_sizes_fit_vmem(gen):
                 key = tuning.make_key("bfloat16", kvdt, hq, hkv, d, tuning.recommended_page_size(length), t, length)
                 bs = tuning.default_block_sizes(key, gen)
                 need = tuning.vmem_estimate(key, bs)
-                limit = bs.get("vmem_limit_bytes") or (chip(gen).default_scoped_vmem_bytes if gen else 16 << 20)
+                limit = vmem_limit_bytes(need, gen) or (chip(gen).default_scoped_vmem_bytes if gen else 16 << 20)
                 assert need <= limit, (gen, key, bs, need, limit)
                 if gen:
                     assert limit <= chip(gen).vmem_bytes
