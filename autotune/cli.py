@@ -21,8 +21,7 @@ from autotune.quiet import (
     existing_file,
     non_negative_int,
     positive_int,
-    quiet_libtpu,
-    reader_gone,
+    run_command,
 )
 from autotune.registry import KERNEL_MODULES, tuning_module
 
@@ -322,13 +321,7 @@ def generation_type(choices: tuple[str, ...], extra: tuple[str, ...] = ()) -> Ca
 
 
 def shapes_file(text: str) -> str:
-    """argparse type: a JSON file holding a list of table keys, or {kernel: [keys]}.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The path, as given.
-    """
+    """argparse type: a JSON file holding a list of table keys, or {kernel: [keys]}."""
     existing_file(text)
     try:
         data = json.loads(Path(text).read_text())
@@ -403,11 +396,7 @@ def main(argv: list[str] | None = None) -> int:
       The exit code.
     """
     args = build_parser().parse_args(argv)
-    quiet_libtpu()
-    try:
-        return args.func(args)
-    except BrokenPipeError:
-        return reader_gone()
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import argparse
 import glob
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
@@ -115,111 +115,41 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1.
+def _number(convert: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: `convert(text)` when `ok` accepts it, else an error saying `what` was expected."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
 
-    Args:
-      text: the option's value.
-    Returns:
-      The integer.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    parse.__doc__ = f"argparse type: {what}."
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The integer.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a positive number")
+port_number = _number(int, lambda v: 0 <= v <= 65535, "a port number 0..65535")
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite or infinite number > 0.
+def _existing(check: Callable[[Path], bool], what: str) -> Callable[[str], str]:
+    """An argparse type accepting a path that `check` accepts (returned as given)."""
+    def parse(text: str) -> str:
+        if not check(Path(text)):
+            raise argparse.ArgumentTypeError(f"no such {what}: {text!r}")
+        return text
 
-    Args:
-      text: the option's value.
-    Returns:
-      The number.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    parse.__doc__ = f"argparse type: a path to an existing {what}."
+    return parse
 
 
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: any free port).
-
-    Args:
-      text: the option's value.
-    Returns:
-      The port.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
-    return value
-
-
-def existing_file(text: str) -> str:
-    """argparse type: a path to an existing file.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The path, as given.
-    """
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
-    return text
-
-
-def existing_dir(text: str) -> str:
-    """argparse type: a path to an existing directory.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The path, as given.
-    """
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"no such directory: {text!r}")
-    return text
-
-
-def existing_path(text: str) -> str:
-    """argparse type: a path to an existing file or directory.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The path, as given.
-    """
-    if not Path(text).exists():
-        raise argparse.ArgumentTypeError(f"no such file or directory: {text!r}")
-    return text
+existing_file = _existing(Path.is_file, "file")
+existing_dir = _existing(Path.is_dir, "directory")
+existing_path = _existing(Path.exists, "file or directory")
 
 
 def reader_gone() -> int:
@@ -232,6 +162,22 @@ def reader_gone() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return 1
+
+
+def run_command(func: Callable[[Any], int], args: Any) -> int:
+    """Run a parsed sub-command with libtpu quiet; a reader that leaves early (`| head`) ends it quietly.
+
+    Args:
+      func: the sub-command, func(args) -> exit code.
+      args: the parsed arguments.
+    Returns:
+      The exit code.
+    """
+    quiet_libtpu()
+    try:
+        return func(args)
+    except BrokenPipeError:
+        return reader_gone()
 
 
 def _isatty(stream: IO[str]) -> bool:

@@ -13,8 +13,7 @@ from autotune.quiet import (
     existing_path,
     positive_float,
     positive_int,
-    quiet_libtpu,
-    reader_gone,
+    run_command,
 )
 from autotune.registry import KERNEL_MODULES
 
@@ -116,13 +115,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 
 
 def request_rates(text: str) -> list[float]:
-    """argparse type: requests per second, or a comma-separated sweep; "inf" sends every request at once.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The rates.
-    """
+    """argparse type: requests per second, or a comma-separated sweep; "inf" sends every request at once."""
     try:
         rates = [float(r) for r in text.split(",")]
     except ValueError:
@@ -133,13 +126,7 @@ def request_rates(text: str) -> list[float]:
 
 
 def dataset_spec(text: str) -> str:
-    """argparse type: "IN/OUT" token counts.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The spec, as given.
-    """
+    """argparse type: "IN/OUT" token counts."""
     from bench.serve import parse_dataset
 
     try:
@@ -150,13 +137,7 @@ def dataset_spec(text: str) -> str:
 
 
 def prompt_count(text: str) -> int:
-    """argparse type: a number of prompts, 1..MAX_PROMPTS.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The number.
-    """
+    """argparse type: a number of prompts, 1..MAX_PROMPTS."""
     n = positive_int(text)
     if n > MAX_PROMPTS:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_PROMPTS} prompts, got {text!r}")
@@ -236,11 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             serve_parser.error("--cold-start needs --launch (it starts the server itself)")
         if args.launch and "{port}" not in args.launch:
             serve_parser.error("--launch: the command must contain {port}")
-    quiet_libtpu()
-    try:
-        return args.func(args)
-    except BrokenPipeError:
-        return reader_gone()
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def checkpoint_dir(text: str) -> str:
-    """argparse type: a Hugging Face checkpoint directory whose config.json the engine supports.
-
-    Args:
-      text: the option's value.
-    Returns:
-      The path, as given.
-    """
+    """argparse type: a Hugging Face checkpoint directory whose config.json the engine supports."""
     from engine.config import CheckpointError, load_config
 
     try:

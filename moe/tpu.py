@@ -304,10 +304,6 @@ def gmm(lhs, rhs, group_sizes, *, scales=None, scale_block=None, int4=False, gro
     scale_mode = None if scales is None else ("channel" if scale_block is None else "group")
     tkp = tk // n_parts  # K rows per part in one block
     if scale_mode is None:
-        raise NotImplementedError(f"activation {activation!r}")
-    if jnp.dtype(lhs.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
-        raise NotImplementedError(f"lhs dtype {lhs.dtype} (bfloat16 or float32)")
-    if scale_mode is None:
         compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     else:
         compute_dtype = jnp.dtype(jnp.float32 if lhs.dtype == jnp.float32 else jnp.bfloat16)

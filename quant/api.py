@@ -151,10 +151,7 @@ def traffic(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype: st
             act_quant: str | None = None, block_size: object = None, block_sizes: dict | None = None,
             generation: str | None = None) -> Traffic:
     """Modelled traffic of one call (quant.tuning.traffic for these arguments; default block sizes)."""
-    bk, bn = qref.normalize_block_size(block_size, k, n)
-    key = tuning.make_key(m=m, k=k, n=n, x_dtype=x_dtype, w_dtype=w_dtype, act_quant=act_quant,
-                          block_size=(bk, bn))
-    bs = block_sizes or tuning.default_block_sizes(key, generation)
+    key, bs = _key_and_sizes(m, k, n, x_dtype, w_dtype, act_quant, block_size, block_sizes, generation)
     return tuning.traffic(key, bs, generation)
 
 
@@ -162,11 +159,15 @@ def vmem_bytes(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype:
                act_quant: str | None = None, block_size: object = None, block_sizes: dict | None = None,
                generation: str | None = None) -> int:
     """Modelled VMEM footprint of one call (quant.tuning.vmem_bytes; default block sizes)."""
-    bk, bn = qref.normalize_block_size(block_size, k, n)
-    key = tuning.make_key(m=m, k=k, n=n, x_dtype=x_dtype, w_dtype=w_dtype, act_quant=act_quant,
-                          block_size=(bk, bn))
-    bs = block_sizes or tuning.default_block_sizes(key, generation)
+    key, bs = _key_and_sizes(m, k, n, x_dtype, w_dtype, act_quant, block_size, block_sizes, generation)
     return tuning.vmem_bytes(key, bs, generation)
+
+
+def _key_and_sizes(m, k, n, x_dtype, w_dtype, act_quant, block_size, block_sizes, generation):
+    """The table key of these arguments, and the given block sizes or the default ones."""
+    key = tuning.make_key(m=m, k=k, n=n, x_dtype=x_dtype, w_dtype=w_dtype, act_quant=act_quant,
+                          block_size=qref.normalize_block_size(block_size, k, n))
+    return key, block_sizes or tuning.default_block_sizes(key, generation)
 
 
 __all__ = ["quantized_matmul", "traffic", "vmem_bytes"]
