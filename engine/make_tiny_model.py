@@ -301,11 +301,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write the checkpoint the command line asks for and print where it went.
-
-    Args:
-      argv: the arguments (default: sys.argv[1:]).
-    """
+    """Write the checkpoint the command line (argv, default sys.argv[1:]) asks for; print where it went."""
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.like and args.layers:

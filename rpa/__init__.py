@@ -6,17 +6,18 @@ Public API:
                                                soft_cap=None, sinks=None, k_scale=None, v_scale=None,
                                                block_sizes=None, vmem_limit_bytes=None,
                                                debug_checks=False, interpret=False, implementation=None)
-    rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype, *, backend=None) -> tuple
-        (backend "tpu" | "gpu"; None: the running chip's layout)
-    rpa.pack_kv(k_pages, v_pages, *, backend=None) -> kv_cache;  rpa.unpack_kv(kv_cache, num_kv_heads, head_dim)
+    rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype, *, layout=None) -> tuple
+        (layout "tpu" | "gpu"; None: the running chip's)
+    rpa.pack_kv(k_pages, v_pages, *, layout=None) -> kv_cache;  rpa.unpack_kv(kv_cache, num_kv_heads, head_dim)
     rpa.traffic(batch, block_sizes, ...) -> autotune.cost_model.Traffic;  rpa.vmem_bytes(block_sizes, ...)
-    rpa.BlockSizes: the block-size config (rpa.tuning)
-The cache layout is documented in rpa/layout.py.
+    rpa.BlockSizes: the block-size config of the TPU kernel (rpa/config.py)
+The cache layouts are documented in rpa/layout.py; rpa/tuning.py is the TPU tuning module.
 """
 
 from rpa.api import ragged_paged_attention
+from rpa.config import BlockSizes, vmem_bytes
 from rpa.layout import kv_cache_shape, pack_kv, unpack_kv
-from rpa.tuning import BlockSizes, traffic, vmem_bytes
+from rpa.traffic_model import traffic
 
 __all__ = ["BlockSizes", "kv_cache_shape", "pack_kv", "ragged_paged_attention", "traffic", "unpack_kv",
            "vmem_bytes"]

@@ -1,11 +1,12 @@
-"""rpa's tuning module on Hopper GPUs (h100, h200; autotune/protocol.py): candidates of rpa/gpu.py's kernel.
+"""rpa's tuning module on Hopper GPUs (h100, h200; autotune.protocol.TuningModule): candidates of
+rpa/gpu.py's kernel.
 
 Block sizes: {"block_kv", "num_stages", "num_splits"} of the decode kernel (rpa.gpu.GpuBlockSizes);
 the prefill kernel (rpa/gpu_prefill.py) keeps its default sizes (prefill_block_kv, prefill_num_stages)
-unless a caller sets them. The key, inputs, reference, presets and bench cases are the family's
-(rpa/tuning.py). The cost model barely tells these
-candidates apart (the KV bytes do not depend on them; splits add partial-result traffic), so GPU
-tables are meant to be measured: `autotune run --chip h100` on the GPU times every candidate.
+unless a caller sets them. The key, inputs, kernel, reference, presets and bench cases are the
+family's, imported from rpa/tuning.py. The cost model barely tells these candidates apart (the KV
+bytes do not depend on them; splits add partial-result traffic), so GPU tables are meant to be
+measured: `autotune run --chip h100` on the GPU times every candidate.
 """
 
 from __future__ import annotations
@@ -16,7 +17,18 @@ import jax.numpy as jnp
 
 from autotune.cost_model import Traffic
 from autotune.kernel_util import cdiv
-from rpa.tuning import representative_batch
+from rpa.tuning import (  # noqa: F401 - the family's, one home each
+    DYNAMIC_KEYS,
+    STATIC_KEYS,
+    bench_cases,
+    demo_key,
+    example_inputs,
+    input_specs,
+    kernel_fn,
+    keys_for_preset,
+    reference_fn,
+    representative_batch,
+)
 
 STATIC_GRID = False  # one launch; the tables are meant to be measured
 
@@ -51,12 +63,9 @@ def search_space(key: dict, generation: str | None = None) -> list[dict]:
     """Every (block_kv, num_stages, num_splits) the kernel takes for the key's shapes."""
     from rpa.gpu import GpuBlockSizes
 
-    out = []
-    for bkv, st, sp in itertools.product(BLOCK_KV, NUM_STAGES, NUM_SPLITS):
-        bs = GpuBlockSizes(bkv, st, sp)
-        if _supported(key, bs):
-            out.append(dict(block_kv=bkv, num_stages=st, num_splits=sp))
-    return out
+    return [dict(block_kv=bkv, num_stages=st, num_splits=sp)
+            for bkv, st, sp in itertools.product(BLOCK_KV, NUM_STAGES, NUM_SPLITS)
+            if _supported(key, GpuBlockSizes(bkv, st, sp))]
 
 
 def vmem_estimate(key: dict, block_sizes: dict) -> int:

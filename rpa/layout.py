@@ -1,6 +1,6 @@
 """The paged KV cache layouts of rpa: shape, packing and unpacking.
 
-Two layouts, one per backend (`kv_cache_shape(..., backend=)`; None = the running chip's):
+Two layouts, one per backend (`kv_cache_shape(..., layout=)`; None = the running chip's):
 
 TPU layout (one array per layer), what the TPU kernel (rpa/tpu.py) reads and writes:
 
@@ -41,21 +41,21 @@ from autotune.kernel_util import LANES, round_up
 from reference.ragged_paged_attention import quantize_store
 
 SUPPORTED_CACHE_DTYPES = ("bfloat16", "float32", "float8_e4m3fn", "float8_e5m2", "int8")
-BACKENDS = ("tpu", "gpu")
+LAYOUTS = ("tpu", "gpu")
 
-__all__ = ["BACKENDS", "SUPPORTED_CACHE_DTYPES", "cache_backend", "gpu_kv_cache_shape", "kv_cache_shape",
-           "pack_kv", "padded_head_dim", "quantize_store", "unpack_kv"]
+__all__ = ["LAYOUTS", "SUPPORTED_CACHE_DTYPES", "cache_layout", "gpu_kv_cache_shape", "kv_cache_shape",
+           "pack_kv", "pad_head_dim", "padded_head_dim", "quantize_store", "unpack_kv"]
 
 
-def _backend(backend: str | None) -> str:
-    if backend is None:
+def _layout(layout: str | None) -> str:
+    if layout is None:
         return "gpu" if detect() in GPU_GENERATIONS else "tpu"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
-    return backend
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS} or None, got {layout!r}")
+    return layout
 
 
-def cache_backend(kv_cache: jax.Array) -> str:
+def cache_layout(kv_cache: jax.Array) -> str:
     """Which layout an array is in, from its rank: "gpu" (5-D) or "tpu" (4-D)."""
     return "gpu" if getattr(kv_cache, "ndim", None) == 5 else "tpu"
 
@@ -66,16 +66,24 @@ def gpu_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_d
 
 
 def padded_head_dim(head_dim: int) -> int:
+    """Dp: head_dim rounded up to whole 128-lane tiles (the TPU layout's last dim)."""
     return round_up(int(head_dim), LANES)
 
 
-def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: object = None, *,
-                   backend: str | None = None) -> tuple:
-    """Shape of the cache for `backend` ("tpu" | "gpu"; None: the running chip's, TPU layout on a CPU).
+def pad_head_dim(x: jax.Array) -> jax.Array:
+    """x [..., D] -> [..., padded_head_dim(D)], zero-padded (x itself where D is already a lane multiple)."""
+    pad = padded_head_dim(x.shape[-1]) - x.shape[-1]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
-    TPU: (num_pages, page_size, 2 * num_kv_heads, round_up(head_dim, 128)); `dtype` does not change
-    it (sub-32-bit values share words through the TPU tiling of the two minor dims).
-    GPU: (num_pages, 2, num_kv_heads, page_size, head_dim).
+
+def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: object = None, *,
+                   layout: str | None = None) -> tuple:
+    """Shape of a cache in `layout` ("tpu" | "gpu"; None: the running chip's, the TPU layout on a CPU).
+
+    Args: positive ints; `dtype` (or None) is checked against SUPPORTED_CACHE_DTYPES and does not change
+    the shape (sub-32-bit values share words through the TPU tiling of the two minor dims).
+    Returns: TPU (num_pages, page_size, 2 * num_kv_heads, round_up(head_dim, 128)); GPU (num_pages, 2,
+    num_kv_heads, page_size, head_dim).
     """
     for name, val in (("num_pages", num_pages), ("page_size", page_size), ("num_kv_heads", num_kv_heads),
                       ("head_dim", head_dim)):
@@ -84,14 +92,15 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
     if dtype is not None and jnp.dtype(dtype).name not in SUPPORTED_CACHE_DTYPES:
         raise ValueError(f"dtype: cache dtype {jnp.dtype(dtype).name} not supported; "
                          f"expected one of {SUPPORTED_CACHE_DTYPES}")
-    if _backend(backend) == "gpu":
+    if _layout(layout) == "gpu":
         return gpu_kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
     return (int(num_pages), int(page_size), 2 * int(num_kv_heads), padded_head_dim(head_dim))
 
 
-def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, backend: str | None = None) -> jax.Array:
-    """[num_pages, page_size, Hkv, D] keys and values (same shape and dtype) -> the cache in the layout
-    of `backend` (None: the running chip's)."""
+def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, layout: str | None = None) -> jax.Array:
+    """Keys and values k_pages, v_pages [num_pages, page_size, Hkv, D] (same dtype) -> the cache of
+    kv_cache_shape(num_pages, page_size, Hkv, D, layout=layout) (None: the running chip's layout; the
+    TPU layout's padding lanes zero)."""
     k_pages = jnp.asarray(k_pages)
     v_pages = jnp.asarray(v_pages)
     if k_pages.ndim != 4:
@@ -100,17 +109,14 @@ def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, backend: str | None = Non
         raise ValueError(f"v_pages: shape/dtype {v_pages.shape}/{v_pages.dtype} differ from k_pages "
                          f"{k_pages.shape}/{k_pages.dtype}")
     num_pages, page_size, hkv, d = k_pages.shape
-    if _backend(backend) == "gpu":
+    if _layout(layout) == "gpu":
         return jnp.stack([k_pages, v_pages], axis=1).transpose(0, 1, 3, 2, 4)
-    kv = jnp.stack([k_pages, v_pages], axis=3).reshape(num_pages, page_size, 2 * hkv, d)
-    dp = padded_head_dim(d)
-    if dp != d:
-        kv = jnp.pad(kv, ((0, 0), (0, 0), (0, 0), (0, dp - d)))
-    return kv
+    return pad_head_dim(jnp.stack([k_pages, v_pages], axis=3).reshape(num_pages, page_size, 2 * hkv, d))
 
 
 def unpack_kv(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array]:
-    """A cache in either layout -> (k_pages, v_pages), each [num_pages, page_size, Hkv, head_dim]."""
+    """A cache in either layout (told apart by rank) -> (k_pages, v_pages), each
+    [num_pages, page_size, num_kv_heads, head_dim]."""
     kv_cache = jnp.asarray(kv_cache)
     if kv_cache.ndim == 5:
         if kv_cache.shape[1] != 2 or kv_cache.shape[2] != num_kv_heads or kv_cache.shape[4] != head_dim:
@@ -125,12 +131,9 @@ def unpack_kv(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[ja
 
 def new_kv_rows(k: jax.Array, v: jax.Array, cache_dtype: object, *, k_scale: float | None = None,
                 v_scale: float | None = None) -> jax.Array:
-    """New tokens' k, v [T, Hkv, D] -> rows [T, 2*Hkv, Dp] in the cache's layout and dtype (quantized)."""
+    """New tokens' k, v [T, Hkv, D] -> rows [T, 2*Hkv, Dp] in the TPU layout and the cache dtype
+    (quantized as reference.quantize_store: x / scale)."""
     kq = quantize_store(k, cache_dtype, k_scale)
     vq = quantize_store(v, cache_dtype, v_scale)
     t, hkv, d = k.shape
-    kv = jnp.stack([kq, vq], axis=2).reshape(t, 2 * hkv, d)
-    dp = padded_head_dim(d)
-    if dp != d:
-        kv = jnp.pad(kv, ((0, 0), (0, 0), (0, dp - d)))
-    return kv
+    return pad_head_dim(jnp.stack([kq, vq], axis=2).reshape(t, 2 * hkv, d))

@@ -8,7 +8,7 @@ Shapes (the wrapper `ragged_paged_attention_tpu` builds them from the public arg
     out      [T, Hq, Dp]            in q's dtype
     kv_lens i32[S], cu_q_lens i32[S+1], distribution i32[3]: scalar-prefetched into SMEM;
     page_indices i32[S, pages_per_seq]: scalar-prefetched (flattened) when it fits SMEM
-    (tuning.page_table_in_smem), else left in HBM and one sequence's row at a time DMA'd into an
+    (config.page_table_in_smem), else left in HBM and one sequence's row at a time DMA'd into an
     SMEM double buffer, the next sequence's row in flight; sinks f32[Hq] in SMEM (optional).
 
 One pallas_call per sequence group (decode [0, d0), prefill [d0, d1), mixed [d1, d2)), each with its
@@ -25,17 +25,18 @@ read from SMEM, so one compiled kernel serves any batch composition. Per KV step
     at its last step. Attention never reads the cache slots being written (new tokens come from
     kv_new), so writes and reads never race;
   * online softmax over the block for every KV head of the head block (GQA rows = q_per_kv x bq),
-    in compute chunks of tc query tokens x kc keys (tuning.chunk_sizes) that bound the live values
+    in compute chunks of tc query tokens x kc keys (config.chunk_sizes) that bound the live values
     and the compile time; chunks wholly outside the causal or sliding window are skipped;
   * after a query block's last KV step its output is DMA'd to exactly its rows (double-buffered).
 The call marked `zero_tail` also writes zeros to the padding rows past cu_q_lens[num_seqs].
+Every loop bound (query blocks, the KV blocks and cached slots each reads, page writes, live compute
+chunks) comes from config.LoopBounds, which the traffic model (rpa/traffic_model.py) walks too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +47,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from autotune.kernel_util import cdiv, interpret_params, is_float8, is_integer
 from rpa import layout
-from rpa.tuning import chunk_sizes, page_table_in_smem
+from rpa.config import GROUPS, LoopBounds, QueryBlock, chunk_sizes, head_block_options, page_table_in_smem
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-GROUPS = ("decode", "prefill", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,392 +75,353 @@ class GroupStatic:
     zero_tail: bool
 
 
-class _Block(NamedTuple):
-    q_start: jax.Array
-    q_len: jax.Array
-    cached: jax.Array  # kv_len - q_len: positions below come from the cache
-    n: jax.Array  # query tokens in this block
-    qmin: jax.Array
-    qmax: jax.Array
-    lo: jax.Array  # first position that may be read (page-aligned window start)
-    kb_lo: jax.Array
-    kb_hi: jax.Array
-    nqb: jax.Array
-
-
 def _to_compute(x, dtype):
     if is_float8(x.dtype) or is_integer(x.dtype):
         x = x.astype(jnp.float32)
     return x.astype(dtype)
 
 
-def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, c: GroupStatic):
-    refs = list(refs)
-    q_hbm, kvn_hbm = refs[0], refs[1]
-    at = 2
-    pt_hbm = None
-    if not c.pt_in_smem:
-        pt_hbm = refs[at]
-        at += 1
-    sinks_ref = None
-    if c.has_sinks:
-        sinks_ref = refs[at]
-        at += 1
-    cache_in = refs[at]
-    at += 1 if c.first else 2  # skip the aliased `out` input
-    out_hbm, cache_out = refs[at], refs[at + 1]
-    kv_buf, q_buf, o_buf, m_ref, l_ref, acc_ref, sems, meta = refs[at + 2: at + 10]
-    pt_rows = refs[at + 10] if pt_hbm is not None else None
+def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
+    q_hbm, kvn_hbm, *refs = refs
+    pt_hbm = None if static.pt_in_smem else refs.pop(0)
+    sinks_ref = refs.pop(0) if static.has_sinks else None
+    cache_in = refs.pop(0)
+    if not static.first:
+        refs.pop(0)  # the aliased `out` input
+    out_hbm, cache_out, kv_buf, q_buf, o_buf, m_ref, l_ref, acc_ref, sems, meta, *pt_rows = refs
+    pt_rows = pt_rows[0] if pt_rows else None  # HBM page-table mode: two sequences' rows
 
-    bq, ps, hb, r = c.bq, c.page_size, c.kv_heads, c.q_per_kv
-    bkv = c.bkv_pages * ps
-    pps = c.pages_per_seq
-    cdt = q_buf.dtype
-    prec = lax.Precision.HIGHEST if cdt == jnp.float32 else None
-    win = c.sliding_window
-    g = pl.program_id(0)
-    if hb == c.num_kv_heads:
+    bq, page_size, q_per_kv = static.bq, static.page_size, static.q_per_kv
+    heads_per_block = static.kv_heads
+    window = static.sliding_window
+    loops = LoopBounds(bq, static.bkv_pages, page_size, q_per_kv, window, jnp.minimum, jnp.maximum)
+    block_kv = loops.bkv
+    compute_dtype = q_buf.dtype
+    precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+    head_block = pl.program_id(0)
+    if heads_per_block == static.num_kv_heads:
         kv_rows, q_heads = slice(None), slice(None)
-        qh0 = 0
+        first_q_head = 0
     else:
-        kv_rows = pl.ds(pl.multiple_of(g * (2 * hb), 2 * hb), 2 * hb)
-        qh0 = pl.multiple_of(g * (hb * r), hb * r)
-        q_heads = pl.ds(qh0, hb * r)
-    start = jnp.int32(0) if c.group == 0 else dist_ref[c.group - 1]
-    end = dist_ref[c.group]
+        kv_rows = pl.ds(pl.multiple_of(head_block * (2 * heads_per_block), 2 * heads_per_block), 2 * heads_per_block)
+        first_q_head = pl.multiple_of(head_block * (heads_per_block * q_per_kv), heads_per_block * q_per_kv)
+        q_heads = pl.ds(first_q_head, heads_per_block * q_per_kv)
+    start = jnp.int32(0) if static.group == 0 else dist_ref[static.group - 1]
+    end = dist_ref[static.group]
 
-    def block(i, qb) -> _Block:
-        q_start = cu_ref[i]
-        q_len = cu_ref[i + 1] - q_start
-        cached = kv_lens_ref[i] - q_len
-        n = jnp.minimum(bq, q_len - qb * bq)
-        qmin = cached + qb * bq
-        qmax = qmin + n - 1
-        lo = jnp.int32(0) if win is None else (jnp.maximum(qmin - win + 1, 0) // ps) * ps
-        return _Block(q_start, q_len, cached, n, qmin, qmax, lo, lo // bkv, qmax // bkv + 1, cdiv(q_len, bq))
+    def query_block(seq, qb) -> QueryBlock:
+        q_start = cu_ref[seq]
+        return loops.query_block(q_start, cu_ref[seq + 1] - q_start, kv_lens_ref[seq], qb)
 
-    def next_nonempty(j):
-        def nonempty_pending(j):
-            jc = jnp.minimum(j, c.num_seqs_max - 1)
+    def next_nonempty(seq):
+        def empty_pending(j):
+            jc = jnp.minimum(j, static.num_seqs_max - 1)
             return (j < end) & (cu_ref[jc + 1] - cu_ref[jc] <= 0)
-        return lax.while_loop(nonempty_pending, lambda j: j + 1, j)
+        return lax.while_loop(empty_pending, lambda j: j + 1, seq)
 
-    def copy(src, dst, sem):
-        return pltpu.make_async_copy(src, dst, sem)
+    copy = pltpu.make_async_copy  # (src, dst, semaphore)
 
-    def page_of(i, p, rslot):
-        """Page p of sequence i (`rslot`: the SMEM row slot holding i's row in HBM page-table mode)."""
+    def page_of(seq, p, row_slot):
+        """Page p of sequence seq (`row_slot`: the SMEM slot holding its row in HBM page-table mode)."""
         if pt_hbm is None:
-            return pt_ref[i * pps + p]
-        return pt_rows[rslot, p]
+            return pt_ref[seq * static.pages_per_seq + p]
+        return pt_rows[row_slot, p]
 
-    def row_copy(i, rslot):
-        return copy(pt_hbm.at[i], pt_rows.at[rslot], sems.at[4, 0])
+    def row_copy(seq, row_slot):
+        return copy(pt_hbm.at[seq], pt_rows.at[row_slot], sems.at[4, 0])
 
     # ---------------------------------------------------------------- DMAs
-    def kv_fetch(i, qb, kb, slot, rslot, *, wait):
-        f = block(i, qb)
-        blk = kb * bkv
+    def kv_fetch(seq, qb, kb, slot, row_slot, *, wait):
+        blk = query_block(seq, qb)
         sem = sems.at[0, slot]
 
-        def cached_rows(j):  # rows of page j of the block read from the cache
-            p0 = blk + j * ps
-            sz = jnp.clip(f.cached - p0, 0, ps)
-            return sz if win is None else jnp.where(p0 + ps <= f.lo, 0, sz)
-
         def one_page(j, total):
-            sz = cached_rows(j)
+            slots = loops.cached_slots(blk, kb, j)
             if not wait:
-                @pl.when(sz > 0)
+                @pl.when(slots > 0)
                 def _():
-                    page = page_of(i, jnp.minimum(kb * c.bkv_pages + j, pps - 1), rslot)
-                    copy(cache_in.at[page, pl.ds(0, sz), kv_rows], kv_buf.at[slot, pl.ds(j * ps, sz)], sem).start()
-            return total + sz
+                    page = page_of(seq, jnp.minimum(kb * static.bkv_pages + j, static.pages_per_seq - 1), row_slot)
+                    copy(cache_in.at[page, pl.ds(0, slots), kv_rows], kv_buf.at[slot, pl.ds(j * page_size, slots)],
+                         sem).start()
+            return total + slots
 
-        total = lax.fori_loop(0, c.bkv_pages, one_page, jnp.int32(0))
-        n0 = jnp.maximum(blk, f.cached)
-        nn = jnp.maximum(jnp.minimum(blk + bkv, f.qmax + 1) - n0, 0)
+        total = lax.fori_loop(0, static.bkv_pages, one_page, jnp.int32(0))
+        src, offset, count = loops.new_rows(blk, kb)
         if wait:
-            whole = kv_buf.at[slot, pl.ds(0, total + nn)]
+            whole = kv_buf.at[slot, pl.ds(0, total + count)]
             copy(whole, whole, sem).wait()
         else:
-            @pl.when(nn > 0)
+            @pl.when(count > 0)
             def _():
-                copy(kvn_hbm.at[pl.ds(f.q_start + n0 - f.cached, nn), kv_rows],
-                     kv_buf.at[slot, pl.ds(n0 - blk, nn)], sem).start()
+                copy(kvn_hbm.at[pl.ds(src, count), kv_rows], kv_buf.at[slot, pl.ds(offset, count)], sem).start()
 
-    def q_copy(i, qb, slot):
-        f = block(i, qb)
-        return copy(q_hbm.at[pl.ds(f.q_start + qb * bq, f.n), q_heads], q_buf.at[slot, pl.ds(0, f.n)],
-                    sems.at[1, slot])
+    def q_copy(seq, qb, slot):
+        blk = query_block(seq, qb)
+        return copy(q_hbm.at[pl.ds(blk.row, blk.size), q_heads], q_buf.at[slot, pl.ds(0, blk.size)], sems.at[1, slot])
 
-    def out_copy(slot, tok0, n):
-        return copy(o_buf.at[slot, pl.ds(0, n)], out_hbm.at[pl.ds(tok0, n), q_heads], sems.at[2, slot])
+    def out_copy(slot, row, size):
+        return copy(o_buf.at[slot, pl.ds(0, size)], out_hbm.at[pl.ds(row, size), q_heads], sems.at[2, slot])
 
-    def cache_write(i, rslot, *, wait):
-        q_start = cu_ref[i]
-        q_len = cu_ref[i + 1] - q_start
-        kv_len = kv_lens_ref[i]
-        cached = kv_len - q_len
+    def cache_write(seq, row_slot, *, wait):
+        q_start = cu_ref[seq]
+        q_len = cu_ref[seq + 1] - q_start
+        kv_len = kv_lens_ref[seq]
         sem = sems.at[3, 0]
         if wait:
             whole = kvn_hbm.at[pl.ds(q_start, q_len), kv_rows]
             copy(whole, whole, sem).wait()
             return
 
-        def one_page(p, carry):
-            s0 = jnp.maximum(cached, p * ps)
-            n = jnp.minimum(kv_len, (p + 1) * ps) - s0
-            page = page_of(i, p, rslot)
-            copy(kvn_hbm.at[pl.ds(q_start + s0 - cached, n), kv_rows],
-                 cache_out.at[page, pl.ds(s0 - p * ps, n), kv_rows], sem).start()
+        def one_page(page, carry):
+            src, slot, count = loops.page_write(q_start, q_len, kv_len, page)
+            copy(kvn_hbm.at[pl.ds(src, count), kv_rows],
+                 cache_out.at[page_of(seq, page, row_slot), pl.ds(slot, count), kv_rows], sem).start()
             return carry
 
-        lax.fori_loop(cached // ps, (kv_len - 1) // ps + 1, one_page, 0)
+        lax.fori_loop(*loops.written_pages(q_len, kv_len), one_page, 0)
 
     # ---------------------------------------------------------------- compute
     # Token chunks of tc query tokens (rows = q_per_kv x tc, j-major) and KV chunks of kc keys bound
     # the live values; chunks outside the causal / sliding window are skipped.
-    tc, kc = chunk_sizes(bq, bkv, r)
-    crow = r * tc
+    tc, kc = loops.chunks
+    chunk_rows = q_per_kv * tc
 
     def load_q(slot, t0, h):
         if bq == 1:
-            return q_buf[slot, 0, pl.ds(h * r, r), :]
-        parts = [q_buf[slot, pl.ds(t0, tc), h * r + j, :] for j in range(r)]
-        return parts[0] if r == 1 else jnp.concatenate(parts, axis=0)
+            return q_buf[slot, 0, pl.ds(h * q_per_kv, q_per_kv), :]
+        parts = [q_buf[slot, pl.ds(t0, tc), h * q_per_kv + j, :] for j in range(q_per_kv)]
+        return parts[0] if q_per_kv == 1 else jnp.concatenate(parts, axis=0)
 
     def store_o(slot, t0, h, o):
         if bq == 1:
-            o_buf[slot, 0, pl.ds(h * r, r), :] = o
+            o_buf[slot, 0, pl.ds(h * q_per_kv, q_per_kv), :] = o
         else:
-            for j in range(r):
-                o_buf[slot, pl.ds(t0, tc), h * r + j, :] = o[j * tc:(j + 1) * tc]
+            for j in range(q_per_kv):
+                o_buf[slot, pl.ds(t0, tc), h * q_per_kv + j, :] = o[j * tc:(j + 1) * tc]
 
-    def compute(f: _Block, kb, kslot, qslot):
-        blk = kb * bkv
+    def compute(blk: QueryBlock, kb, kv_slot, q_slot):
         if bq > 1:
             t_iota = lax.broadcasted_iota(jnp.int32, (tc, kc), 0)
-            t_iota = t_iota if r == 1 else jnp.concatenate([t_iota] * r, axis=0)
+            t_iota = t_iota if q_per_kv == 1 else jnp.concatenate([t_iota] * q_per_kv, axis=0)
 
         def token_chunk(ti, carry):
             t0 = ti * tc
-            q_first = f.qmin + t0
-            q_last = jnp.minimum(q_first + tc - 1, f.qmax)
-            lo = 0 if win is None else q_first - win + 1
-            qs = [load_q(qslot, t0, h) for h in range(hb)]
+            chunk = loops.token_chunk(blk, ti)
+            q_first = chunk[0]
+            queries = [load_q(q_slot, t0, h) for h in range(heads_per_block)]
 
             def kv_chunk(ci, carry):
-                c0 = blk + ci * kc
+                key0 = kb * block_kv + ci * kc
 
-                @pl.when((c0 <= q_last) & (c0 + kc > lo))
+                @pl.when(loops.key_chunk_live(kb, ci, chunk))
                 def _():
-                    kpos = c0 + lax.broadcasted_iota(jnp.int32, (crow, kc), 1)
+                    kpos = key0 + lax.broadcasted_iota(jnp.int32, (chunk_rows, kc), 1)
                     if bq == 1:
                         qpos = q_first
                         mask = kpos <= qpos
                     else:
                         qpos = q_first + t_iota
-                        mask = (kpos <= qpos) & (t_iota + t0 < f.n)
-                    if win is not None:
-                        mask = mask & (kpos > qpos - win)
-                    vpos = c0 + lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
-                    loaded = (vpos >= f.lo) & (vpos <= f.qmax)
+                        mask = (kpos <= qpos) & (t_iota + t0 < blk.size)
+                    if window is not None:
+                        mask = mask & (kpos > qpos - window)
+                    vpos = key0 + lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
+                    loaded = (vpos >= blk.lo) & (vpos <= blk.last)
                     rows_at = pl.ds(ci * kc, kc)
-                    for h in range(hb):
-                        k = _to_compute(kv_buf[kslot, rows_at, 2 * h, :], cdt)
-                        v = jnp.where(loaded, _to_compute(kv_buf[kslot, rows_at, 2 * h + 1, :], cdt), 0).astype(cdt)
-                        sc = lax.dot_general(qs[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                                             precision=prec) * c.scale
-                        if c.soft_cap is not None:
-                            sc = c.soft_cap * jnp.tanh(sc / c.soft_cap)
-                        sc = jnp.where(mask, sc, MASK_VALUE)
+                    for h in range(heads_per_block):
+                        k = _to_compute(kv_buf[kv_slot, rows_at, 2 * h, :], compute_dtype)
+                        v = jnp.where(loaded, _to_compute(kv_buf[kv_slot, rows_at, 2 * h + 1, :], compute_dtype),
+                                      0).astype(compute_dtype)
+                        scores = lax.dot_general(queries[h], k, (((1,), (1,)), ((), ())),
+                                                 preferred_element_type=jnp.float32, precision=precision) * static.scale
+                        if static.soft_cap is not None:
+                            scores = static.soft_cap * jnp.tanh(scores / static.soft_cap)
+                        scores = jnp.where(mask, scores, MASK_VALUE)
                         m_prev = m_ref[ti, :, h:h + 1]
-                        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
-                        p = jnp.where(mask, jnp.exp(sc - m_new), 0.0)
+                        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
+                        probs = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
                         alpha = jnp.exp(m_prev - m_new)
-                        l_ref[ti, :, h:h + 1] = alpha * l_ref[ti, :, h:h + 1] + jnp.sum(p, axis=1, keepdims=True)
+                        l_ref[ti, :, h:h + 1] = alpha * l_ref[ti, :, h:h + 1] + jnp.sum(probs, axis=1, keepdims=True)
                         m_ref[ti, :, h:h + 1] = m_new
-                        pv = lax.dot_general(p.astype(cdt), v, (((1,), (0,)), ((), ())),
-                                             preferred_element_type=jnp.float32, precision=prec)
+                        pv = lax.dot_general(probs.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                                             preferred_element_type=jnp.float32, precision=precision)
                         acc_ref[h, ti] = alpha * acc_ref[h, ti] + pv
 
                 return carry
 
-            lax.fori_loop(0, bkv // kc, kv_chunk, 0)
+            lax.fori_loop(0, block_kv // kc, kv_chunk, 0)
             return carry
 
-        lax.fori_loop(0, cdiv(f.n, tc), token_chunk, 0)
+        lax.fori_loop(0, loops.num_token_chunks(blk), token_chunk, 0)
 
-    def finalize(f: _Block, qb, slot):
+    def finalize(blk: QueryBlock, slot):
         @pl.when(meta[2 * slot + 1] > 0)
         def _():
             out_copy(slot, meta[2 * slot], meta[2 * slot + 1]).wait()
 
         def token_chunk(ti, carry):
-            for h in range(hb):
+            for h in range(heads_per_block):
                 denom = l_ref[ti, :, h:h + 1]
                 if sinks_ref is not None:
-                    sink = jnp.concatenate(
-                        [jnp.full((tc, 1), sinks_ref[qh0 + h * r + j], jnp.float32) for j in range(r)], axis=0)
+                    sink = jnp.concatenate([jnp.full((tc, 1), sinks_ref[first_q_head + h * q_per_kv + j], jnp.float32)
+                                            for j in range(q_per_kv)], axis=0)
                     denom = denom + jnp.exp(sink - m_ref[ti, :, h:h + 1])
                 inv = 1.0 / jnp.where(denom == 0.0, 1.0, denom)
-                if c.v_scale is not None:
-                    inv = inv * c.v_scale
+                if static.v_scale is not None:
+                    inv = inv * static.v_scale
                 store_o(slot, ti * tc, h, (acc_ref[h, ti] * inv).astype(o_buf.dtype))
             return carry
 
-        lax.fori_loop(0, cdiv(f.n, tc), token_chunk, 0)
-        tok0 = f.q_start + qb * bq
-        meta[2 * slot] = tok0
-        meta[2 * slot + 1] = f.n
-        out_copy(slot, tok0, f.n).start()
+        lax.fori_loop(0, loops.num_token_chunks(blk), token_chunk, 0)
+        meta[2 * slot] = blk.row
+        meta[2 * slot + 1] = blk.size
+        out_copy(slot, blk.row, blk.size).start()
 
     # ---------------------------------------------------------------- the loop
     for s in range(4):
         meta[s] = 0
-    i0 = next_nonempty(start)
+    first_seq = next_nonempty(start)
 
-    @pl.when(i0 < end)
+    @pl.when(first_seq < end)
     def _run():
-        f0 = block(i0, 0)
-        inext0 = next_nonempty(i0 + 1)
+        first_blk = query_block(first_seq, 0)
+        second_seq = next_nonempty(first_seq + 1)
         if pt_hbm is not None:  # the first sequence's row now, the next one's in flight
-            row_copy(i0, 0).start()
-            row_copy(i0, 0).wait()
+            row_copy(first_seq, 0).start()
+            row_copy(first_seq, 0).wait()
 
-            @pl.when(inext0 < end)
+            @pl.when(second_seq < end)
             def _():
-                row_copy(inext0, 1).start()
+                row_copy(second_seq, 1).start()
 
-        kv_fetch(i0, 0, f0.kb_lo, 0, 0, wait=False)
-        q_copy(i0, 0, 0).start()
+        kv_fetch(first_seq, 0, first_blk.kv_first, 0, 0, wait=False)
+        q_copy(first_seq, 0, 0).start()
 
         def body(state):
-            i, qb, kb, ks, qs, inext, rs = state
-            f = block(i, qb)
-            last_kv = kb + 1 >= f.kb_hi
-            last_qb = qb + 1 >= f.nqb
-            first_kv = kb == f.kb_lo
-            i2 = jnp.where(last_kv & last_qb, inext, i)
-            qb2 = jnp.where(last_kv, jnp.where(last_qb, 0, qb + 1), qb)
-            has_next = i2 < end
-            kb2 = jnp.where(last_kv, block(jnp.minimum(i2, end - 1), qb2).kb_lo, kb + 1)
+            # seq_after: the first sequence after seq with new tokens (whose page-table row is in flight)
+            seq, qb, kb, kv_slot, q_slot, seq_after, row_slot = state
+            blk = query_block(seq, qb)
+            last_kv = kb + 1 >= blk.kv_end
+            last_qb = qb + 1 >= blk.num_q_blocks
+            first_kv = kb == blk.kv_first
+            next_seq = jnp.where(last_kv & last_qb, seq_after, seq)
+            next_qb = jnp.where(last_kv, jnp.where(last_qb, 0, qb + 1), qb)
+            has_next = next_seq < end
+            next_kb = jnp.where(last_kv, query_block(jnp.minimum(next_seq, end - 1), next_qb).kv_first, kb + 1)
 
-            new_seq = i2 != i
-            rs2 = jnp.where(new_seq, 1 - rs, rs)
+            new_seq = next_seq != seq
+            next_row_slot = jnp.where(new_seq, 1 - row_slot, row_slot)
 
             @pl.when(has_next)
             def _():
                 if pt_hbm is not None:
                     @pl.when(new_seq)
                     def _():
-                        row_copy(i2, rs2).wait()
+                        row_copy(next_seq, next_row_slot).wait()
 
-                kv_fetch(i2, qb2, kb2, 1 - ks, rs2, wait=False)
+                kv_fetch(next_seq, next_qb, next_kb, 1 - kv_slot, next_row_slot, wait=False)
 
             @pl.when(has_next & last_kv)
             def _():
-                q_copy(i2, qb2, 1 - qs).start()
+                q_copy(next_seq, next_qb, 1 - q_slot).start()
 
             @pl.when(first_kv & (qb == 0))
             def _():
-                cache_write(i, rs, wait=False)
+                cache_write(seq, row_slot, wait=False)
 
             @pl.when(first_kv)
             def _():
-                q_copy(i, qb, qs).wait()
+                q_copy(seq, qb, q_slot).wait()
                 m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
                 l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
                 acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-            kv_fetch(i, qb, kb, ks, rs, wait=True)
-            compute(f, kb, ks, qs)
+            kv_fetch(seq, qb, kb, kv_slot, row_slot, wait=True)
+            compute(blk, kb, kv_slot, q_slot)
 
             @pl.when(last_kv)
             def _():
-                finalize(f, qb, qs)
+                finalize(blk, q_slot)
 
             @pl.when(last_kv & last_qb)
             def _():
-                cache_write(i, rs, wait=True)
+                cache_write(seq, row_slot, wait=True)
 
-            inext2 = lax.cond(new_seq & has_next, lambda: next_nonempty(i2 + 1), lambda: inext)
-            if pt_hbm is not None:  # sequence i is done with its row: fetch the one after i2 there
-                @pl.when(new_seq & (inext2 < end))
+            next_seq_after = lax.cond(new_seq & has_next, lambda: next_nonempty(next_seq + 1), lambda: seq_after)
+            if pt_hbm is not None:  # sequence seq is done with its row: fetch the one after next_seq there
+                @pl.when(new_seq & (next_seq_after < end))
                 def _():
-                    row_copy(inext2, rs).start()
+                    row_copy(next_seq_after, row_slot).start()
 
-            return i2, qb2, kb2, 1 - ks, jnp.where(last_kv, 1 - qs, qs), inext2, rs2
+            return (next_seq, next_qb, next_kb, 1 - kv_slot, jnp.where(last_kv, 1 - q_slot, q_slot), next_seq_after,
+                    next_row_slot)
 
         zero = jnp.int32(0)
-        lax.while_loop(lambda st: st[0] < end, body, (i0, zero, f0.kb_lo, zero, zero, inext0, zero))
+        lax.while_loop(lambda state: state[0] < end, body,
+                       (first_seq, zero, jnp.asarray(first_blk.kv_first, jnp.int32), zero, zero, second_seq, zero))
 
         for slot in range(2):
             @pl.when(meta[2 * slot + 1] > 0)
             def _(slot=slot):
                 out_copy(slot, meta[2 * slot], meta[2 * slot + 1]).wait()
 
-    if c.zero_tail:
+    if static.zero_tail:
         num_tokens = q_hbm.shape[0]
-        tail0 = cu_ref[dist_ref[2]]
+        tail_start = cu_ref[dist_ref[2]]
         o_buf[0] = jnp.zeros(o_buf.shape[1:], o_buf.dtype)
 
         def zero_chunk(ci, carry):
-            t0 = tail0 + ci * bq
-            n = jnp.minimum(bq, num_tokens - t0)
-            cp = copy(o_buf.at[0, pl.ds(0, n)], out_hbm.at[pl.ds(t0, n), q_heads], sems.at[3, 1])
+            row = tail_start + ci * bq
+            size = jnp.minimum(bq, num_tokens - row)
+            cp = copy(o_buf.at[0, pl.ds(0, size)], out_hbm.at[pl.ds(row, size), q_heads], sems.at[3, 1])
             cp.start()
             cp.wait()
             return carry
 
-        lax.fori_loop(0, cdiv(num_tokens - tail0, bq), zero_chunk, 0)
+        lax.fori_loop(0, cdiv(num_tokens - tail_start, bq), zero_chunk, 0)
 
 
-def group_call(q, kv_new, kv_cache, out, kv_lens, page_table, cu_q_lens, distribution, sinks, *, c: GroupStatic,
-               vmem_limit_bytes: int | None, interpret):
-    """One pallas_call for one sequence group; returns (out, kv_cache), both updated in place."""
-    num_tokens, num_q_heads, dp = q.shape
-    hb, r = c.kv_heads, c.q_per_kv
+def group_call(q: jax.Array, kv_new: jax.Array, kv_cache: jax.Array, out: jax.Array | None, kv_lens: jax.Array,
+               page_table: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, sinks: jax.Array | None, *,
+               static: GroupStatic, vmem_limit_bytes: int | None,
+               interpret: object) -> tuple[jax.Array, jax.Array]:
+    """One pallas_call for one sequence group (q [T, Hq, Dp], kv_new [T, 2*Hkv, Dp], the TPU-layout
+    cache, `out` [T, Hq, Dp] or None for the first call); returns (out, kv_cache), both updated in place."""
+    heads_per_block, q_per_kv = static.kv_heads, static.q_per_kv
+    padded_dim = q.shape[2]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    in_specs = [any_spec, any_spec]
-    operands = [q, kv_new]
-    if not c.pt_in_smem:
-        in_specs.append(any_spec)
-        operands.append(page_table)
-    if c.has_sinks:
-        in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
-        operands.append(sinks)
-    cache_index = 4 + len(operands)
-    in_specs.append(any_spec)
-    operands.append(kv_cache)
-    aliases = {cache_index: 1}
-    if not c.first:
-        in_specs.append(any_spec)
-        operands.append(out)
-        aliases[cache_index + 1] = 0
-    bkv = c.bkv_pages * c.page_size
-    tc, _ = chunk_sizes(c.bq, bkv, r)
-    n_tc = c.bq // tc
+    inputs = [(q, any_spec), (kv_new, any_spec)]
+    if not static.pt_in_smem:
+        inputs.append((page_table, any_spec))
+    if static.has_sinks:
+        inputs.append((sinks, pl.BlockSpec(memory_space=pltpu.SMEM)))
+    aliases = {4 + len(inputs): 1}  # operand indices count the 4 scalar-prefetch operands first
+    inputs.append((kv_cache, any_spec))
+    if not static.first:
+        aliases[4 + len(inputs)] = 0
+        inputs.append((out, any_spec))
+    operands, in_specs = zip(*inputs, strict=True)
+    block_kv = static.bkv_pages * static.page_size
+    tc, _ = chunk_sizes(static.bq, block_kv, q_per_kv)
+    token_chunks = static.bq // tc
     scratch = [
-        pltpu.VMEM((2, bkv, 2 * hb, dp), kv_cache.dtype),  # KV blocks (double buffer)
-        pltpu.VMEM((2, c.bq, hb * r, dp), q.dtype),  # query blocks
-        pltpu.VMEM((2, c.bq, hb * r, dp), q.dtype),  # output blocks
-        pltpu.VMEM((n_tc, r * tc, 128), jnp.float32),  # running max: lane h for KV head h of the block
-        pltpu.VMEM((n_tc, r * tc, 128), jnp.float32),  # running denominator, likewise
-        pltpu.VMEM((hb, n_tc, r * tc, dp), jnp.float32),  # accumulator
+        pltpu.VMEM((2, block_kv, 2 * heads_per_block, padded_dim), kv_cache.dtype),  # KV blocks (double buffer)
+        pltpu.VMEM((2, static.bq, heads_per_block * q_per_kv, padded_dim), q.dtype),  # query blocks
+        pltpu.VMEM((2, static.bq, heads_per_block * q_per_kv, padded_dim), q.dtype),  # output blocks
+        pltpu.VMEM((token_chunks, q_per_kv * tc, 128), jnp.float32),  # running max: lane h for KV head h
+        pltpu.VMEM((token_chunks, q_per_kv * tc, 128), jnp.float32),  # running denominator, likewise
+        pltpu.VMEM((heads_per_block, token_chunks, q_per_kv * tc, padded_dim), jnp.float32),  # accumulator
         pltpu.SemaphoreType.DMA((5, 2)),
         pltpu.SMEM((4,), jnp.int32),  # (token, count) of the output DMA in flight per slot
     ]
-    if not c.pt_in_smem:
-        scratch.append(pltpu.SMEM((2, c.pages_per_seq), jnp.int32))  # page-table rows of two sequences
+    if not static.pt_in_smem:
+        scratch.append(pltpu.SMEM((2, static.pages_per_seq), jnp.int32))  # page-table rows of two sequences
     # scalar prefetch: the flattened page table when it fits SMEM, else a placeholder
-    pt_prefetch = page_table.reshape(-1) if c.pt_in_smem else jnp.zeros((1,), jnp.int32)
-    num_blocks = c.num_kv_heads // hb
+    pt_prefetch = page_table.reshape(-1) if static.pt_in_smem else jnp.zeros((1,), jnp.int32)
+    num_blocks = static.num_kv_heads // heads_per_block
     return pl.pallas_call(
-        functools.partial(_kernel, c=c),
+        functools.partial(_kernel, static=static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4, grid=(num_blocks,), in_specs=in_specs, out_specs=[any_spec, any_spec],
+            num_scalar_prefetch=4, grid=(num_blocks,), in_specs=list(in_specs), out_specs=[any_spec, any_spec],
             scratch_shapes=scratch),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(kv_cache.shape, kv_cache.dtype)],
         input_output_aliases=aliases,
@@ -468,42 +429,47 @@ def group_call(q, kv_new, kv_cache, out, kv_lens, page_table, cu_q_lens, distrib
             dimension_semantics=("parallel",) if num_blocks > 1 else ("arbitrary",),
             vmem_limit_bytes=vmem_limit_bytes),
         interpret=interpret_params(interpret),
-        name=f"rpa_{GROUPS[c.group]}",
+        name=f"rpa_{GROUPS[static.group]}",
     )(kv_lens, pt_prefetch, cu_q_lens, distribution, *operands)
 
 
-def check_supported(*, num_q_heads, num_kv_heads, groups) -> None:
-    """NotImplementedError for combinations this kernel does not handle."""
-    r = num_q_heads // num_kv_heads
-    for name, (bq, bkv_pages, hb) in groups.items():
-        if num_kv_heads % hb:
-            raise NotImplementedError(f"{name}: kv_heads {hb} does not divide num_kv_heads {num_kv_heads}")
-        if hb != num_kv_heads and ((2 * hb) % 8 or (hb * r) % 8):
-            raise NotImplementedError(
-                f"{name}: a head block of {hb} KV heads ({hb * r} q heads) is not tile-aligned; "
-                "use all KV heads or a multiple giving 8-row aligned K/V and q rows")
+def check_supported(*, num_q_heads: int, num_kv_heads: int, groups: dict[str, tuple[int, int, int]]) -> None:
+    """NotImplementedError for block sizes this kernel does not handle (`groups` as BlockSizes.groups)."""
+    head_blocks = head_block_options(num_q_heads, num_kv_heads)
+    for name, (bq, bkv_pages, heads) in groups.items():
+        if heads not in head_blocks:
+            raise NotImplementedError(f"{name}: a head block of {heads} KV heads is not one of {head_blocks} (all "
+                                      "KV heads, or divisors giving 8-row aligned K/V and q rows)")
         if bq < 1 or bkv_pages < 1 or (bq > 1 and bq % 8):
             raise NotImplementedError(f"{name}: bq must be 1 or a multiple of 8 (got {bq}), bkv_pages >= 1")
 
 
-def ragged_paged_attention_tpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *, sm_scale,
-                               sliding_window, soft_cap, sinks, k_scale, v_scale, groups, vmem_limits,
-                               interpret):
-    """The kernel path. `groups`: {"decode"|"prefill"|"mixed": (bq, bkv_pages, kv_heads)};
-    `vmem_limits`: {group: bytes or None}. Shapes as in rpa.api (validated there)."""
-    num_tokens, num_q_heads, head_dim = q.shape
+def ragged_paged_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, kv_lens: jax.Array,
+                               page_indices: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, *,
+                               sm_scale: float, sliding_window: int | None, soft_cap: float | None,
+                               sinks: jax.Array | None, k_scale: float | None, v_scale: float | None,
+                               groups: dict[str, tuple[int, int, int]], vmem_limits: dict[str, int | None],
+                               interpret: object) -> tuple[jax.Array, jax.Array]:
+    """The kernel path: the XLA prologue, then one group call per group.
+
+    Args: as rpa.ragged_paged_attention's (validated there; kv_cache in the TPU layout
+      [P, page_size, 2*Hkv, Dp]), plus groups {"decode"|"prefill"|"mixed": (bq, bkv_pages, kv_heads)}
+      (BlockSizes.groups) and vmem_limits {group: scoped-VMEM bytes, or None: the compiler's default}.
+    Returns: (out [T, Hq, D] in q's dtype, the updated kv_cache). NotImplementedError for block sizes
+      the kernel does not handle (check_supported).
+    """
+    _, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     max_num_seqs, pages_per_seq = page_indices.shape
     check_supported(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, groups=groups)
-    dp = layout.padded_head_dim(head_dim)
-    qp = q if dp == head_dim else jnp.pad(q, ((0, 0), (0, 0), (0, dp - head_dim)))
+    q_padded = layout.pad_head_dim(q)
     kv_new = layout.new_kv_rows(k, v, kv_cache.dtype, k_scale=k_scale, v_scale=v_scale)
     sinks_f32 = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     out = None
     for gi, name in enumerate(GROUPS):
-        bq, bkv_pages, hb = groups[name]
-        c = GroupStatic(
-            group=gi, bq=int(bq), bkv_pages=int(bkv_pages), kv_heads=int(hb), page_size=int(kv_cache.shape[1]),
+        bq, bkv_pages, heads = groups[name]
+        static = GroupStatic(
+            group=gi, bq=int(bq), bkv_pages=int(bkv_pages), kv_heads=int(heads), page_size=int(kv_cache.shape[1]),
             pages_per_seq=int(pages_per_seq), num_seqs_max=int(max_num_seqs), num_kv_heads=int(num_kv_heads),
             q_per_kv=num_q_heads // num_kv_heads, scale=float(sm_scale) * (1.0 if k_scale is None else float(k_scale)),
             v_scale=None if v_scale is None else float(v_scale),
@@ -511,8 +477,7 @@ def ragged_paged_attention_tpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
             sliding_window=None if sliding_window is None else int(sliding_window),
             has_sinks=sinks is not None, pt_in_smem=page_table_in_smem(max_num_seqs, pages_per_seq),
             first=gi == 0, zero_tail=gi == len(GROUPS) - 1)
-        out, kv_cache = group_call(qp, kv_new, kv_cache, out, kv_lens, page_indices, cu_q_lens, distribution, sinks_f32,
-                                   c=c, vmem_limit_bytes=vmem_limits.get(name), interpret=interpret)
-    if dp != head_dim:
-        out = out[:, :, :head_dim]
-    return out, kv_cache
+        out, kv_cache = group_call(q_padded, kv_new, kv_cache, out, kv_lens, page_indices, cu_q_lens, distribution,
+                                   sinks_f32, static=static, vmem_limit_bytes=vmem_limits.get(name),
+                                   interpret=interpret)
+    return (out if out.shape[2] == head_dim else out[:, :, :head_dim]), kv_cache

@@ -55,4 +55,4 @@ def reference(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution,
     k_cache, v_cache = rpa.unpack_kv(jnp.asarray(kv_cache), num_kv_heads, head_dim)
     out, k_cache, v_cache = ragged_paged_attention(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens,
                                                    distribution, **kw)
-    return np.asarray(out), np.asarray(rpa.pack_kv(k_cache, v_cache, backend="gpu"))
+    return np.asarray(out), np.asarray(rpa.pack_kv(k_cache, v_cache, layout="gpu"))

@@ -61,20 +61,13 @@ def batch_from_lengths(q_lens, kv_lens, *, decode_end, prefill_end, shape: Shape
     return pad_batch(b, shape, rng)
 
 
-def written_slots(b: RaggedBatch) -> np.ndarray:
-    """bool [num_pages, page_size]: the slots this step's new tokens are stored in."""
+def slots(b: RaggedBatch, *, new: bool) -> np.ndarray:
+    """bool [num_pages, page_size]: the slots this step's new tokens are stored in (new=True), or the
+    cached (pre-step) slots of every sequence (new=False)."""
     mask = np.zeros((b.num_pages, b.page_size), bool)
     for i in range(b.num_seqs):
-        for pos in range(int(b.kv_lens[i]) - int(b.q_lens[i]), int(b.kv_lens[i])):
-            mask[b.page_indices[i, pos // b.page_size], pos % b.page_size] = True
-    return mask
-
-
-def readable_slots(b: RaggedBatch) -> np.ndarray:
-    """bool [num_pages, page_size]: the cached (pre-step) slots of every sequence."""
-    mask = np.zeros((b.num_pages, b.page_size), bool)
-    for i in range(b.num_seqs):
-        for pos in range(int(b.kv_lens[i]) - int(b.q_lens[i])):
+        cached = int(b.kv_lens[i]) - int(b.q_lens[i])
+        for pos in range(cached, int(b.kv_lens[i])) if new else range(cached):
             mask[b.page_indices[i, pos // b.page_size], pos % b.page_size] = True
     return mask
 
@@ -90,7 +83,7 @@ def make_inputs(b: RaggedBatch, shape: Shape, rng, *, q_dtype=jnp.bfloat16, kv_d
     kp = quantize_store(rng.standard_normal(pages), kv_dtype, k_scale)
     vp = quantize_store(rng.standard_normal(pages), kv_dtype, v_scale)
     cache = np.array(rpa.pack_kv(kp, vp))
-    keep = readable_slots(b)
+    keep = slots(b, new=False)
     poison = -128 if jnp.dtype(kv_dtype) == jnp.int8 else np.nan
     cache[~keep] = np.asarray(poison).astype(cache.dtype)
     sk = jnp.asarray(rng.standard_normal(hq) * 2.0, jnp.float32) if sinks else None
@@ -128,7 +121,7 @@ def check(b: RaggedBatch, shape: Shape, inputs, results, *, tol=None):
     d = shape.head_dim
     got = _bits(new_cache)
     before = _bits(cache)
-    written = written_slots(b)
+    written = slots(b, new=True)
     # every slot that is not written: bit-for-bit unchanged (all lanes, all heads, K and V)
     assert np.array_equal(got[~written], before[~written]), "cache changed outside the written slots"
     # written slots: equal to the reference's stored values; padding lanes zero

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,10 @@ from autotune import lookup
 from autotune.aot import abstract_args, compile_for
 from autotune.hardware import chip
 from autotune.protocol import vmem_limit_bytes
-from rpa import tuning
+from rpa import config, report, tuning
 
-pytestmark = pytest.mark.aot
+# no shipped table for most of these shapes: the lookup warns and returns the heuristic
+pytestmark = [pytest.mark.aot, pytest.mark.filterwarnings("ignore")]
 
 GENERATIONS = ("v5e", "v6e", "v5p", "tpu7x", "v4")
 # name: (Hq, Hkv, D, extra static arguments)
@@ -35,8 +35,8 @@ NUM_TOKENS, MAX_SEQS, MAX_LEN = 256, 64, 8192
 
 
 def specs(hq, hkv, d, *, num_tokens=NUM_TOKENS, max_seqs=MAX_SEQS, max_len=MAX_LEN, kv_dtype=jnp.bfloat16,
-          sinks=False, num_pages=None):
-    ps = tuning.recommended_page_size(max_len)
+          sinks=False, num_pages=None, page_size=None):
+    ps = page_size or report.recommended_page_size(max_len)
     pps = max_len // ps
     num_pages = num_pages or max_seqs * pps
     sd = jax.ShapeDtypeStruct
@@ -63,20 +63,16 @@ def step_fn(extra):
 @functools.cache
 def _compile(hq, hkv, d, extra_items, gen):
     extra = dict(extra_items)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no shipped table yet: the heuristic, with a warning
-        return compile_for(step_fn(extra), specs(hq, hkv, d, sinks=bool(extra.get("sinks"))), gen)
+    return compile_for(step_fn(extra), specs(hq, hkv, d, sinks=bool(extra.get("sinks"))), gen)
 
 
 @pytest.mark.parametrize("gen", GENERATIONS)
 @pytest.mark.parametrize("model", [m for m in MODELS if m != "llama3-8b"])  # 8b: the model-report test below
 def test_compiles_with_lookup_block_sizes(model, gen):
     hq, hkv, d, extra = MODELS[model]
-    key = tuning.make_key("bfloat16", "bfloat16", hq, hkv, d, tuning.recommended_page_size(MAX_LEN), NUM_TOKENS,
+    key = tuning.make_key("bfloat16", "bfloat16", hq, hkv, d, report.recommended_page_size(MAX_LEN), NUM_TOKENS,
                           MAX_LEN)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bs, _ = lookup("rpa", key, gen)
+    bs, _ = lookup("rpa", key, gen)
     need = tuning.vmem_estimate(key, bs)
     assert need <= (vmem_limit_bytes(need, gen) or chip(gen).default_scoped_vmem_bytes)
     compiled = _compile(hq, hkv, d, tuple(sorted(extra.items())), gen)
@@ -87,29 +83,20 @@ def test_compiles_with_lookup_block_sizes(model, gen):
 @pytest.mark.parametrize("kv_dtype,gen", [(jnp.int8, "tpu7x"), (jnp.float8_e4m3fn, "v5e")])
 def test_quantized_cache_compiles(kv_dtype, gen):
     """int8 / fp8 caches (dequantized in-kernel through f32) compile where the chip lacks that MXU mode."""
-    if True:
-        args = specs(32, 8, 128, kv_dtype=kv_dtype, num_tokens=64, max_seqs=16, max_len=2048)
+    args = specs(32, 8, 128, kv_dtype=kv_dtype, num_tokens=64, max_seqs=16, max_len=2048)
 
-        def fn(*a):
-            return rpa.ragged_paged_attention(*a, k_scale=0.05, v_scale=0.05)
+    def fn(*a):
+        return rpa.ragged_paged_attention(*a, k_scale=0.05, v_scale=0.05)
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compile_for(fn, args, gen)
+    compile_for(fn, args, gen)
 
 
 @pytest.mark.parametrize("page_size,kv_dtype,head_dim", [(16, jnp.int8, 128), (256, jnp.bfloat16, 256),
                                                          (32, jnp.float8_e5m2, 80)])
 def test_page_sizes_and_head_dims_compile(page_size, kv_dtype, head_dim):
     """Smallest and largest page sizes, D 256 and an unaligned D, with the lookup's block sizes (v6e)."""
-    sd = jax.ShapeDtypeStruct
-    t, s, pps = 64, 16, 2048 // page_size
-    args = (sd((t, 32, head_dim), jnp.bfloat16), sd((t, 8, head_dim), jnp.bfloat16),
-            sd((t, 8, head_dim), jnp.bfloat16), sd(rpa.kv_cache_shape(s * pps, page_size, 8, head_dim, kv_dtype), kv_dtype),
-            sd((s,), jnp.int32), sd((s, pps), jnp.int32), sd((s + 1,), jnp.int32), sd((3,), jnp.int32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compile_for(step_fn({}), args, "v6e")
+    args = specs(32, 8, head_dim, num_tokens=64, max_seqs=16, max_len=2048, kv_dtype=kv_dtype, page_size=page_size)
+    compile_for(step_fn({}), args, "v6e")
 
 
 @pytest.mark.parametrize("hq", [32, 16])
@@ -128,10 +115,8 @@ def test_head_blocks_compile(hq):
 def test_largest_step_compiles(gen):
     """T 8192, S 1024, 128k model length: the page table (4 MiB) stays in HBM, a row at a time in SMEM."""
     args = specs(32, 8, 128, num_tokens=8192, max_seqs=1024, max_len=131072, num_pages=4096)
-    assert not tuning.page_table_in_smem(1024, 131072 // 128)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compile_for(step_fn({}), args, gen)
+    assert not config.page_table_in_smem(1024, 131072 // 128)
+    compile_for(step_fn({}), args, gen)
 
 
 def test_donated_cache_is_updated_in_place():
@@ -139,8 +124,7 @@ def test_donated_cache_is_updated_in_place():
     gen = "v6e"
     args = specs(32, 8, 128, num_tokens=64, max_seqs=16, max_len=2048)
     abstract, mesh = abstract_args(args, gen)
-    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        warnings.simplefilter("ignore")
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         compiled = jax.jit(step_fn({}), donate_argnums=3).lower(*abstract).compile()
     cache_shape = ",".join(str(x) for x in args[3].shape)
     copies = [ln for ln in compiled.as_text().splitlines()
@@ -151,15 +135,12 @@ def test_donated_cache_is_updated_in_place():
 @pytest.mark.slow
 @pytest.mark.parametrize("gen", GENERATIONS)
 def test_model_report_configurations_compile(gen):
-    """Llama-3-8B: the exact configurations of tuning.model_report (decode b64 at 2k / 8k, a 2048-token
+    """Llama-3-8B: the exact configurations of report.model_report (decode b64 at 2k / 8k, a 2048-token
     prefill) compile for every generation with the block sizes the lookup returns."""
-    for name, (batch, key) in tuning.model_scenarios().items():
-        n = len(batch["kv_lens"])
-        args = specs(32, 8, 128, num_tokens=batch["num_tokens"], max_seqs=n + 1, max_len=key["max_model_len"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compile_for(step_fn({}), args, gen)
-        del name
+    for batch, key in report.model_scenarios().values():
+        args = specs(32, 8, 128, num_tokens=batch["num_tokens"], max_seqs=len(batch["kv_lens"]) + 1,
+                     max_len=key["max_model_len"])
+        compile_for(step_fn({}), args, gen)
 
 
 def test_specs_are_consistent():

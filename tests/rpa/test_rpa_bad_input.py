@@ -127,13 +127,13 @@ def test_unsupported_block_sizes_raise_not_implemented(case):
         call(case, block_sizes=rpa.BlockSizes(prefill_kv_heads=1), implementation="pallas")
     with pytest.raises(NotImplementedError, match="bq must be"):
         call(case, block_sizes=rpa.BlockSizes(prefill_q=12), implementation="pallas")
-    with pytest.warns(KernelFallbackWarning, match="TPU kernel does not handle this call.*bq must be"):
+    with pytest.warns(KernelFallbackWarning, match="bq must be"):
         call(case, block_sizes=rpa.BlockSizes(prefill_q=12))
 
 
 @pytest.mark.interpret
 def test_cpu_without_interpret_falls_back_to_reference(case):
-    with pytest.warns(KernelFallbackWarning, match="running the XLA reference"):
+    with pytest.warns(KernelFallbackWarning):
         out, cache = call(case, interpret=False)
     ref_out, ref_cache = call(case)
     n = int(case[6][2])

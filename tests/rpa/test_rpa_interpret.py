@@ -43,16 +43,11 @@ def test_mixed_batches(batch, seed):
     _run(batch, seed)
 
 
-@given(batch=_batches(kinds=("decode",)), seed=SEEDS)
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+@given(data=st.data(), seed=SEEDS)
 @settings(max_examples=4)
-def test_decode_only(batch, seed):
-    _run(batch, seed)
-
-
-@given(batch=_batches(kinds=("prefill",)), seed=SEEDS)
-@settings(max_examples=4)
-def test_prefill_only(batch, seed):
-    _run(batch, seed)
+def test_one_kind_only(kind, data, seed):
+    _run(data.draw(_batches(kinds=(kind,))), seed)
 
 
 def test_edge_batches():
@@ -89,16 +84,12 @@ def test_quantized_cache(kv_dtype, scales, batch, seed):
          k_scale=k_scale, v_scale=v_scale, tol=1.5e-2)
 
 
+@pytest.mark.parametrize("kv_dtype,tol", [(jnp.float32, None), (jnp.bfloat16, 1.5e-2)], ids=["f32", "bf16"])
 @given(batch=_batches(), seed=SEEDS)
 @settings(max_examples=3)
-def test_float32(batch, seed):
-    _run(batch, seed, inputs_kw=dict(q_dtype=jnp.float32, kv_dtype=jnp.float32))
-
-
-@given(batch=_batches(), seed=SEEDS)
-@settings(max_examples=3)
-def test_float32_q_bf16_cache(batch, seed):
-    _run(batch, seed, inputs_kw=dict(q_dtype=jnp.float32, kv_dtype=jnp.bfloat16), tol=1.5e-2)
+def test_float32_q(kv_dtype, tol, batch, seed):
+    """float32 queries on a float32 cache, and on a bfloat16 one."""
+    _run(batch, seed, inputs_kw=dict(q_dtype=jnp.float32, kv_dtype=kv_dtype), tol=tol)
 
 
 GPT_OSS_LIKE = Shape(num_q_heads=8, num_kv_heads=2, head_dim=64)
@@ -185,23 +176,26 @@ def test_one_compile_for_any_batch(rng):
 
 
 @pytest.fixture
-def tiny_chunks(monkeypatch):
-    """Compute chunks of 16 rows x 16 keys: several token and KV chunks per block on small shapes."""
-    from rpa import api, tuning
+def patch_config(monkeypatch):
+    """patch_config(NAME=value, ...): set rpa.config constants for one test (the kernel recompiles)."""
+    from rpa import api, config
 
-    monkeypatch.setattr(tuning, "MAX_CHUNK_ROWS", 16)
-    monkeypatch.setattr(tuning, "MAX_CHUNK_KEYS", 16)
-    api._kernel_path.clear_cache()
-    yield
+    def patch(**values):
+        for name, value in values.items():
+            monkeypatch.setattr(config, name, value)
+        api._kernel_path.clear_cache()
+
+    yield patch
     api._kernel_path.clear_cache()
 
 
 @pytest.mark.parametrize("window", [None, 13])
-def test_compute_chunks(tiny_chunks, window):
+def test_compute_chunks(patch_config, window):
     """Token / KV chunks inside a block, and the chunks skipped outside the causal or sliding window."""
-    from rpa import tuning
+    from rpa import config
 
-    assert tuning.chunk_sizes(32, 48, 2) == (8, 16)
+    patch_config(MAX_CHUNK_ROWS=16, MAX_CHUNK_KEYS=16)  # several token and KV chunks per block
+    assert config.chunk_sizes(32, 48, 2) == (8, 16)
     bs = rpa.BlockSizes(decode_kv_pages=3, prefill_q=32, prefill_kv_pages=3, mixed_q=16, mixed_kv_pages=2)
     rng = np.random.default_rng(11 if window else 12)
     for q_lens, kv_lens, d0, d1 in ([[1, 20, 11, 3], [70, 20, 90, 44], 1, 2], [[1, 1, 30], [33, 1, 64], 2, 3]):
@@ -210,24 +204,14 @@ def test_compute_chunks(tiny_chunks, window):
         check(b, BASE, inputs, run_both(b, BASE, inputs, block_sizes=bs, sliding_window=window))
 
 
-@pytest.fixture
-def page_table_in_hbm(monkeypatch):
-    """Force the HBM page-table mode (the table of S x pages_per_seq too big for SMEM)."""
-    from rpa import api, tuning
-
-    monkeypatch.setattr(tuning, "SMEM_TABLE_BUDGET", 0)
-    api._kernel_path.clear_cache()
-    yield
-    api._kernel_path.clear_cache()
-
-
 @pytest.mark.parametrize("window", [None, 21])
-def test_page_table_in_hbm(page_table_in_hbm, window):
+def test_page_table_in_hbm(patch_config, window):
     """One page-table row at a time DMA'd into SMEM, prefetched a sequence ahead (q_len 0 ones skipped)."""
-    from rpa import tuning
+    from rpa import config, traffic_model
     from tests.rpa.test_rpa_tuning import HBM, recorded_dmas
 
-    assert not tuning.page_table_in_smem(BASE.max_seqs, BASE.pages_per_seq)
+    patch_config(SMEM_TABLE_BUDGET=0)  # the table of S x pages_per_seq too big for SMEM
+    assert not config.page_table_in_smem(BASE.max_seqs, BASE.pages_per_seq)
     rng = np.random.default_rng(5)
     for q_lens, kv_lens, d0, d1 in ([[1, 0, 17, 6], [40, 3, 17, 60], 1, 3], [[1, 1, 1], [9, 100, 2], 3, 3],
                                     [[0, 12], [4, 30], 0, 0]):
@@ -236,7 +220,7 @@ def test_page_table_in_hbm(page_table_in_hbm, window):
         with recorded_dmas() as log:
             results = run_both(b, BASE, inputs, sliding_window=window)
         check(b, BASE, inputs, results)
-        sim = tuning.simulate(b, SMALL_BLOCKS, num_q_heads=BASE.num_q_heads, num_kv_heads=BASE.num_kv_heads,
-                              head_dim=BASE.head_dim, sliding_window=window)
+        sim = traffic_model.simulate(b, SMALL_BLOCKS, num_q_heads=BASE.num_q_heads,
+                                     num_kv_heads=BASE.num_kv_heads, head_dim=BASE.head_dim, sliding_window=window)
         read = sum(n for src, _, n in log if src in HBM)
         assert (sim["kernel_read"], sim["dmas"]) == (read, len(log))

@@ -1,4 +1,4 @@
-"""rpa.tuning: traffic() against the bytes the kernel really moves (interpret mode), VMEM-safe defaults,
+"""rpa's traffic model against the bytes the kernel really moves (interpret mode), VMEM-safe defaults,
 the search space, the tuning-module protocol and the modelled MBU / MFU report."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from autotune import lookup
 from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS, chip
 from autotune.protocol import vmem_limit_bytes
-from rpa import tuning
+from rpa import config, report, traffic_model, tuning
 from tests.rpa.harness import SMALL_BLOCKS, Shape, batch_from_lengths, make_inputs, run_both
 
 GENS = (None, *TPU_GENERATIONS)
@@ -63,11 +63,11 @@ def test_traffic_matches_kernel_dmas(window):
             run_both(b, shape, inputs, **kw)
         read = sum(n for src, _, n in log if src in HBM)
         written = sum(n for _, dst, n in log if dst in HBM)
-        sim = tuning.simulate(b, SMALL_BLOCKS, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
-                              head_dim=shape.head_dim, sliding_window=window)
+        dims = dict(num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                    sliding_window=window)
+        sim = traffic_model.simulate(b, SMALL_BLOCKS, **dims)
         assert (sim["kernel_read"], sim["kernel_write"], sim["dmas"]) == (read, written, len(log)), (q_lens, kv_lens)
-        t = tuning.traffic(b, SMALL_BLOCKS, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
-                           head_dim=shape.head_dim, sliding_window=window)
+        t = traffic_model.traffic(b, SMALL_BLOCKS, **dims)
         assert t.bytes_read == read + sim["prologue_read"] and t.bytes_written == written + sim["prologue_write"]
         assert t.dmas == len(log) and t.useful_bytes <= t.bytes_moved and t.useful_flops <= t.flops
 
@@ -75,16 +75,16 @@ def test_traffic_matches_kernel_dmas(window):
 def test_traffic_reads_each_page_once_per_query_block():
     """Decode at 2k context reads the cache once; a sliding window reads only its pages."""
     kw = dict(num_q_heads=32, num_kv_heads=8, head_dim=128)
-    batch = tuning.uniform_batch([1] * 64, [2048] * 64, 128)
-    bs = tuning.BlockSizes(decode_kv_pages=16)
-    sim = tuning.simulate(batch, bs, **kw)
+    batch = traffic_model.uniform_batch([1] * 64, [2048] * 64, 128)
+    bs = rpa.BlockSizes(decode_kv_pages=16)
+    sim = traffic_model.simulate(batch, bs, **kw)
     row = 16 * 128 * 2  # one slot: K and V of 8 heads
     kv_bytes = 64 * 2048 * row
     # per sequence: 2047 cached rows + the new row (attention) + the new row again (cache write) + q
     assert sim["kernel_read"] == 64 * (2049 * row + 32 * 128 * 2)
     assert sim["kernel_write"] == 64 * (row + 32 * 128 * 2)
     assert sim["dmas"] == 64 * (16 + 1 + 2 + 1)  # pages, new row, q + out, cache write
-    windowed = tuning.simulate(batch, bs, sliding_window=128, **kw)
+    windowed = traffic_model.simulate(batch, bs, sliding_window=128, **kw)
     assert windowed["kernel_read"] < kv_bytes / 7
 
 
@@ -93,7 +93,7 @@ def test_default_block_sizes_fit_vmem(gen):
     for hq, hkv, d in ((32, 8, 128), (64, 8, 128), (64, 8, 64), (8, 1, 256), (40, 8, 80)):
         for kvdt in ("bfloat16", "int8", "float8_e4m3fn"):
             for t, length in ((64, 2048), (2048, 8192), (8192, 131072)):
-                key = tuning.make_key("bfloat16", kvdt, hq, hkv, d, tuning.recommended_page_size(length), t, length)
+                key = tuning.make_key("bfloat16", kvdt, hq, hkv, d, report.recommended_page_size(length), t, length)
                 bs = tuning.default_block_sizes(key, gen)
                 need = tuning.vmem_estimate(key, bs)
                 limit = vmem_limit_bytes(need, gen) or (chip(gen).default_scoped_vmem_bytes if gen else 16 << 20)
@@ -101,7 +101,7 @@ def test_default_block_sizes_fit_vmem(gen):
                 if gen:
                     assert limit <= chip(gen).vmem_bytes
                 for name, (bq, _pages, heads) in rpa.BlockSizes.from_dict(bs).groups(hkv).items():
-                    assert heads in tuning.head_block_options(hq, hkv), (name, heads)
+                    assert heads in config.head_block_options(hq, hkv), (name, heads)
                     assert bq == 1 or bq % 8 == 0
 
 
@@ -137,14 +137,14 @@ def test_protocol_inputs_match_specs():
 
 
 def test_model_report():
-    rows = tuning.model_report()
+    rows = report.model_report()
     assert len(rows) == 3 * len(TPU_GENERATIONS)
     for r in rows:
         assert r["label"] == "model" and 0 < r["mbu"] <= 1 and 0 < r["mfu"] <= 1
     decode = [r for r in rows if r["scenario"].startswith("decode")]
     assert all(r["bound"] != "compute" for r in decode)
-    batch = tuning.uniform_batch([2048], [2048], 128, decode_end=0)
-    t = tuning.traffic(batch, tuning.BlockSizes(prefill_q=256, prefill_kv_pages=4), **tuning.LLAMA3_8B)
+    batch = traffic_model.uniform_batch([2048], [2048], 128, decode_end=0)
+    t = traffic_model.traffic(batch, rpa.BlockSizes(prefill_q=256, prefill_kv_pages=4), **report.LLAMA3_8B)
     assert predict(t, "v5e").bound == "compute"
 
 

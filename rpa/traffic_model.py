@@ -1,0 +1,172 @@
+"""The traffic model of the rpa TPU kernel: `simulate` replays its loops on a concrete batch and counts the
+bytes its DMAs move, the DMAs, the pipeline steps and the FLOPs; `traffic` turns that into the cost
+model's Traffic. The loops are the kernel's own (config.LoopBounds, which rpa/tpu.py walks too); the
+interpret tier checks the counts against the DMAs the kernel really issues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from autotune.cost_model import Traffic
+from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
+from rpa.config import BlockSizes, LoopBounds, page_table_in_smem
+
+
+def uniform_batch(q_lens: list[int], kv_lens: list[int], page_size: int, *, num_tokens: int | None = None,
+                  decode_end: int | None = None, prefill_end: int | None = None) -> dict:
+    """simulate's batch dict of S sequences, in order: q_lens [S] new tokens, kv_lens [S] KV lengths after
+    the step; num_tokens T (default sum(q_lens)); decode_end, prefill_end (default S). Returns
+    {kv_lens i64[S], cu_q_lens i64[S+1], distribution i64[3], page_size, num_tokens}."""
+    q_lens = np.asarray(q_lens, np.int64)
+    cu = np.concatenate([[0], np.cumsum(q_lens)])
+    n = len(q_lens)
+    dist = np.array([n if decode_end is None else decode_end, n if prefill_end is None else prefill_end, n])
+    return dict(kv_lens=np.asarray(kv_lens, np.int64), cu_q_lens=cu, distribution=dist, page_size=page_size,
+                num_tokens=int(cu[-1]) if num_tokens is None else num_tokens)
+
+
+def _batch_fields(batch: Any) -> dict[str, Any]:
+    get = batch.get if isinstance(batch, Mapping) else (lambda name: getattr(batch, name, None))
+    kv_lens, page_size = np.asarray(get("kv_lens"), np.int64), int(get("page_size"))
+    table = (get("page_table_shape") or np.shape(get("page_indices"))  # a dict may give neither: one row each
+             or (len(kv_lens), max(1, cdiv(int(kv_lens.max(initial=1)), page_size))))
+    return dict(kv_lens=kv_lens, cu=np.asarray(get("cu_q_lens"), np.int64),
+                dist=np.asarray(get("distribution"), np.int64), page_size=page_size,
+                num_tokens=int(get("num_tokens")), table=tuple(table))
+
+
+def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: float, flops_per_key: int) -> dict:
+    """One head block's reads, writes, DMAs, KV steps and FLOPs over the sequences `seqs` of a group."""
+    g = dict.fromkeys(("kernel_read", "kernel_write", "dmas", "kv_steps", "flops"), 0)
+    table_in_smem = page_table_in_smem(*b["table"])
+    tc, kc = loops.chunks
+    for i in seqs:
+        q_start, q_len, kv_len = int(b["cu"][i]), int(b["cu"][i + 1] - b["cu"][i]), int(b["kv_lens"][i])
+        if q_len <= 0:
+            continue
+        if not table_in_smem:  # the sequence's page-table row, HBM -> SMEM
+            g["kernel_read"] += 4 * b["table"][1]
+            g["dmas"] += 1
+        for page in range(*loops.written_pages(q_len, kv_len)):  # new K/V into their slots
+            n = loops.page_write(q_start, q_len, kv_len, page)[2]
+            g["kernel_read"] += n * kv_row
+            g["kernel_write"] += n * kv_row
+            g["dmas"] += 1
+        for qb in range(loops.query_block(q_start, q_len, kv_len, 0).num_q_blocks):
+            blk = loops.query_block(q_start, q_len, kv_len, qb)
+            g["kernel_read"] += blk.size * q_row  # the query block in, its output out
+            g["kernel_write"] += blk.size * q_row
+            g["dmas"] += 2
+            for kb in range(blk.kv_first, blk.kv_end):
+                for j in range(loops.kv_pages):
+                    slots = loops.cached_slots(blk, kb, j)
+                    g["kernel_read"] += slots * kv_row
+                    g["dmas"] += slots > 0
+                new = loops.new_rows(blk, kb)[2]
+                g["kernel_read"] += new * kv_row
+                g["dmas"] += new > 0
+                g["kv_steps"] += 1
+                for ti in range(loops.num_token_chunks(blk)):  # the compute chunks the kernel does not skip
+                    chunk = loops.token_chunk(blk, ti)
+                    live = sum(bool(loops.key_chunk_live(kb, ci, chunk)) for ci in range(loops.bkv // kc))
+                    g["flops"] += live * flops_per_key * tc * kc
+    return g
+
+
+def _useful(b: dict, *, num_q_heads: int, num_kv_heads: int, head_dim: int, q_bytes: float, kv_bytes: float,
+            sliding_window: int | None) -> tuple[int, int]:
+    """The minimal bytes and FLOPs: every key a query attends to read once; q read, out and new K/V
+    written once."""
+    useful_b = useful_f = 0
+    for i in range(int(b["dist"][2])):
+        q_len, kv_len = int(b["cu"][i + 1] - b["cu"][i]), int(b["kv_lens"][i])
+        if q_len <= 0:
+            continue
+        first = kv_len - q_len
+        qpos = np.arange(first, kv_len)
+        lo = np.zeros_like(qpos) if sliding_window is None else np.maximum(qpos - sliding_window + 1, 0)
+        keys = int(np.sum(qpos - lo + 1))
+        seen = kv_len - (0 if sliding_window is None else max(first - sliding_window + 1, 0))
+        useful_b += seen * 2 * num_kv_heads * head_dim * kv_bytes + q_len * 2 * num_q_heads * head_dim * q_bytes
+        useful_b += q_len * 2 * num_kv_heads * head_dim * kv_bytes
+        useful_f += 4 * num_q_heads * head_dim * keys
+    return useful_b, useful_f
+
+
+def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_heads: int, num_kv_heads: int,
+             head_dim: int, q_dtype: object = "bfloat16", kv_dtype: object = "bfloat16",
+             sliding_window: int | None = None) -> dict[str, int]:
+    """Replay the kernel's loops (config.LoopBounds) on a concrete batch; count what its DMAs move and
+    what it computes.
+
+    Args:
+      batch: a tests.common.RaggedBatch, or a dict with kv_lens [S], cu_q_lens [S+1], distribution
+        [3], page_size and num_tokens (and page_indices [S, pages_per_seq] or page_table_shape; else
+        the table is taken as [S, pages of the longest sequence]).
+      block_sizes: BlockSizes or its dict; the rest: the call's.
+    Returns:
+      {kernel_read, kernel_write, dmas, kv_steps, grid_steps, flops, parallel_tiles, prologue_read,
+      prologue_write, useful_bytes, useful_flops}: kernel DMAs in logical bytes (tile padding not
+      counted); the XLA prologue (K/V interleave + quantize + pad, q pad, output slice) separately.
+    """
+    b = _batch_fields(batch)
+    q_per_kv = num_q_heads // num_kv_heads
+    dim = round_up(head_dim, LANES)
+    q_bytes, kv_bytes = dtype_bytes(q_dtype), dtype_bytes(kv_dtype)
+    c = dict(kernel_read=0, kernel_write=0, dmas=0, kv_steps=0, grid_steps=0, flops=0)
+    bounds = (0, *(int(x) for x in b["dist"]))
+    heaviest = 0
+    for gi, (bq, kv_pages, heads) in enumerate(BlockSizes.from_any(block_sizes).groups(num_kv_heads).values()):
+        blocks = num_kv_heads // heads
+        q_row = heads * q_per_kv * dim * q_bytes
+        loops = LoopBounds(bq, kv_pages, b["page_size"], q_per_kv, sliding_window)
+        g = _group(b, range(bounds[gi], bounds[gi + 1]), loops, kv_row=2 * heads * dim * kv_bytes, q_row=q_row,
+                   flops_per_key=2 * 2 * q_per_kv * dim * heads)
+        if gi == 2:  # zero the padding rows
+            tail = b["num_tokens"] - int(b["cu"][bounds[3]])
+            g["kernel_write"] += tail * q_row
+            g["dmas"] += cdiv(tail, bq) if tail > 0 else 0
+        # the head blocks of the group with the most work are what a megacore device splits
+        # (weight: bytes + FLOPs / 200, roughly a TPU's FLOPs per HBM byte)
+        work = blocks * (g["kernel_read"] + g["flops"] / 200)
+        if work > heaviest:
+            heaviest, c["parallel_tiles"] = work, blocks
+        for name, value in g.items():
+            c[name] += blocks * value
+        c["grid_steps"] += blocks
+    # XLA prologue / epilogue
+    num_tokens = b["num_tokens"]
+    c["prologue_read"] = 2 * num_tokens * num_kv_heads * head_dim * q_bytes
+    c["prologue_write"] = num_tokens * 2 * num_kv_heads * dim * kv_bytes
+    if dim != head_dim:  # pad q, slice out
+        c["prologue_read"] += num_tokens * num_q_heads * (head_dim + dim) * q_bytes
+        c["prologue_write"] += num_tokens * num_q_heads * (dim + head_dim) * q_bytes
+    c["useful_bytes"], c["useful_flops"] = _useful(b, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                                                   head_dim=head_dim, q_bytes=q_bytes, kv_bytes=kv_bytes,
+                                                   sliding_window=sliding_window)
+    return c
+
+
+def traffic(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_heads: int, num_kv_heads: int,
+            head_dim: int, q_dtype: object = "bfloat16", kv_dtype: object = "bfloat16",
+            sliding_window: int | None = None) -> Traffic:
+    """Bytes read/written, FLOPs issued (padding included), steps and DMAs of one call on `batch`.
+
+    Args: as simulate's.
+    Returns:
+      Traffic: grid_steps counts the kernel's pipeline steps (one per KV block visited, plus the grid
+      points): each pays a fixed cost like a grid step. Bytes include the XLA prologue that
+      interleaves, quantizes and pads the new K/V. useful_bytes / useful_flops: the minimal work
+      (MBU / MFU).
+    """
+    s = simulate(batch, block_sizes, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 q_dtype=q_dtype, kv_dtype=kv_dtype, sliding_window=sliding_window)
+    return Traffic(bytes_read=s["kernel_read"] + s["prologue_read"],
+                   bytes_written=s["kernel_write"] + s["prologue_write"], flops=s["flops"],
+                   grid_steps=s["grid_steps"] + s["kv_steps"], dmas=s["dmas"],
+                   flops_kind="bf16", useful_bytes=s["useful_bytes"], useful_flops=s["useful_flops"],
+                   parallel_tiles=s.get("parallel_tiles"))
