@@ -149,3 +149,71 @@ def k_pipeline(body, compute_context, *, k_iters: int, in_blocks, num_stages: in
         max_concurrent_steps=num_stages,
         compute_context=compute_context,
     )
+
+
+def smem_transforms(swizzle: int, itemsize: int) -> tuple:
+    """Shared-memory transforms of a TMA / wgmma operand: (8, swizzle / itemsize) tiles of rows
+    `swizzle` bytes wide (32, 64 or 128), swizzled."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def gemm_tiles(tile_body, operands, *, grid: tuple[int, int], grid_tile_width: int, in_blocks, k_iters: int,
+               num_stages: int, out_smem) -> None:
+    """The tile loop of the persistent Hopper GEMMs (moe/gpu.py, quant/gpu_w8a8.py), inside a kernel
+    body of one TMA warpgroup and two consumers (`k_pipeline`) on a grid ("sm",).
+
+    Allocates the pipeline's stages for `operands` (gmem views shaped like the ones of every tile, one
+    per in_blocks entry) and the epilogue buffer `out_smem`; the CTAs walk the `grid` of work items in
+    a planar snake, calling tile_body(run_tile, out_ref, wg, mi, ni) for each. run_tile(views, acc,
+    mma_operands, epilogue) runs one output tile: the K loop over `views` into a fresh accumulator
+    `acc` (a plgpu.ACC), wgmma(acc, *mma_operands(*stage_refs)) a step, then epilogue(accumulator
+    value). The epilogues' stores are waited for at the end."""
+    from jax import lax
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def pipeline(mma, compute_context):
+        return k_pipeline(mma, compute_context, k_iters=k_iters, in_blocks=in_blocks, num_stages=num_stages)
+
+    def scope(allocations, out_ref):
+        def run_tile(views, acc, mma_operands, epilogue):
+            def compute_context(eval_pipeline):
+                def accumulate(acc_ref):
+                    eval_pipeline(acc_ref)
+                    epilogue(acc_ref[...])
+
+                pl.run_scoped(accumulate, acc)
+
+            def mma(_, *refs):
+                *stage_refs, acc_ref = refs
+                plgpu.wgmma(acc_ref, *mma_operands(*stage_refs))
+                plgpu.wgmma_wait(0)
+                return acc_ref
+
+            pipeline(mma, compute_context)(*views, allocations=allocations)
+
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((grid[0] * grid[1],), collective_axes="sm")
+        def _loop(info):
+            (lin,) = info.index
+            tile_body(run_tile, out_ref, wg, *plgpu.planar_snake(lin, grid, 1, grid_tile_width))
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    ignore = lambda *_, **__: None
+    pl.run_scoped(scope, pipeline(ignore, ignore).get_allocations(*operands), out_smem, collective_axes="wg")
+
+
+def store_tile(y, out_ref, epi_n: int, store) -> None:
+    """A GEMM epilogue: y [rows, cols] goes out epi_n columns at a time through the shared buffer
+    out_ref [rows, epi_n]; store(e) issues the TMA stores of column block e."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    for e in range(y.shape[1] // epi_n):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_ref[...] = y[:, e * epi_n:(e + 1) * epi_n]
+        plgpu.commit_smem()
+        store(e)

@@ -133,3 +133,19 @@ def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> t
                f"{' (' + problem + ')' if problem else ''}; using the default heuristic (further {kernel} "
                f"misses on {gen} are counted, not warned: autotune.tables.miss_counts())")
     return dict(module.default_block_sizes(key, gen)), "default"
+
+
+def kernel_block_sizes(kernel: str, key: dict[str, Any], generation: str | None) -> dict:
+    """The block sizes a public op runs with when the caller gives none.
+
+    Args:
+      kernel: a registered kernel.
+      key: the call's table key.
+      generation: the chip the kernel runs on; None (TPU interpret mode off a TPU) takes the
+        TPU module's conservative heuristic rather than detecting the host's chip.
+    Returns:
+      a fresh dict of block sizes: the table's entry for `generation`, else its default.
+    """
+    if generation is None:
+        return dict(tuning_module(kernel, None).default_block_sizes(key, None))
+    return lookup(kernel, key, generation)[0]

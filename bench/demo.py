@@ -15,23 +15,6 @@ import numpy as np
 from autotune.quiet import ArgumentParser, quiet_libtpu
 
 
-def rel_error(out: Any, ref: Any) -> float:
-    """Relative L2 error of `out` against `ref` (absolute when `ref` is all zeros).
-
-    Args:
-      out: the kernel's output array.
-      ref: the reference's output array.
-    Returns:
-      ||out - ref|| / ||ref||.
-    """
-    import jax
-
-    out = np.asarray(jax.numpy.asarray(out).astype(np.float32), np.float64)
-    ref = np.asarray(jax.numpy.asarray(ref).astype(np.float32), np.float64)
-    denom = np.linalg.norm(ref)
-    return float(np.linalg.norm(out - ref) / denom) if denom else float(np.linalg.norm(out - ref))
-
-
 def run_one(kernel: str, seed: int = 0) -> dict:
     """Run one kernel on its demo key in TPU interpret mode and compare it with its reference.
 
@@ -46,6 +29,7 @@ def run_one(kernel: str, seed: int = 0) -> dict:
 
     from autotune import lookup
     from autotune.registry import tuning_module
+    from reference import rel_error
 
     module = tuning_module(kernel)
     key = module.demo_key()

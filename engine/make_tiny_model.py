@@ -145,27 +145,28 @@ def _tensor_specs(family: str, cfg: dict):
             specs += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
         dense_mlp = family in ("llama", "qwen3") or (family == "qwen3_moe" and i in cfg.get("mlp_only_layers", []))
         if dense_mlp:
-            f = cfg["intermediate_size"]
-            specs += [(p + "mlp.gate_proj.weight", (f, d), "linear"), (p + "mlp.up_proj.weight", (f, d), "linear"),
-                      (p + "mlp.down_proj.weight", (d, f), "linear")]
-        elif family == "mixtral":
-            e, f = cfg["num_local_experts"], cfg["intermediate_size"]
-            specs.append((p + "block_sparse_moe.gate.weight", (e, d), "router"))
-            for j in range(e):
-                q = f"{p}block_sparse_moe.experts.{j}."
-                specs += [(q + "w1.weight", (f, d), "linear"), (q + "w3.weight", (f, d), "linear"),
-                          (q + "w2.weight", (d, f), "linear")]
+            specs += _mlp_specs(p + "mlp.", ("gate_proj", "up_proj", "down_proj"), cfg["intermediate_size"], d)
         else:
-            e, f = cfg["num_experts"], cfg["moe_intermediate_size"]
-            specs.append((p + "mlp.gate.weight", (e, d), "router"))
+            # transformers names: mixtral's block_sparse_moe.experts.j.w1/w3/w2; qwen3_moe's mlp.experts.j.*_proj
+            mixtral = family == "mixtral"
+            e = cfg["num_local_experts"] if mixtral else cfg["num_experts"]
+            f = cfg["intermediate_size"] if mixtral else cfg["moe_intermediate_size"]
+            block = p + ("block_sparse_moe." if mixtral else "mlp.")
+            names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+            specs.append((block + "gate.weight", (e, d), "router"))
             for j in range(e):
-                q = f"{p}mlp.experts.{j}."
-                specs += [(q + "gate_proj.weight", (f, d), "linear"), (q + "up_proj.weight", (f, d), "linear"),
-                          (q + "down_proj.weight", (d, f), "linear")]
+                specs += _mlp_specs(f"{block}experts.{j}.", names, f, d)
     specs.append(("model.norm.weight", (d,), "final_norm"))
     if not cfg["tie_word_embeddings"]:
         specs.append(("lm_head.weight", (cfg["vocab_size"], d), "linear"))
     return specs
+
+
+def _mlp_specs(prefix: str, names: tuple, f: int, d: int):
+    """A gated MLP's three weights (gate, up, down) under prefix, in the [out, in] layout."""
+    gate, up, down = names
+    return [(f"{prefix}{gate}.weight", (f, d), "linear"), (f"{prefix}{up}.weight", (f, d), "linear"),
+            (f"{prefix}{down}.weight", (d, f), "linear")]
 
 
 def _random(rng, shape, kind, np_dtype):

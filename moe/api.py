@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune import protocol
-from autotune.tables import lookup
+from autotune.tables import kernel_block_sizes, lookup
 from moe import routing, tpu, tuning
 from quant.tensor import QuantizedTensor, unpack_int4
 from reference.gmm import gmm as reference_gmm
@@ -95,51 +95,50 @@ def _validate_gmm(lhs, rhs, group_sizes, group_offset, activation, debug_checks)
 
 
 def _tpu_config(key: dict, block_sizes: object, generation: str | None) -> tuning.GmmConfig:
-    """The caller's block sizes, else the generation's table (the conservative heuristic in
-    interpret mode off a TPU)."""
+    """The caller's block sizes (a dict or a moe.GmmConfig), else the generation's table (the
+    conservative heuristic in interpret mode off a TPU)."""
     if block_sizes is None:
-        block_sizes = (tuning.default_block_sizes(key, None) if generation is None
-                       else lookup("gmm", key, generation)[0])
-    if not isinstance(block_sizes, (dict, tuning.GmmConfig)):
-        raise ValueError(f"block_sizes: expected a dict with tm, tk, tn or a moe.GmmConfig, got {block_sizes!r}")
+        block_sizes = kernel_block_sizes("gmm", key, generation)
     return tuning.GmmConfig.from_any(block_sizes)
 
 
-def _gated(activation: str | None, out: jax.Array, out_dtype: jnp.dtype) -> jax.Array:
+def _gated(activation: str | None, out: jax.Array, preferred_element_type: jnp.dtype) -> jax.Array:
     """act(gate) * up of an unfused [M, N] result (gate columns first)."""
     half = out.shape[1] // 2
-    return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(out_dtype)
+    return tpu.apply_activation(activation, out[:, :half], out[:, half:]).astype(preferred_element_type)
 
 
 def _tpu_gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, generation: str | None, *, key: dict,
-             group_offset: object, out_dtype: jnp.dtype, activation: str | None, block_sizes: object,
+             group_offset: object, preferred_element_type: jnp.dtype, activation: str | None, block_sizes: object,
              interpret: object, fill_zeros: bool) -> jax.Array:
     """moe/tpu.py's kernel; its scoped-VMEM limit derived from the block sizes."""
-    cfg = _tpu_config(key, block_sizes, generation)
+    config = _tpu_config(key, block_sizes, generation)
     values, scales, scale_block, int4 = _kernel_args(rhs)
     fused = activation is None or tpu.fuses_activation(values.shape[-1])
     out = tpu.gmm(lhs, values, group_sizes, scales=scales, scale_block=scale_block, int4=int4,
-                  group_offset=group_offset, preferred_element_type=out_dtype if fused else jnp.float32,
-                  activation=activation if fused else None, tm=cfg.tm, tk=cfg.tk, tn=cfg.tn,
-                  vmem_limit_bytes=protocol.vmem_limit_bytes(tuning.vmem_bytes(key, cfg.to_dict()), generation),
+                  group_offset=group_offset, preferred_element_type=preferred_element_type if fused else jnp.float32,
+                  activation=activation if fused else None, tm=config.tm, tk=config.tk, tn=config.tn,
+                  vmem_limit_bytes=protocol.vmem_limit_bytes(tuning.vmem_bytes(key, config.to_dict()), generation),
                   fill_zeros=fill_zeros, interpret=interpret)
-    return out if fused else _gated(activation, out, out_dtype)
+    return out if fused else _gated(activation, out, preferred_element_type)
 
 
 def _gpu_gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, generation: str | None, *, key: dict,
-             group_offset: object, out_dtype: jnp.dtype, activation: str | None, block_sizes: object) -> jax.Array:
+             group_offset: object, preferred_element_type: jnp.dtype, activation: str | None,
+             block_sizes: object) -> jax.Array:
     """moe/gpu.py's Hopper kernel (bf16/fp16 arrays; the gated activation applied after it). Block
-    sizes: the caller's, else the GPU generation's table."""
+    sizes: the caller's GPU sizes, else the GPU generation's table (TPU sizes are not passed on)."""
     if isinstance(rhs, QuantizedTensor):
         raise NotImplementedError("quantized experts")
     from moe import gpu
 
+    block_sizes = protocol.own_block_sizes(gpu.GmmBlockSizes, block_sizes)
     if block_sizes is None:
         block_sizes, _ = lookup("gmm", key, generation)
     out = gpu.gmm_gpu(lhs, rhs, group_sizes, group_offset=group_offset,
-                      preferred_element_type=out_dtype if activation is None else jnp.float32,
+                      preferred_element_type=preferred_element_type if activation is None else jnp.float32,
                       block_sizes=block_sizes)
-    return out if activation is None else _gated(activation, out, out_dtype)
+    return out if activation is None else _gated(activation, out, preferred_element_type)
 
 
 def _kernel_args(rhs: object) -> tuple:
@@ -157,16 +156,16 @@ def _kernel_args(rhs: object) -> tuple:
 
 
 def _gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, *, key: dict, group_offset: object,
-         out_dtype: jnp.dtype, activation: str | None, block_sizes: object, interpret: object,
+         preferred_element_type: jnp.dtype, activation: str | None, block_sizes: object, interpret: object,
          fill_zeros: bool = True, implementation: str | None = None) -> jax.Array:
     """The device's kernel through autotune.protocol.dispatch, else reference.gmm."""
-    common = dict(key=key, group_offset=group_offset, out_dtype=out_dtype, activation=activation,
-                  block_sizes=block_sizes)
+    common = dict(key=key, group_offset=group_offset, preferred_element_type=preferred_element_type,
+                  activation=activation, block_sizes=block_sizes)
     kernels = {"tpu": lambda gen: _tpu_gmm(lhs, rhs, group_sizes, gen, interpret=interpret, fill_zeros=fill_zeros,
                                            **common),
                "gpu": lambda gen: _gpu_gmm(lhs, rhs, group_sizes, gen, **common)}
     reference = lambda: reference_gmm(lhs, rhs, group_sizes, group_offset=group_offset,
-                                      preferred_element_type=out_dtype, activation=activation)
+                                      preferred_element_type=preferred_element_type, activation=activation)
     return protocol.dispatch("moe.gmm", implementation=implementation, interpret=interpret, kernels=kernels,
                              reference=reference)
 
@@ -175,29 +174,36 @@ def gmm(lhs: jax.Array, rhs: jax.Array | QuantizedTensor, group_sizes: jax.Array
         preferred_element_type: object = None, activation: str | None = None,
         block_sizes: dict | tuning.GmmConfig | None = None, interpret: object = False, debug_checks: bool = False,
         implementation: str | None = None) -> jax.Array:
-    """Grouped matmul: rows of lhs [M, K] (sorted by group) times their group's rhs [K, N].
+    """Grouped matmul: rows of lhs (sorted by group) times their group's weights.
 
-    group_sizes i32[G] covers all groups; rhs [G_local, K, N] (array or quant.QuantizedTensor) holds
-    groups [group_offset, group_offset + G_local). Rows of other groups and rows past
-    sum(group_sizes) come back as zeros. activation "swiglu" | "gelu_glu": rhs columns [0, N/2) are
-    the gate and [N/2, N) the up projection; output act(gate) * up, [M, N/2]. block_sizes None
-    reads tuned_configs (autotune.lookup("gmm", ...)). debug_checks=True checks group_sizes' values
-    (concrete arrays only). implementation None | "pallas" | "xla" (autotune/kernel_util.py):
-    "pallas" raises NotImplementedError instead of falling back, "xla" runs reference.gmm.
+    Args:
+      lhs: [M, K] bfloat16 / float32, rows sorted by group.
+      rhs: [G_local, K, N] array or quant.QuantizedTensor: groups [group_offset, group_offset + G_local).
+      group_sizes: i32[G], rows per group over all groups (G >= G_local).
+      group_offset: first group rhs holds (an int or a scalar array).
+      preferred_element_type: output dtype (default: lhs's and rhs's promoted dtype; lhs's when quantized).
+      activation: None | "swiglu" | "gelu_glu": rhs columns [0, N/2) are the gate and [N/2, N) the up
+        projection; the output is act(gate) * up.
+      block_sizes: None (autotune.lookup("gmm", ...)) or the backend's sizes: {"tm", "tk", "tn"} or a
+        moe.GmmConfig on a TPU, moe.gpu.GmmBlockSizes fields on a GPU.
+      interpret: truthy runs the TPU kernel in TPU interpret mode.
+      debug_checks: check group_sizes' values (concrete arrays only).
+      implementation: None | "pallas" | "xla" (autotune/protocol.py).
+    Returns:
+      [M, N] ([M, N / 2] with an activation); rows of other groups and past sum(group_sizes) are zeros.
     """
     protocol.check_implementation(implementation)
     m, k, n, g_local, rhs_dtype, quant_block = _validate_gmm(lhs, rhs, group_sizes, group_offset,
                                                              activation, debug_checks)
-    if isinstance(rhs, QuantizedTensor):
-        out_dtype = preferred_element_type or lhs.dtype
-    else:
-        out_dtype = preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype)
+    default = lhs.dtype if isinstance(rhs, QuantizedTensor) else jnp.promote_types(lhs.dtype, rhs.dtype)
+    preferred_element_type = jnp.dtype(preferred_element_type or default)
     if m == 0:
-        return jnp.zeros((0, n // 2 if activation else n), out_dtype)
+        return jnp.zeros((0, n // 2 if activation else n), preferred_element_type)
     key = tuning.make_key(m=m, k=k, n=n, num_groups=g_local, lhs_dtype=lhs.dtype, rhs_dtype=rhs_dtype,
                           quant_block=quant_block, activation=activation)
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), key=key, group_offset=group_offset, out_dtype=out_dtype,
-                activation=activation, block_sizes=block_sizes, interpret=interpret, implementation=implementation)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), key=key, group_offset=group_offset,
+                preferred_element_type=preferred_element_type, activation=activation, block_sizes=block_sizes,
+                interpret=interpret, implementation=implementation)
 
 
 # ---------------------------------------------------------------- fused MoE
@@ -229,11 +235,11 @@ def validate_fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: object
     return t, d, e, f
 
 
-def moe_block_sizes(block_sizes: dict | None) -> dict:
-    """The caller's block sizes of fused_moe's two gmm calls: None (tables), one dict for both calls
-    or {"gate_up": {...}, "down": {...}}."""
-    if block_sizes is not None and not isinstance(block_sizes, dict):
-        raise ValueError(f"block_sizes: expected None or a dict, got {block_sizes!r}")
+def moe_block_sizes(block_sizes: dict | tuning.GmmConfig | None) -> dict:
+    """The caller's block sizes of fused_moe's two gmm calls: None (tables), one dict or moe.GmmConfig
+    for both calls, or {"gate_up": ..., "down": ...}."""
+    if block_sizes is not None and not isinstance(block_sizes, (dict, tuning.GmmConfig)):
+        raise ValueError(f"block_sizes: expected None, a dict or a moe.GmmConfig, got {block_sizes!r}")
     split = isinstance(block_sizes, dict) and bool({"gate_up", "down"} & set(block_sizes))
     return {name: (block_sizes.get(name) if split else block_sizes) for name in ("gate_up", "down")}
 
@@ -251,13 +257,11 @@ def expert_layer(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up
     order, inverse, group_sizes = routing.sort_by_expert(experts, num_experts)
     x_sorted = x[order // top_k]
     local_all = g_local == num_experts
-    h = _gmm(x_sorted, w_gate_up, group_sizes, key=keys["gate_up"], group_offset=group_offset, out_dtype=x.dtype,
-             activation=FUSED_ACTIVATIONS[activation], block_sizes=block_sizes["gate_up"],
-             interpret=interpret, fill_zeros=local_all, implementation=implementation)
-    y = _gmm(h, w_down, group_sizes, key=keys["down"], group_offset=group_offset, out_dtype=jnp.float32,
-             activation=None,
-             block_sizes=block_sizes["down"], interpret=interpret, fill_zeros=local_all,
-             implementation=implementation)
+    common = dict(group_offset=group_offset, interpret=interpret, fill_zeros=local_all, implementation=implementation)
+    hidden = _gmm(x_sorted, w_gate_up, group_sizes, key=keys["gate_up"], preferred_element_type=x.dtype,
+                  activation=FUSED_ACTIVATIONS[activation], block_sizes=block_sizes["gate_up"], **common)
+    y = _gmm(hidden, w_down, group_sizes, key=keys["down"], preferred_element_type=jnp.float32, activation=None,
+             block_sizes=block_sizes["down"], **common)
     keep = None
     if not local_all:
         keep = (experts >= group_offset) & (experts < group_offset + g_local)
@@ -281,15 +285,24 @@ def gmm_keys(t: int, d: int, f: int, g_local: int, top_k: int, x_dtype: object, 
 
 def fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array | QuantizedTensor,
               w_down: jax.Array | QuantizedTensor, *, top_k: int, renormalize: bool = True, scoring: str = "softmax",
-              activation: str = "silu", block_sizes: dict | None = None, interpret: object = False,
+              activation: str = "silu", block_sizes: dict | tuning.GmmConfig | None = None, interpret: object = False,
               implementation: str | None = None) -> jax.Array:
-    """Mixture-of-experts layer: x [T, D], router_logits [T, E], w_gate_up [E, D, 2F] (gate columns
-    first, then up), w_down [E, F, D] (arrays or quant.QuantizedTensor) -> [T, D] in x.dtype.
+    """Mixture-of-experts layer: out[t] = sum over the top_k experts e of weight * ((act(x @ gate_e) *
+    (x @ up_e)) @ down_e), probs = softmax(router_logits) (or sigmoid), the top_k largest probs (ties:
+    lower expert index), weight = probs there (divided by their sum when renormalize).
 
-    out[t] = sum over the top_k experts e of weight * ((act(x @ gate_e) * (x @ up_e)) @ down_e), with
-    probs = softmax(router_logits) (or sigmoid), the top_k largest probs (ties: lower expert index),
-    weight = probs there, divided by their sum when renormalize. activation "silu" | "gelu".
-    implementation None | "pallas" | "xla" applies to both gmm calls (see gmm).
+    Args:
+      x: [T, D] tokens.
+      router_logits: [T, E].
+      w_gate_up: [E, D, 2F] array or quant.QuantizedTensor, gate columns first, then up.
+      w_down: [E, F, D] array or quant.QuantizedTensor.
+      top_k, renormalize, scoring ("softmax" | "sigmoid"), activation ("silu" | "gelu"): the routing and
+        the gated activation.
+      block_sizes: None (tables), one gmm block-size dict or moe.GmmConfig for both gmm calls, or
+        {"gate_up": ..., "down": ...}.
+      interpret, implementation: as gmm's, for both gmm calls.
+    Returns:
+      [T, D] in x.dtype.
     """
     protocol.check_implementation(implementation)
     t, d, e, f = validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation)
@@ -298,5 +311,6 @@ def fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array | Qua
     keys = gmm_keys(t, d, f, e, top_k, x.dtype, w_gate_up, w_down, activation)
     weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring=scoring)
     out = expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=0, num_experts=e,
-                       activation=activation, keys=keys, block_sizes=moe_block_sizes(block_sizes), interpret=interpret, implementation=implementation)
+                       activation=activation, keys=keys, block_sizes=moe_block_sizes(block_sizes),
+                       interpret=interpret, implementation=implementation)
     return out.astype(x.dtype)

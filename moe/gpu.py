@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import ArrayLike, DTypeLike
 
 from autotune.hardware import HOPPER_SMEM_PER_BLOCK
-from autotune.kernel_util import gpu_interpret_params, k_pipeline
+from autotune.kernel_util import gemm_tiles, gpu_interpret_params, smem_transforms, store_tile
 from autotune.protocol import BlockConfig
 
 
@@ -66,7 +68,9 @@ def smem_bytes(bs: GmmBlockSizes, itemsize: int = 2) -> int:
     return bs.num_stages * per_stage + 2 * bs.tile_m * bs.epi_n * itemsize + 1024
 
 
-def check_supported(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, bs: GmmBlockSizes) -> None:
+def check_supported(lhs_shape: tuple[int, int], lhs_dtype: DTypeLike, rhs_shape: tuple[int, int, int],
+                    rhs_dtype: DTypeLike, bs: GmmBlockSizes) -> None:
+    """NotImplementedError for what the kernel does not cover (the caller falls back)."""
     m, k = lhs_shape
     g, k2, n = rhs_shape
     if k != k2:
@@ -90,9 +94,9 @@ def check_supported(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, bs: GmmBlockSize
         raise NotImplementedError(f"GPU gmm: {bs} needs {smem_bytes(bs)} B of shared memory")
 
 
-def group_schedule(group_sizes, group_offset, g_local: int, m: int, cta_m: int):
-    """Row-tile schedule (XLA): i32[4, max_tiles] = (extended group, row block, first row in the
-    block, number of rows), extended groups 0 = rows before the local groups (zeros),
+def group_schedule(group_sizes: ArrayLike, group_offset: ArrayLike, g_local: int, m: int, cta_m: int) -> jax.Array:
+    """Row-tile schedule (XLA) of group_sizes i32[G]: i32[4, max_tiles] = (extended group, row block,
+    first row in the block, number of rows), extended groups 0 = rows before the local groups (zeros),
     1..G_local = local groups, G_local + 1 = rows after them (zeros). Unused entries have 0 rows."""
     sizes = jnp.asarray(group_sizes, jnp.int32)
     offsets = jnp.minimum(jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)]), m)
@@ -130,10 +134,22 @@ def default_block_sizes(m: int, k: int, n: int, g: int) -> GmmBlockSizes:
     return GmmBlockSizes(tile_m=128, tile_n=64, num_stages=3)
 
 
-def gmm_gpu(lhs, rhs, group_sizes, *, group_offset=0, preferred_element_type=None, block_sizes=None,
-            interpret=False):
-    """moe.gmm contract on a Hopper GPU (see the module docstring). Raises NotImplementedError for
-    unsupported combinations. interpret=True runs the kernel in GPU interpret mode on the CPU."""
+def gmm_gpu(lhs: jax.Array, rhs: jax.Array, group_sizes: ArrayLike, *, group_offset: ArrayLike = 0,
+            preferred_element_type: DTypeLike | None = None, block_sizes: GmmBlockSizes | dict | None = None,
+            interpret: Any = False) -> jax.Array:
+    """The moe.gmm contract on a Hopper GPU (see the module docstring).
+
+    Args:
+      lhs: [M, K] bf16 / fp16; rhs: [G_local, K, N], lhs's dtype.
+      group_sizes: i32[G], rows per group (lhs's rows sorted by group); group_offset: the first local group.
+      preferred_element_type: the output dtype (None: lhs's; bf16, fp16 or f32).
+      block_sizes: None (default_block_sizes) | dict of GmmBlockSizes fields | GmmBlockSizes.
+      interpret: True runs the kernel in GPU interpret mode on the CPU.
+    Returns:
+      out [M, N].
+    Raises:
+      NotImplementedError: unsupported combinations (the caller falls back).
+    """
     if block_sizes is None:
         block_sizes = default_block_sizes(lhs.shape[0], lhs.shape[1], rhs.shape[2], rhs.shape[0])
     bs = GmmBlockSizes.from_any(block_sizes)
@@ -156,115 +172,85 @@ def _gmm_jit(lhs, rhs, group_sizes, group_offset, *, bs, out_dtype, interpret=Fa
     return gmm_kernel(lhs, rhs, sched, bs=bs, out_dtype=out_dtype, interpret=interpret)
 
 
-def gmm_kernel(lhs, rhs, sched, *, bs: GmmBlockSizes, out_dtype, interpret=False):
-    """The Mosaic GPU kernel: lhs [M, K], rhs [G_local, K, N], sched i32[4, max_tiles] -> [M, N]."""
+def gmm_kernel(lhs: jax.Array, rhs: jax.Array, sched: jax.Array, *, bs: GmmBlockSizes, out_dtype: DTypeLike,
+               interpret: Any = False) -> jax.Array:
+    """The Mosaic GPU kernel (persistent: one CTA per SM, `num_sms` of them).
+
+    Args:
+      lhs: [M, K] bf16 / fp16, M >= cta_m.
+      rhs: [G_local, K, N], lhs's dtype.
+      sched: i32[4, max_tiles], `group_schedule`'s row tiles.
+      bs: block sizes (check_supported's).
+      out_dtype: dtype of the output.
+      interpret: False, or gpu_interpret_params' value.
+    Returns:
+      out [M, N] (see the module docstring).
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    call = plgpu.kernel(
+        functools.partial(_gmm_body, bs=bs, out_dtype=out_dtype), out_type=jax.ShapeDtypeStruct(
+            (lhs.shape[0], rhs.shape[2]), out_dtype), grid=(bs.num_sms,), grid_names=("sm",), num_threads=3,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=f"gmm_{bs.tile_m}x{bs.tile_n}x{bs.tile_k}_{bs.wg_dim}_st{bs.num_stages}",
+        interpret=gpu_interpret_params(interpret))
+    return call(sched, lhs, rhs)
+
+
+def _gmm_body(sched_ref, a_gmem, b_gmem, out_gmem, *, bs: GmmBlockSizes, out_dtype):
+    """Kernel body of gmm_kernel: the CTAs walk the (row tile, column tile) work items in a planar
+    snake; a work item of a local group runs the K loop, one of the zero-row groups only its epilogue."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    m, k = lhs.shape
-    g_local, _, n = rhs.shape
-    tm, tn, tk = bs.tile_m, bs.tile_n, bs.tile_k
+    tm, tn, tk, epi_n = bs.tile_m, bs.tile_n, bs.tile_k, bs.epi_n
     cta_m, cta_n = bs.cta_m, bs.cta_n
-    epi_n = bs.epi_n
-    max_tiles = sched.shape[1]
-    n_iters = n // cta_n
-    k_iters = k // tk
+    g_local, k, n = b_gmem.shape
     wg_m = bs.wg_dim == "m"
-    swz = plgpu.find_swizzle(tk * 16)
-    a_tr = (plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz))
-    swz_b = plgpu.find_swizzle(cta_n * 16)
-    b_tr = (plgpu.TilingTransform((8, swz_b // 2)), plgpu.SwizzleTransform(swz_b))
+    a_swizzle = plgpu.find_swizzle(tk * 16)
+    b_swizzle = plgpu.find_swizzle(cta_n * 16)
+    in_blocks = [((cta_m, tk), lambda kk: (0, kk), smem_transforms(a_swizzle, 2)),
+                 ((tk, cta_n), lambda kk: (kk, 0), smem_transforms(b_swizzle, 2))]
 
-    def kernel(sched_ref, a_gmem, b_gmem, out_gmem):
-        def get_pipeline(body, compute_context):
-            return k_pipeline(body, compute_context, k_iters=k_iters, num_stages=bs.num_stages,
-                              in_blocks=[((cta_m, tk), lambda kk: (0, kk), a_tr), ((tk, cta_n), lambda kk: (kk, 0), b_tr)])
+    def tile(run_tile, out_smem, wg, mi, ni):
+        grp, blk, lo, cnt = (sched_ref[i, mi] for i in range(4))
+        is_zero = (grp == 0) | (grp == g_local + 1)
+        expert = jnp.clip(grp - 1, 0, g_local - 1)
+        # This warpgroup's rows [w_lo, w_lo + w_cnt) of its tm-row accumulator, and columns.
+        if wg_m:
+            w_lo = jnp.clip(lo - wg * tm, 0, tm)
+            w_cnt = jnp.clip(lo + cnt - wg * tm, 0, tm) - w_lo
+            row_base = blk * cta_m + wg * tm
+            col0 = ni * cta_n
+        else:
+            w_lo, w_cnt = lo, cnt
+            row_base = blk * cta_m
+            col0 = ni * cta_n + wg * tn
 
-        ignore = lambda *_, **__: None
+        def store(e):  # rows [w_lo, w_lo + w_cnt): a ladder of power-of-two-row TMA stores
+            start = w_lo
+            p = 1 << (tm.bit_length() - 1)
+            while p >= 1:
+                def _store(start=start, p=p):
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg, pl.ds(start, p)],
+                                            out_gmem.at[pl.ds(row_base + start, p), pl.ds(col0 + e * epi_n, epi_n)])
+                pl.when((w_cnt & p) != 0)(_store)
+                start = start + (w_cnt & p)
+                p //= 2
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem.at[0]),
-            out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
-            collective_axes="wg",
-        )
-        def _scope(allocs, out_smem):
-            wg = lax.axis_index("wg")
+        epilogue = lambda acc: store_tile(acc.astype(out_dtype), out_smem.at[wg], epi_n, store)
 
-            @plgpu.nd_loop((max_tiles * n_iters,), collective_axes="sm")
-            def _loop(info):
-                (lin,) = info.index
-                mi, ni = plgpu.planar_snake(lin, (max_tiles, n_iters), 1, bs.grid_tile_width)
-                grp = sched_ref[0, mi]
-                blk = sched_ref[1, mi]
-                lo = sched_ref[2, mi]
-                cnt = sched_ref[3, mi]
-                is_zero = (grp == 0) | (grp == g_local + 1)
-                widx = jnp.clip(grp - 1, 0, g_local - 1)
-                # This warpgroup's rows [w_lo, w_lo + w_cnt) of its tm-row accumulator, and columns.
-                if wg_m:
-                    w_lo = jnp.clip(lo - wg * tm, 0, tm)
-                    w_cnt = jnp.clip(lo + cnt - wg * tm, 0, tm) - w_lo
-                    row_base = blk * cta_m + wg * tm
-                    col0 = ni * cta_n
-                else:
-                    w_lo, w_cnt = lo, cnt
-                    row_base = blk * cta_m
-                    col0 = ni * cta_n + wg * tn
+        @pl.when((cnt > 0) & jnp.logical_not(is_zero))
+        def _matmul():
+            views = (a_gmem.at[pl.ds(blk * cta_m, cta_m), :],
+                     b_gmem.at[expert, :, pl.ds(ni * cta_n, cta_n)])
+            operands = lambda a, b: ((a.at[pl.ds(wg * tm, tm)], b) if wg_m else (a, b.at[:, pl.ds(wg * tn, tn)]))
+            run_tile(views, plgpu.ACC((tm, tn), jnp.float32), operands, epilogue)
 
-                def epilogue(acc):
-                    acc = acc.astype(out_dtype)
-                    for e in range(tn // epi_n):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem.at[wg][...] = acc[:, e * epi_n:(e + 1) * epi_n]
-                        plgpu.commit_smem()
-                        start = w_lo
-                        p = 1 << (tm.bit_length() - 1)
-                        while p >= 1:
-                            def _store(start=start, p=p, e=e):
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, pl.ds(start, p)],
-                                    out_gmem.at[pl.ds(row_base + start, p), pl.ds(col0 + e * epi_n, epi_n)])
-                            pl.when((w_cnt & p) != 0)(_store)
-                            start = start + (w_cnt & p)
-                            p //= 2
+        @pl.when((cnt > 0) & is_zero & (wg < 2))
+        def _zeros():
+            epilogue(plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA))
 
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
-                    def _acc(acc_ref):
-                        eval_pipeline(acc_ref)
-                        epilogue(acc_ref[...])
-
-                def mma(_, a_smem, b_smem, acc_ref):
-                    a = a_smem.at[pl.ds(wg * tm, tm)] if wg_m else a_smem
-                    b = b_smem if wg_m else b_smem.at[:, pl.ds(wg * tn, tn)]
-                    plgpu.wgmma(acc_ref, a, b)
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
-
-                @pl.when((cnt > 0) & jnp.logical_not(is_zero))
-                def _matmul():
-                    get_pipeline(mma, compute_context)(
-                        a_gmem.at[pl.ds(blk * cta_m, cta_m), :],
-                        b_gmem.at[widx, :, pl.ds(ni * cta_n, cta_n)],
-                        allocations=allocs,
-                    )
-
-                @pl.when((cnt > 0) & is_zero & (wg < 2))
-                def _zeros():
-                    epilogue(plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA))
-
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(bs.num_sms,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name=f"gmm_{tm}x{tn}x{tk}_{bs.wg_dim}_st{bs.num_stages}",
-        interpret=gpu_interpret_params(interpret),
-    )
-    return call(sched, lhs, rhs)
+    gemm_tiles(tile, (a_gmem, b_gmem.at[0]), grid=(sched_ref.shape[1], n // cta_n),
+               grid_tile_width=bs.grid_tile_width, in_blocks=in_blocks, k_iters=k // tk, num_stages=bs.num_stages,
+               out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype))

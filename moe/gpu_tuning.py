@@ -1,15 +1,15 @@
 """gmm's tuning module on Hopper GPUs (h100, h200; autotune/protocol.py): candidates of moe/gpu.py's kernel.
 
 Block sizes: moe.gpu.GmmBlockSizes fields (tile_m, tile_n, tile_k, num_stages, wg_dim, epi_n, ...).
-The key, inputs, reference, presets and bench cases are the family's (moe/tuning.py). The cost model counts the operand re-reads of each CTA
-tile shape (A once per column tile, B once per row tile), which prefers large tiles and knows
-nothing of occupancy or pipelining: GPU tables are meant to be measured (`autotune run --chip h100`
-on the GPU).
+The key, inputs, kernel, reference, presets and bench cases are the family's (moe/tuning.py;
+autotune/registry.py serves them alongside this module's names). The cost model counts the operand
+re-reads of each CTA tile shape (A once per column tile, B once per row tile), which prefers large
+tiles and knows nothing of occupancy or pipelining: GPU tables are meant to be measured
+(`autotune run --chip h100` on the GPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -26,16 +26,12 @@ NUM_STAGES = (2, 3, 4, 5)
 WG_DIM = ("n", "m")
 
 
-def _shapes(key: dict):
-    return (key["m"], key["k"]), (key["num_groups"], key["k"], key["n"])
-
-
 def _supported(key: dict, bs) -> bool:
     from moe import gpu
 
-    lhs_shape, rhs_shape = _shapes(key)
     try:
-        gpu.check_supported(lhs_shape, key["lhs_dtype"], rhs_shape, key["rhs_dtype"], bs)
+        gpu.check_supported((key["m"], key["k"]), key["lhs_dtype"], (key["num_groups"], key["k"], key["n"]),
+                            key["rhs_dtype"], bs)
     except (NotImplementedError, ValueError):
         return False
     return True
@@ -45,7 +41,7 @@ def default_block_sizes(key: dict, generation: str | None = None) -> dict:
     """moe.gpu's measured default for the shapes."""
     from moe import gpu
 
-    return dataclasses.asdict(gpu.default_block_sizes(key["m"], key["k"], key["n"], key["num_groups"]))
+    return gpu.default_block_sizes(key["m"], key["k"], key["n"], key["num_groups"]).to_dict()
 
 
 def search_space(key: dict, generation: str | None = None) -> list[dict]:
@@ -56,7 +52,7 @@ def search_space(key: dict, generation: str | None = None) -> list[dict]:
     for tm, tn, tk, st, wg in itertools.product(TILE_M, TILE_N, TILE_K, NUM_STAGES, WG_DIM):
         bs = GmmBlockSizes(tile_m=tm, tile_n=tn, tile_k=tk, num_stages=st, wg_dim=wg, epi_n=min(64, tn))
         if _supported(key, bs):
-            out.append(dataclasses.asdict(bs))
+            out.append(bs.to_dict())
     return out
 
 

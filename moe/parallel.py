@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autotune import protocol
 from moe import routing
 from moe.api import _rhs_info, expert_layer, gmm_keys, moe_block_sizes, validate_fused_moe
 from quant.tensor import QuantizedTensor
@@ -36,14 +37,23 @@ def _local(w):
     return w
 
 
-def fused_moe_expert_parallel(x, router_logits, w_gate_up, w_down, *, top_k, mesh, axis_name,
-                              renormalize=True, scoring="softmax", activation="silu", block_sizes=None,
-                              interpret=False):
-    """moe.fused_moe with the experts split over `mesh` axis `axis_name` (same arguments and result).
+def fused_moe_expert_parallel(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array | QuantizedTensor,
+                              w_down: jax.Array | QuantizedTensor, *, top_k: int, mesh: jax.sharding.Mesh,
+                              axis_name: str, renormalize: bool = True, scoring: str = "softmax",
+                              activation: str = "silu", block_sizes: dict | None = None, interpret: object = False,
+                              implementation: str | None = None) -> jax.Array:
+    """moe.fused_moe with the experts split over `mesh` axis `axis_name`.
 
-    x [T, D] and router_logits [T, E] are replicated; w_gate_up [E, D, 2F] and w_down [E, F, D]
-    (arrays or QuantizedTensors) are split on their expert axis, E divisible by the axis size.
+    Args:
+      x: [T, D] and router_logits: [T, E], replicated.
+      w_gate_up: [E, D, 2F], w_down: [E, F, D] (arrays or QuantizedTensors), split on their expert
+        axis; E divisible by the axis size.
+      mesh, axis_name: the mesh and its expert axis.
+      the rest: as moe.fused_moe's.
+    Returns:
+      [T, D] in x.dtype, replicated.
     """
+    protocol.check_implementation(implementation)
     t, d, e, f = validate_fused_moe(x, router_logits, w_gate_up, w_down, top_k, scoring, activation)
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name: {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
@@ -60,7 +70,8 @@ def fused_moe_expert_parallel(x, router_logits, w_gate_up, w_down, *, top_k, mes
         offset = (jax.lax.axis_index(axis_name) * g_local).astype(jnp.int32)
         weights, experts = routing.top_k_routing(logits, top_k, renormalize=renormalize, scoring=scoring)
         part = expert_layer(x, weights, experts, w_gu, w_dn, group_offset=offset, num_experts=e,
-                            activation=activation, keys=keys, block_sizes=bs, interpret=interpret)
+                            activation=activation, keys=keys, block_sizes=bs, interpret=interpret,
+                            implementation=implementation)
         return jax.lax.psum(part, axis_name)
 
     specs = (P(), P(), P(axis_name), P(axis_name))

@@ -17,7 +17,7 @@ consecutive and its block stays resident in VMEM between them. Empty groups prod
 grid is (N tiles, items, K tiles); the item count is a run-time value (a dynamic grid axis) computed
 with the tile -> group mapping from group_sizes and passed by scalar prefetch. A tile wholly inside one
 group multiplies all `tm` rows; a tile that straddles groups computes, for each of its groups, only
-the `ts`-row sub-blocks (ts = gcd(tm, 128), one MXU pass of rows) holding that group's rows (a loop
+the `sub_rows`-row sub-blocks (gcd(tm, 128), one MXU pass of rows) holding that group's rows (a loop
 with run-time bounds), and the store masks rows of other groups. So a straddle costs at most one
 extra sub-block per group boundary, not a second full tile. Row tiles with no local rows at all
 (other shards' experts, rows past sum(group_sizes)) become zero items: one store of zeros, no DMA, no
@@ -45,6 +45,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from autotune.kernel_util import cdiv, interpret_params
 from quant.tensor import unpack_int4_halves
+from quant.tpu import lane_chunk
 
 ACTIVATIONS = (None, "swiglu", "gelu_glu")
 ZERO_ITEM = -1  # item that only writes zeros into its output tile
@@ -80,14 +81,6 @@ def packed_int4_ok(k: int) -> bool:
 def sub_block_rows(tm: int) -> int:
     """Rows per sub-block of a straddling tile: the largest divisor of tm that divides 128."""
     return math.gcd(tm, 128)
-
-
-def k_chunk(tkp: int, cap: int = 512) -> int:
-    """K rows per MXU dot inside a block: the largest multiple of 128 <= cap dividing tkp (else tkp)."""
-    for c in range(min(cap, tkp) // 128 * 128, 0, -128):
-        if tkp % c == 0:
-            return c
-    return tkp
 
 
 def make_group_metadata(group_sizes, group_offset, num_local_groups: int, m: int, tm: int,
@@ -146,8 +139,9 @@ def _dot(x, w):
                            precision=precision)
 
 
-def _gmm_kernel(bounds_ref, grp_ref, tile_ref, sgrp_ref, stile_ref, *refs, tm, ts, nk, kc, n_parts,
-                n_w, activation, compute_dtype, convert, scale_mode, scale_block, out_dtype):
+def _gmm_kernel(bounds_ref, grp_ref, tile_ref, sgrp_ref, stile_ref, *refs, tm, sub_rows, k_steps,
+                k_chunk_rows, n_parts, n_w, activation, compute_dtype, convert, scale_mode, scale_block,
+                preferred_element_type):
     """One grid step (n tile, item, k tile). refs: lhs parts, weights (gate[, up]), scales, out, accs
     and, when the weights need converting (quantized or another dtype), the converted-weight scratch.
 
@@ -162,15 +156,15 @@ def _gmm_kernel(bounds_ref, grp_ref, tile_ref, sgrp_ref, stile_ref, *refs, tm, t
     acc_refs = refs[n_parts + n_w + n_s + 1:n_parts + n_w + n_s + 1 + n_w]
     wq_ref = refs[-1] if convert else None
 
-    i = pl.program_id(1)
-    k = pl.program_id(2)
-    n_chunks = lhs_refs[0].shape[1] // kc
-    g = grp_ref[i]
-    row0 = tile_ref[i] * tm
-    gstart = bounds_ref[jnp.maximum(g, 0)]
-    gend = bounds_ref[jnp.maximum(g, 0) + 1]
-    lo = jnp.clip(gstart - row0, 0, tm)
-    hi = jnp.clip(gend - row0, 0, tm)
+    item = pl.program_id(1)
+    k_step = pl.program_id(2)
+    n_chunks = lhs_refs[0].shape[1] // k_chunk_rows
+    group = grp_ref[item]
+    row0 = tile_ref[item] * tm
+    group_start = bounds_ref[jnp.maximum(group, 0)]
+    group_end = bounds_ref[jnp.maximum(group, 0) + 1]
+    lo = jnp.clip(group_start - row0, 0, tm)  # the group's rows [lo, hi) of this tile
+    hi = jnp.clip(group_end - row0, 0, tm)
 
     def dequantize_weights():
         """Weight blocks -> the compute dtype in the wq scratch ([n_w * n_parts, tk / n_parts, tn])."""
@@ -179,40 +173,40 @@ def _gmm_kernel(bounds_ref, grp_ref, tile_ref, sgrp_ref, stile_ref, *refs, tm, t
             parts = unpack_int4_halves(w) if n_parts == 2 else (w,)
             for p, part in enumerate(parts):
                 if scale_mode == "group":
-                    s = s_refs[j * n_parts + p][...]  # [rows / scale_block, tn] f32
+                    scale = s_refs[j * n_parts + p][...]  # [rows / scale_block, tn] f32
                     rows, cols = part.shape
-                    f = part.astype(jnp.float32).reshape(rows // scale_block, scale_block, cols)
-                    part = (f * s[:, None, :]).reshape(rows, cols)
+                    grouped = part.astype(jnp.float32).reshape(rows // scale_block, scale_block, cols)
+                    part = (grouped * scale[:, None, :]).reshape(rows, cols)
                 wq_ref[j * n_parts + p] = part.astype(compute_dtype)
 
     def weight(j, p, cols):
         return wq_ref[j * n_parts + p, cols, :] if convert else w_refs[j][cols, :]
 
     def accumulate(j, rows):
-        """acc_j[rows] (+)= lhs[rows] @ W_j, over K in chunks of kc (bounded code size and temps)."""
+        """acc_j[rows] (+)= lhs[rows] @ W_j, over K in chunks of k_chunk_rows (bounded code size and temps)."""
         def chunk(c, cols):
-            d = None
+            product = None
             for p in range(n_parts):
                 x = lhs_refs[p][rows, cols].astype(compute_dtype)
-                dp = _dot(x, weight(j, p, cols))
-                d = dp if d is None else d + dp
-            start = (k == 0) & (c == 0) if nk > 1 else c == 0
-            acc_refs[j][rows, :] = jnp.where(start, 0.0, acc_refs[j][rows, :]) + d
+                part = _dot(x, weight(j, p, cols))
+                product = part if product is None else product + part
+            start = (k_step == 0) & (c == 0) if k_steps > 1 else c == 0
+            acc_refs[j][rows, :] = jnp.where(start, 0.0, acc_refs[j][rows, :]) + product
 
         if n_chunks == 1:
             chunk(0, slice(None))
         else:
             def body(c, carry):
-                chunk(c, pl.ds(pl.multiple_of(c * kc, kc), kc))
+                chunk(c, pl.ds(pl.multiple_of(c * k_chunk_rows, k_chunk_rows), k_chunk_rows))
                 return carry
 
             lax.fori_loop(0, n_chunks, body, 0)
 
-    @pl.when(g >= 0)
+    @pl.when(group >= 0)
     def _compute():
         if convert:
             # With one K block, consecutive items of one group share the weight block: convert once.
-            fresh = (i == 0) | (sgrp_ref[jnp.maximum(i - 1, 0)] != g) if nk == 1 else True
+            fresh = (item == 0) | (sgrp_ref[jnp.maximum(item - 1, 0)] != group) if k_steps == 1 else True
             pl.when(fresh)(dequantize_weights)
         full = (lo == 0) & (hi == tm)
 
@@ -224,33 +218,33 @@ def _gmm_kernel(bounds_ref, grp_ref, tile_ref, sgrp_ref, stile_ref, *refs, tm, t
         @pl.when(jnp.logical_not(full) & (hi > lo))
         def _sub_blocks():
             def body(b, carry):
-                r = pl.ds(pl.multiple_of(b * ts, ts), ts)
+                rows = pl.ds(pl.multiple_of(b * sub_rows, sub_rows), sub_rows)
                 for j in range(n_w):
-                    accumulate(j, r)
+                    accumulate(j, rows)
                 return carry
 
-            lax.fori_loop(lo // ts, (hi + ts - 1) // ts, body, 0)
+            lax.fori_loop(lo // sub_rows, (hi + sub_rows - 1) // sub_rows, body, 0)
 
-    @pl.when(k == nk - 1)
+    @pl.when(k_step == k_steps - 1)
     def _store():
-        vals = []
+        results = []
         for j in range(n_w):
-            v = acc_refs[j][...]
+            result = acc_refs[j][...]
             if scale_mode == "channel":
-                v = v * s_refs[j][...]  # [1, tn] f32
-            vals.append(v)
-        val = apply_activation(activation, vals[0], vals[1]) if n_w == 2 else vals[0]
-        first = (i == 0) | (tile_ref[jnp.maximum(i - 1, 0)] != tile_ref[i])
+                result = result * s_refs[j][...]  # [1, tn] f32
+            results.append(result)
+        val = apply_activation(activation, results[0], results[1]) if n_w == 2 else results[0]
+        first = (item == 0) | (tile_ref[jnp.maximum(item - 1, 0)] != tile_ref[item])
         rows = lax.broadcasted_iota(jnp.int32, val.shape, 0)
-        mask = (rows >= lo) & (rows < hi) & (g >= 0)
+        mask = (rows >= lo) & (rows < hi) & (group >= 0)
 
         @pl.when(first)
         def _first_visit():
-            out_ref[...] = jnp.where(mask, val, 0.0).astype(out_dtype)
+            out_ref[...] = jnp.where(mask, val, 0.0).astype(preferred_element_type)
 
-        @pl.when(jnp.logical_not(first) & (g >= 0))
+        @pl.when(jnp.logical_not(first) & (group >= 0))
         def _revisit():
-            out_ref[...] = jnp.where(mask, val.astype(out_dtype), out_ref[...])
+            out_ref[...] = jnp.where(mask, val.astype(preferred_element_type), out_ref[...])
 
 
 def _check_supported(lhs, rhs, scales, scale_block, int4, activation, tm, tk, tn, interpret) -> None:
@@ -282,72 +276,87 @@ def _check_supported(lhs, rhs, scales, scale_block, int4, activation, tm, tk, tn
         raise NotImplementedError(f"tk {tk} must hold whole scale groups of {scale_block} rows per part")
 
 
-def gmm(lhs, rhs, group_sizes, *, scales=None, scale_block=None, int4=False, group_offset=0,
-        preferred_element_type=None, activation=None, tm=128, tk=512, tn=512, vmem_limit_bytes=None,
-        fill_zeros=True, interpret=False):
-    """Grouped matmul on TPU (shapes in the module docstring).
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, scales: jax.Array | None = None,
+        scale_block: int | None = None, int4: bool = False, group_offset: int | jax.Array = 0,
+        preferred_element_type: object = None, activation: str | None = None, tm: int = 128, tk: int = 512,
+        tn: int = 512, vmem_limit_bytes: int | None = None, fill_zeros: bool = True,
+        interpret: object = False) -> jax.Array:
+    """Grouped matmul on TPU (the module docstring has the semantics).
 
-    rhs: float weights, or the raw values of quantized ones when `scales` [G_local, S, N] (f32, one
-    scale per column per `scale_block` rows of K; scale_block None = per channel, S = 1) is given;
-    int4=True marks quant's packed int4 layout (byte r of a column: rows r and r + K/2).
-    Block sizes: tm rows, tk of K, tn output columns (per half with a gated activation); tk must
-    divide K and tn the output width; tm is clamped to M. fill_zeros=False leaves row tiles with no
-    local rows unwritten (for callers that mask them anyway).
-    Raises NotImplementedError for combinations this kernel does not handle.
+    Args:
+      lhs: [M, K] bfloat16 / float32, rows sorted by group.
+      rhs: [G_local, Kr, N] float weights, or the raw values of quantized ones (Kr = K / 2 for int4).
+      group_sizes: i32[G] over all groups.
+      scales: [G_local, S, N] f32 scales of quantized rhs: one per column per `scale_block` rows of K
+        (scale_block None: per channel, S = 1).
+      int4: rhs holds quant's packed int4 layout (byte r of a column: rows r and r + K/2).
+      group_offset: the first local group.
+      preferred_element_type: the output dtype (default lhs.dtype).
+      activation: None | "swiglu" | "gelu_glu" (rhs columns [0, N/2) gate, [N/2, N) up).
+      tm, tk, tn: rows, K rows and output columns (per half with an activation) of a block; tk must
+        divide K and tn the output width; tm is clamped to M.
+      vmem_limit_bytes: the scoped-VMEM limit (autotune.protocol.vmem_limit_bytes; None: the default).
+      fill_zeros: False leaves row tiles with no local rows unwritten (for callers that mask them).
+      interpret: truthy runs in TPU interpret mode.
+    Returns:
+      [M, N] or [M, N / 2] with an activation.
+    Raises:
+      NotImplementedError: a combination this kernel does not handle.
     """
     _check_supported(lhs, rhs, scales, scale_block, int4, activation, tm, tk, tn, interpret)
-    m, k_dim = lhs.shape
-    g_local, kr, n = rhs.shape
+    m, k = lhs.shape
+    g_local, k_rows, n = rhs.shape
     glu = activation is not None
     n_out = n // 2 if glu else n
     n_parts = 2 if int4 else 1
     scale_mode = None if scales is None else ("channel" if scale_block is None else "group")
-    tkp = tk // n_parts  # K rows per part in one block
+    tk_part = tk // n_parts  # K rows per part in one block
     if scale_mode is None:
         compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     else:
         compute_dtype = jnp.dtype(jnp.float32 if lhs.dtype == jnp.float32 else jnp.bfloat16)
-    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    preferred_element_type = jnp.dtype(preferred_element_type or lhs.dtype)
     tm = min(tm, m)
-    ts = sub_block_rows(tm)
-    nk, nn = k_dim // tk, n_out // tn
-    tiles_m = cdiv(m, tm)
+    sub_rows = sub_block_rows(tm)
+    k_steps, n_tiles, m_tiles = k // tk, n_out // tn, cdiv(m, tm)
 
     meta = make_group_metadata(group_sizes, group_offset, g_local, m, tm, fill_zeros)
     bounds, item_group, item_tile, src_group, src_tile, num_items, _ = meta
 
-    def kk(i, k, grp):  # zero items keep the last compute item's K block: no new DMA
-        return jnp.where(grp[i] >= 0, k, nk - 1)
+    # Index maps: (N tile, item, K step, then the scalar-prefetched bounds, item_group, item_tile,
+    # src_group, src_tile). Zero items keep the last compute item's K block: no new DMA.
+    def k_block(item, k_step, groups):
+        return jnp.where(groups[item] >= 0, k_step, k_steps - 1)
 
     def lhs_map(part):
-        def index(n_i, i, k, bnd, grp, tile, sgrp, stile):
-            return stile[i], kk(i, k, grp) + part * nk
+        def index(n_tile, item, k_step, _bounds, groups, tiles, src_groups, src_tiles):
+            return src_tiles[item], k_block(item, k_step, groups) + part * k_steps
         return index
 
     def w_map(col):
-        def index(n_i, i, k, bnd, grp, tile, sgrp, stile):
-            return sgrp[i], kk(i, k, grp), n_i + col
+        def index(n_tile, item, k_step, _bounds, groups, tiles, src_groups, src_tiles):
+            return src_groups[item], k_block(item, k_step, groups), n_tile + col
         return index
 
     def s_map(col, part):
-        def index(n_i, i, k, bnd, grp, tile, sgrp, stile):
-            if scale_mode == "group":  # scales viewed as [G_local, n_parts * nk, tkp / scale_block, N]
-                return sgrp[i], kk(i, k, grp) + part * nk, 0, n_i + col
-            return sgrp[i], 0, n_i + col
+        def index(n_tile, item, k_step, _bounds, groups, tiles, src_groups, src_tiles):
+            if scale_mode == "group":  # scales viewed as [G_local, n_parts * k_steps, tk_part / scale_block, N]
+                return src_groups[item], k_block(item, k_step, groups) + part * k_steps, 0, n_tile + col
+            return src_groups[item], 0, n_tile + col
         return index
 
-    def out_map(n_i, i, k, bnd, grp, tile, sgrp, stile):
-        return tile[i], n_i
+    def out_map(n_tile, item, k_step, _bounds, groups, tiles, src_groups, src_tiles):
+        return tiles[item], n_tile
 
-    cols = (0, nn) if glu else (0,)
-    in_specs = [pl.BlockSpec((tm, tkp), lhs_map(p)) for p in range(n_parts)]
-    in_specs += [pl.BlockSpec((None, tkp, tn), w_map(c)) for c in cols]
+    cols = (0, n_tiles) if glu else (0,)
+    in_specs = [pl.BlockSpec((tm, tk_part), lhs_map(p)) for p in range(n_parts)]
+    in_specs += [pl.BlockSpec((None, tk_part, tn), w_map(c)) for c in cols]
     operands = [lhs] * n_parts + [rhs] * len(cols)
     if scale_mode == "group":
-        view = scales.astype(jnp.float32).reshape(g_local, n_parts * nk, tkp // scale_block, n)
+        view = scales.astype(jnp.float32).reshape(g_local, n_parts * k_steps, tk_part // scale_block, n)
         for c in cols:
             for p in range(n_parts):
-                in_specs.append(pl.BlockSpec((None, None, tkp // scale_block, tn), s_map(c, p)))
+                in_specs.append(pl.BlockSpec((None, None, tk_part // scale_block, tn), s_map(c, p)))
                 operands.append(view)
     elif scale_mode == "channel":
         in_specs += [pl.BlockSpec((None, 1, tn), s_map(c, 0)) for c in cols]
@@ -355,30 +364,25 @@ def gmm(lhs, rhs, group_sizes, *, scales=None, scale_block=None, int4=False, gro
     scratch = [pltpu.VMEM((tm, tn), jnp.float32) for _ in cols]
     convert = scale_mode is not None or jnp.dtype(rhs.dtype) != compute_dtype
     if convert:
-        scratch.append(pltpu.VMEM((len(cols) * n_parts, tkp, tn), compute_dtype))
+        scratch.append(pltpu.VMEM((len(cols) * n_parts, tk_part, tn), compute_dtype))
 
     kernel = functools.partial(
-        _gmm_kernel, tm=tm, ts=ts, nk=nk, kc=k_chunk(tkp), n_parts=n_parts, n_w=len(cols), activation=activation,
-        compute_dtype=compute_dtype, convert=convert, scale_mode=scale_mode, scale_block=scale_block or 0,
-        out_dtype=out_dtype)
-    w_bytes = rhs.dtype.itemsize * g_local * kr * n
-    flops = 2 * (tiles_m * tm + 2 * ts * g_local) * k_dim * n
+        _gmm_kernel, tm=tm, sub_rows=sub_rows, k_steps=k_steps, k_chunk_rows=lane_chunk(tk_part), n_parts=n_parts,
+        n_w=len(cols), activation=activation, compute_dtype=compute_dtype, convert=convert, scale_mode=scale_mode,
+        scale_block=scale_block or 0, preferred_element_type=preferred_element_type)
+    w_bytes = rhs.dtype.itemsize * g_local * k_rows * n
+    flops = 2 * (m_tiles * tm + 2 * sub_rows * g_local) * k * n
     cost = pl.CostEstimate(flops=int(flops), transcendentals=int(m * n_out if glu else 0),
-                           bytes_accessed=int(lhs.size * lhs.dtype.itemsize * nn + w_bytes
-                                              + m * n_out * out_dtype.itemsize))
+                           bytes_accessed=int(lhs.size * lhs.dtype.itemsize * n_tiles + w_bytes
+                                              + m * n_out * preferred_element_type.itemsize))
     call = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, n_out), out_dtype),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
-            grid=(nn, num_items, nk),
-            in_specs=in_specs,
-            out_specs=pl.BlockSpec((tm, tn), out_map),
-            scratch_shapes=scratch,
-        ),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary", "arbitrary"),
-            vmem_limit_bytes=vmem_limit_bytes),
+        out_shape=jax.ShapeDtypeStruct((m, n_out), preferred_element_type),
+        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=5, grid=(n_tiles, num_items, k_steps),
+                                               in_specs=in_specs, out_specs=pl.BlockSpec((tm, tn), out_map),
+                                               scratch_shapes=scratch),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+                                             vmem_limit_bytes=vmem_limit_bytes),
         cost_estimate=cost,
         interpret=interpret_params(interpret),
         name=f"moe_gmm_{activation or 'none'}",

@@ -72,6 +72,12 @@ def _stored_bytes(key: dict) -> float:
     return 0.5 if key["rhs_dtype"] == "int4" else dtype_bytes(key["rhs_dtype"])
 
 
+def _scale_bytes(key: dict) -> int:
+    """Bytes of one group's scales (0 when not quantized)."""
+    qb = key["quant_block"]
+    return (key["k"] // qb if qb > 0 else 1) * key["n"] * 4 if key["rhs_dtype"] in _QUANT_FORMATS else 0
+
+
 def _rhs_bytes(key: dict) -> float:
     """Bytes per weight element the kernel reads."""
     if key["rhs_dtype"] == "int4":
@@ -102,7 +108,7 @@ def vmem_bytes(key: dict, block_sizes: dict) -> int:
         total += n_w * 2 * scale_rows * tn * 4 * _parts(key)
     if quantized or jnp.dtype(key["rhs_dtype"]).itemsize != cb:
         total += n_w * tk * tn * cb  # the converted-weight scratch
-    total += 2 * tm * tn * dtype_bytes(key.get("out_dtype", key["lhs_dtype"]))  # out
+    total += 2 * tm * tn * dtype_bytes(key.get("preferred_element_type", key["lhs_dtype"]))  # out
     total += n_w * tm * tn * 4 * 2  # accumulators + dot results
     total += tm * tn * 4 * (3 if glu else 1)  # store / activation temporaries
     total += 512 * 1024  # Mosaic's internal scratch
@@ -110,7 +116,7 @@ def vmem_bytes(key: dict, block_sizes: dict) -> int:
 
 
 def traffic(key: dict, block_sizes: dict, generation: str | None = None, *,
-            active_groups: int | None = None, out_dtype=None) -> Traffic:
+            active_groups: int | None = None, preferred_element_type=None) -> Traffic:
     """Modelled HBM traffic, issued MXU work, grid steps and DMAs of one gmm call.
 
     Routing is assumed balanced: `active_groups` (default min(G_local, M)) non-empty local groups
@@ -127,15 +133,12 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None, *,
     active = max(1, min(g, m) if active_groups is None else active_groups)
     lb = dtype_bytes(key["lhs_dtype"])
     wb = _rhs_bytes(key)
-    ob = dtype_bytes(out_dtype or key["lhs_dtype"])
+    ob = dtype_bytes(preferred_element_type or key["lhs_dtype"])
     nn, nk, tiles_m = n_out // tn, k // tk, cdiv(m, tm)
     items = min(tiles_m + active - 1, tiles_m + g - 1)
     n_w = 2 if glu else 1
     parts = _parts(key)
-    scale_bytes = 0
-    if quantized:
-        qb = key["quant_block"]
-        scale_bytes = (k // qb if qb > 0 else 1) * n * 4
+    scale_bytes = _scale_bytes(key)
     if nk == 1:
         lhs_read = nn * tiles_m * tm * k * lb
         w_read = active * (k * n * wb + scale_bytes)
@@ -163,13 +166,8 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None, *,
 
 def weight_bytes(key: dict, active_groups: int | None = None) -> int:
     """Bytes of the weights (and scales) of the active groups: the floor of any gmm's reads."""
-    _, _, quantized = _shape(key)
     active = max(1, min(key["num_groups"], key["m"]) if active_groups is None else active_groups)
-    scale_bytes = 0
-    if quantized:
-        qb = key["quant_block"]
-        scale_bytes = (key["k"] // qb if qb > 0 else 1) * key["n"] * 4
-    return int(active * (key["k"] * key["n"] * _stored_bytes(key) + scale_bytes))
+    return int(active * (key["k"] * key["n"] * _stored_bytes(key) + _scale_bytes(key)))
 
 
 def _divisors(total: int, quantum: int, cap: int | None = None) -> list[int]:
@@ -243,15 +241,7 @@ def _default(frozen: tuple, generation: str | None) -> dict:
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
 vmem_estimate = vmem_bytes
-
-
-def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
-    """traffic() of the key with these block sizes."""
-    return traffic(key, block_sizes, generation)
-
-
-def _is_quantized(key: dict) -> bool:
-    return key["rhs_dtype"] in _QUANT_FORMATS
+cost = traffic
 
 
 def _block_size(key: dict):
@@ -262,20 +252,15 @@ def input_specs(key: dict) -> tuple:
     """(lhs, rhs, group_sizes) as ShapeDtypeStructs (rhs a QuantizedTensor of them when quantized)."""
     import jax
 
-    from quant.tensor import QuantizedTensor
+    from quant.tensor import abstract
 
     m, k, n, g = key["m"], key["k"], key["n"], key["num_groups"]
     lhs = jax.ShapeDtypeStruct((m, k), jnp.dtype(key["lhs_dtype"]))
-    sizes = jax.ShapeDtypeStruct((g,), jnp.int32)
-    if not _is_quantized(key):
-        return lhs, jax.ShapeDtypeStruct((g, k, n), jnp.dtype(key["rhs_dtype"])), sizes
-    name = key["rhs_dtype"]
-    bk = _block_size(key) or k
-    rows = k // 2 if name == "int4" else k
-    store = jnp.int8 if name in ("int8", "int4") else jnp.dtype(name)
-    rhs = QuantizedTensor(jax.ShapeDtypeStruct((g, rows, n), store),
-                          jax.ShapeDtypeStruct((g, k // bk, n), jnp.float32), name, (bk, 1), (g, k, n))
-    return lhs, rhs, sizes
+    if key["rhs_dtype"] in _QUANT_FORMATS:
+        rhs = abstract((g, k, n), key["rhs_dtype"], (_block_size(key) or k, 1))
+    else:
+        rhs = jax.ShapeDtypeStruct((g, k, n), jnp.dtype(key["rhs_dtype"]))
+    return lhs, rhs, jax.ShapeDtypeStruct((g,), jnp.int32)
 
 
 def example_inputs(key: dict, rng) -> tuple:
@@ -285,7 +270,7 @@ def example_inputs(key: dict, rng) -> tuple:
     m, k, n, g = key["m"], key["k"], key["n"], key["num_groups"]
     lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.dtype(key["lhs_dtype"]))
     w = rng.standard_normal((g, k, n)).astype("float32") / (k ** 0.5)
-    rhs = (quant.quantize(w, key["rhs_dtype"], block_size=_block_size(key)) if _is_quantized(key)
+    rhs = (quant.quantize(w, key["rhs_dtype"], block_size=_block_size(key)) if key["rhs_dtype"] in _QUANT_FORMATS
            else jnp.asarray(w, jnp.dtype(key["rhs_dtype"])))
     sizes = jnp.asarray(rng.multinomial(m, rng.dirichlet([0.5] * g)), jnp.int32)
     return lhs, rhs, sizes
@@ -324,8 +309,6 @@ def moe_keys(*, tokens, hidden, intermediate, num_experts, top_k, x_dtype="bfloa
                                 rhs_dtype=w_dtype, quant_block=quant_block, activation=activation),
             "down": make_key(m=m, k=intermediate, n=hidden, num_groups=num_experts, lhs_dtype=x_dtype,
                              rhs_dtype=w_dtype, quant_block=quant_block, activation=None)}
-
-
 
 
 def keys_for_preset(preset: dict) -> list[dict]:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from autotune import protocol
 from autotune.cost_model import Traffic
-from autotune.tables import lookup
+from autotune.tables import kernel_block_sizes, lookup
 from quant import tuning
 from quant.tensor import QuantizedTensor
 from reference import quantization as qref
@@ -52,21 +52,20 @@ def _validate(x, qw, act_quant, out_dtype, bias):
 
 
 def _check_block_sizes(key: dict, block_sizes: object) -> tuning.QuantizedMatmulConfig:
-    if not isinstance(block_sizes, (dict, tuning.QuantizedMatmulConfig)):
-        raise ValueError(f"block_sizes: expected a dict with tm, tn, tk, got {block_sizes!r}")
-    cfg = tuning.QuantizedMatmulConfig.from_any(block_sizes)
-    if min(cfg.tm, cfg.tn, cfg.tk) <= 0:
+    config = tuning.QuantizedMatmulConfig.from_any(block_sizes)
+    if min(config.tm, config.tn, config.tk) <= 0:
         raise ValueError(f"block_sizes: sizes must be positive, got {block_sizes!r}")
-    if cfg.tk > key["k"]:  # a step larger than K is the whole of K
-        cfg = tuning.QuantizedMatmulConfig(cfg.tm, cfg.tn, key["k"])
-    if not tuning.valid_tk(key, cfg.tk):
-        raise ValueError(f"block_sizes: tk={cfg.tk} is not legal for K={key['k']} ({key['w_dtype']}, "
+    if config.tk > key["k"]:  # a step larger than K is the whole of K
+        config = tuning.QuantizedMatmulConfig(config.tm, config.tn, key["k"])
+    if not tuning.valid_tk(key, config.tk):
+        raise ValueError(f"block_sizes: tk={config.tk} is not legal for K={key['k']} ({key['w_dtype']}, "
                          f"group {key['block_k'] or 'per column'}); legal: {tuning.tk_choices(key)}")
-    return cfg
+    return config
 
 
 def quantized_matmul(x: jax.Array, qw: QuantizedTensor, *, act_quant: str | None = None, out_dtype: object = None,
-                     bias: jax.Array | None = None, block_sizes: dict | None = None,
+                     bias: jax.Array | None = None,
+                     block_sizes: dict | tuning.QuantizedMatmulConfig | None = None,
                      vmem_limit_bytes: int | None = None, interpret: object = False,
                      implementation: str | None = None) -> jax.Array:
     """y[M, N] = x[M, K] @ qw (+ bias), in out_dtype (default x.dtype).
@@ -78,7 +77,8 @@ def quantized_matmul(x: jax.Array, qw: QuantizedTensor, *, act_quant: str | None
       out_dtype: the output dtype (default x.dtype).
       bias: [N] or [1, N], added in f32.
       block_sizes: None (tuned_configs for the detected chip, heuristic when missing) or the
-        backend's sizes: {"tm", "tn", "tk"} on a TPU (a quant.tuning.QuantizedMatmulConfig too).
+        backend's sizes: {"tm", "tn", "tk"} or a quant.tuning.QuantizedMatmulConfig on a TPU; the
+        GPU kernel's (quant.gpu.QmmDecodeBlockSizes, quant.gpu_w8a8.W8A8BlockSizes fields) on a GPU.
       vmem_limit_bytes: overrides the TPU kernel's scoped-VMEM limit (default: derived from the
         block sizes, autotune.protocol.vmem_limit_bytes).
       interpret: True (or a pltpu.InterpretParams) runs the TPU kernel in TPU interpret mode.
@@ -111,16 +111,15 @@ def _tpu_path(x: jax.Array, qw: QuantizedTensor, act: str | None, out_dtype: obj
     from quant import tpu
 
     if block_sizes is None:
-        block_sizes = (tuning.default_block_sizes(key, None) if generation is None
-                       else lookup("quantized_matmul", key, generation)[0])
-    cfg = _check_block_sizes(key, block_sizes)
+        block_sizes = kernel_block_sizes("quantized_matmul", key, generation)
+    config = _check_block_sizes(key, block_sizes)
     (m, k), n = x.shape, qw.shape[1]
-    need = tuning.vmem_bytes(key, cfg.to_dict(), generation)
+    need = tuning.vmem_bytes(key, config.to_dict(), generation)
     return tpu.quantized_matmul(
         x, qw.values, qw.scales, None if bias is None else jnp.asarray(bias).reshape(n),
         w_dtype=qw.dtype, block=tuple(qw.block_size), shape=(k, n), act_quant=act,
         out_dtype=None if out_dtype is None else jnp.dtype(out_dtype).name,
-        tm=tuning.legal_tm(m, cfg.tm), tn=tuning.legal_tn(n, cfg.tn), tk=cfg.tk,
+        tm=tuning.legal_tm(m, config.tm), tn=tuning.legal_tn(n, config.tn), tk=config.tk,
         mxu=tuning.mxu_path(qw.dtype, act, generation),
         vmem_limit_bytes=vmem_limit_bytes or protocol.vmem_limit_bytes(need, generation), interpret=interpret)
 

@@ -5,13 +5,14 @@ time and keeps its measured defaults) and of quant/gpu_w8a8.py's 8-bit GEMM.
 Block sizes: quant.gpu.QmmDecodeBlockSizes fields (tk, num_stages, consumers, k_splits, tn, ...) for
 weight-only keys; quant.gpu_w8a8.W8A8BlockSizes fields (tile_m, tile_n, tile_k, num_stages, ...)
 for int8 x int8 / fp8 x fp8 keys. Keys neither kernel takes (grouped scales, weight-only M > 128,
-mixed 8-bit formats) have no GPU candidates: quantized_matmul runs XLA for them. The cost model sees only the weight stream and the partial sums,
-so GPU tables are meant to be measured (`autotune run --chip h100` on the GPU).
+mixed 8-bit formats) have no GPU candidates: quantized_matmul runs XLA for them. The key, inputs,
+kernel, reference, presets and bench cases are the family's (quant/tuning.py; autotune/registry.py
+serves them alongside this module's names). The cost model sees only the weight stream and the
+partial sums, so GPU tables are meant to be measured (`autotune run --chip h100` on the GPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def default_block_sizes(key: dict, generation: str | None = None) -> dict:
     from quant.gpu import QmmDecodeBlockSizes
     from quant.gpu_w8a8 import W8A8BlockSizes
 
-    return dataclasses.asdict(W8A8BlockSizes() if is_w8a8_key(key) else QmmDecodeBlockSizes())
+    return (W8A8BlockSizes() if is_w8a8_key(key) else QmmDecodeBlockSizes()).to_dict()
 
 
 def _w8a8_space(key: dict) -> list[dict]:
@@ -79,7 +80,7 @@ def _w8a8_space(key: dict) -> list[dict]:
                                      (key["k"], 1), bs)
         except NotImplementedError:
             continue
-        out.append(dataclasses.asdict(bs))
+        out.append(bs.to_dict())
     return out
 
 
@@ -95,7 +96,7 @@ def search_space(key: dict, generation: str | None = None) -> list[dict]:
     for tk, st, c, ks, tn in itertools.product(TK, NUM_STAGES, CONSUMERS, K_SPLITS, TN):
         bs = QmmDecodeBlockSizes(tk=tk, num_stages=st, consumers=c, k_splits=ks, tn=tn)
         if _supported(key, bs):
-            out.append(dataclasses.asdict(bs))
+            out.append(bs.to_dict())
     return out
 
 

@@ -22,15 +22,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from autotune.hardware import HOPPER_SMEM_PER_BLOCK
-from autotune.kernel_util import gpu_interpret_params, k_pipeline
+from autotune.kernel_util import gemm_tiles, gpu_interpret_params, smem_transforms, store_tile
 from autotune.protocol import BlockConfig
 from reference import quantization as qref
+
+if TYPE_CHECKING:
+    from quant.tensor import QuantizedTensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +61,9 @@ def smem_bytes(bs: W8A8BlockSizes, out_itemsize: int = 2) -> int:
     return bs.num_stages * per_stage + 2 * bs.tile_m * bs.epi_n * out_itemsize + 1024
 
 
-def check_supported(m: int, k: int, n: int, fmt: str, act: str | None, block_size, bs: W8A8BlockSizes) -> None:
+def check_supported(m: int, k: int, n: int, fmt: str, act: str | None, block_size: tuple[int, ...],
+                    bs: W8A8BlockSizes) -> None:
+    """NotImplementedError for what the kernel does not cover (the caller falls back)."""
     if act is None or fmt != act or fmt not in FORMATS:
         raise NotImplementedError(f"GPU 8-bit matmul: weights {fmt} with act_quant {act} (int8/int8 or fp8/fp8)")
     if tuple(block_size) != (k, 1):
@@ -73,82 +80,62 @@ def check_supported(m: int, k: int, n: int, fmt: str, act: str | None, block_siz
         raise NotImplementedError(f"GPU 8-bit matmul: {bs} needs {smem_bytes(bs)} B of shared memory")
 
 
-def w8a8_kernel(xq, wq_nk, sx, sw, *, bs: W8A8BlockSizes, out_dtype, interpret=False):
-    """xq [M, K] (M a multiple of tile_m), wq_nk [N, K] (same 8-bit dtype), sx f32 [M], sw f32 [N] -> [M, N]."""
+def w8a8_kernel(xq: jax.Array, wq_nk: jax.Array, sx: jax.Array, sw: jax.Array, *, bs: W8A8BlockSizes,
+                out_dtype: DTypeLike, interpret: Any = False) -> jax.Array:
+    """The Mosaic GPU kernel (persistent: one CTA per SM, `num_sms` of them).
+
+    Args:
+      xq: [M, K] int8 / float8_e4m3fn, M a multiple of tile_m.
+      wq_nk: [N, K], xq's dtype (K-major weights).
+      sx: f32 [M] row scales; sw: f32 [N] column scales.
+      bs: block sizes (check_supported's).
+      out_dtype: dtype of the output.
+      interpret: False, or gpu_interpret_params' value.
+    Returns:
+      (xq @ wq_nk.T) * sx[:, None] * sw[None, :], [M, N] in out_dtype.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    call = plgpu.kernel(
+        functools.partial(_w8a8_body, bs=bs, out_dtype=out_dtype), out_type=jax.ShapeDtypeStruct(
+            (xq.shape[0], wq_nk.shape[0]), out_dtype), grid=(bs.num_sms,), grid_names=("sm",), num_threads=3,
+        thread_name="wg", compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=gpu_interpret_params(interpret),
+        kernel_name=f"w8a8_{jnp.dtype(xq.dtype).name}_{bs.tile_m}x{bs.tile_n}x{bs.tile_k}_st{bs.num_stages}")
+    return call(xq, wq_nk, sx, sw)
+
+
+def _w8a8_body(a_gmem, b_gmem, sx_gmem, sw_gmem, out_gmem, *, bs: W8A8BlockSizes, out_dtype):
+    """Kernel body of w8a8_kernel: the CTAs walk the output tiles in a planar snake; each consumer
+    scales its [tile_m, tile_n] accumulator by both scales in f32 registers."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    m, k = xq.shape
-    n = wq_nk.shape[0]
-    acc_dtype = jnp.int32 if jnp.dtype(xq.dtype) == jnp.dtype(jnp.int8) else jnp.float32
+    (m, k), n = a_gmem.shape, b_gmem.shape[0]
+    acc_dtype = jnp.int32 if jnp.dtype(a_gmem.dtype) == jnp.dtype(jnp.int8) else jnp.float32
     tm, tn, tk, epi_n = bs.tile_m, bs.tile_n, bs.tile_k, bs.epi_n
     cta_n = 2 * tn
-    m_iters, n_iters, k_iters = m // tm, n // cta_n, k // tk
-    tr = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))  # 128 one-byte elements a row
+    tr = smem_transforms(128, 1)  # 128 one-byte elements a row
+    in_blocks = [((tm, tk), lambda kk: (0, kk), tr), ((cta_n, tk), lambda kk: (0, kk), tr)]
 
-    def kernel(a_gmem, b_gmem, sx_gmem, sw_gmem, out_gmem):
-        def get_pipeline(body, compute_context):
-            return k_pipeline(body, compute_context, k_iters=k_iters, num_stages=bs.num_stages,
-                              in_blocks=[((tm, tk), lambda kk: (0, kk), tr), ((cta_n, tk), lambda kk: (0, kk), tr)])
+    def tile(run_tile, out_smem, wg, mi, ni):
+        row0 = mi * tm
+        col0 = ni * cta_n + wg * tn
 
-        ignore = lambda *_, **__: None
+        def epilogue(acc):
+            xs = plgpu.load(sx_gmem.at[pl.ds(row0, tm)], layout=plgpu.Layout.WGMMA.reduce(1))
+            ws = plgpu.load(sw_gmem.at[pl.ds(col0, tn)], layout=plgpu.Layout.WGMMA.reduce(0))
+            y = acc.astype(jnp.float32) * lax.broadcast_in_dim(xs, (tm, tn), [0])
+            y = (y * lax.broadcast_in_dim(ws, (tm, tn), [1])).astype(out_dtype)
+            store_tile(y, out_smem.at[wg], epi_n, lambda e: plgpu.copy_smem_to_gmem(
+                out_smem.at[wg], out_gmem.at[pl.ds(row0, tm), pl.ds(col0 + e * epi_n, epi_n)]))
 
-        @functools.partial(
-            pl.run_scoped,
-            allocs=get_pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
-            out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype),
-            collective_axes="wg",
-        )
-        def _scope(allocs, out_smem):
-            wg = lax.axis_index("wg")
+        views = (a_gmem.at[pl.ds(row0, tm), :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :])
+        run_tile(views, plgpu.ACC((tm, tn), acc_dtype), lambda a, b: (a, b.at[pl.ds(wg * tn, tn)].T), epilogue)
 
-            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-            def _loop(info):
-                (lin,) = info.index
-                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, bs.grid_tile_width)
-                row0 = mi * tm
-                col0 = ni * cta_n + wg * tn
-
-                def epilogue(acc):
-                    xs = plgpu.load(sx_gmem.at[pl.ds(row0, tm)], layout=plgpu.Layout.WGMMA.reduce(1))
-                    ws = plgpu.load(sw_gmem.at[pl.ds(col0, tn)], layout=plgpu.Layout.WGMMA.reduce(0))
-                    y = acc.astype(jnp.float32) * lax.broadcast_in_dim(xs, (tm, tn), [0])
-                    y = (y * lax.broadcast_in_dim(ws, (tm, tn), [1])).astype(out_dtype)
-                    for e in range(tn // epi_n):
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem.at[wg][...] = y[:, e * epi_n:(e + 1) * epi_n]
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg],
-                                                out_gmem.at[pl.ds(row0, tm), pl.ds(col0 + e * epi_n, epi_n)])
-
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), acc_dtype))
-                    def _acc(acc_ref):
-                        eval_pipeline(acc_ref)
-                        epilogue(acc_ref[...])
-
-                def mma(_, a_smem, b_smem, acc_ref):
-                    plgpu.wgmma(acc_ref, a_smem, b_smem.at[pl.ds(wg * tn, tn)].T)
-                    plgpu.wgmma_wait(0)
-                    return acc_ref
-
-                get_pipeline(mma, compute_context)(
-                    a_gmem.at[pl.ds(row0, tm), :], b_gmem.at[pl.ds(ni * cta_n, cta_n), :], allocations=allocs)
-
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    call = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(bs.num_sms,),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=gpu_interpret_params(interpret),
-        kernel_name=f"w8a8_{jnp.dtype(xq.dtype).name}_{tm}x{tn}x{tk}_st{bs.num_stages}",
-    )
-    return call(xq, wq_nk, sx, sw)
+    gemm_tiles(tile, (a_gmem, b_gmem), grid=(m // tm, n // cta_n), grid_tile_width=bs.grid_tile_width,
+               in_blocks=in_blocks, k_iters=k // tk, num_stages=bs.num_stages,
+               out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "bs", "out_dtype", "interpret"))
@@ -164,12 +151,23 @@ def _w8a8_jit(x, wq_nk, scales, *, fmt, bs, out_dtype, interpret=False):
     return y[:m]
 
 
-def quantized_matmul_w8a8(x, qw, *, act_quant, values_nk=None, out_dtype=None, block_sizes=None,
-                          interpret=False):
+def quantized_matmul_w8a8(x: jax.Array, qw: QuantizedTensor, *, act_quant: str | None,
+                          values_nk: jax.Array | None = None, out_dtype: DTypeLike | None = None,
+                          block_sizes: W8A8BlockSizes | dict | None = None, interpret: Any = False) -> jax.Array:
     """quant.quantized_matmul(x, qw, act_quant=...) for int8/int8 or fp8/fp8 with per-column scales.
 
-    values_nk: `quant.gpu.prepare_weights_nk(qw.values)` made once at load time (else transposed here).
-    Raises NotImplementedError outside that set.
+    Args:
+      x: [M, K] bf16 / fp16 / f32 (any M), quantized per row here (act_quant's format).
+      qw: a QuantizedTensor [K, N], int8 or float8_e4m3fn, per-channel scales (block_size (K, 1)).
+      act_quant: qw's format ("int8" / "float8_e4m3fn").
+      values_nk: `quant.gpu.prepare_weights_nk(qw.values)` [N, K], made once at load time (else
+        transposed here).
+      out_dtype: dtype of y (None: x's); block_sizes: None | dict of W8A8BlockSizes fields | one.
+      interpret: True runs the kernel in GPU interpret mode on the CPU.
+    Returns:
+      y [M, N].
+    Raises:
+      NotImplementedError: outside that set (the caller falls back).
     """
     bs = W8A8BlockSizes.from_any(block_sizes)
     m, k = x.shape

@@ -80,11 +80,6 @@ class QuantizedTensor:
         return len(self.shape)
 
     @property
-    def per_channel(self) -> bool:
-        """One scale per output column (block (K, 1))."""
-        return self.block_size == (self.shape[-2], 1)
-
-    @property
     def packed(self) -> bool:
         return self.dtype == "int4"
 
@@ -103,6 +98,15 @@ class QuantizedTensor:
     def __repr__(self) -> str:
         return (f"QuantizedTensor(dtype={self.dtype}, shape={self.shape}, block_size={self.block_size}, "
                 f"values={getattr(self.values, 'dtype', None)}{tuple(getattr(self.values, 'shape', ()))})")
+
+
+def abstract(shape: tuple[int, ...], dtype: str, block_size: tuple[int, int]) -> QuantizedTensor:
+    """What quantize(w [..., K, N], dtype, block_size (bk, bn)) returns, as ShapeDtypeStructs."""
+    *lead, k, n = shape
+    bk, bn = block_size
+    values = jax.ShapeDtypeStruct((*lead, k // 2 if dtype == "int4" else k, n), qref.storage_dtype(dtype))
+    scales = jax.ShapeDtypeStruct((*lead, k // bk, n // bn), jnp.float32)
+    return QuantizedTensor(values, scales, dtype, (bk, bn), tuple(shape))
 
 
 def check_block_size(dtype: str, shape, block_size, *, arg: str = "block_size") -> tuple[int, int]:
@@ -135,17 +139,3 @@ def quantize(w, dtype, *, block_size=None) -> QuantizedTensor:
     if name == "int4":
         values = pack_int4(values)
     return QuantizedTensor(values, scales, name, block, tuple(int(d) for d in w.shape))
-
-
-def from_arrays(values, scales, dtype, block_size, shape) -> QuantizedTensor:
-    """Wrap existing (already packed for int4) values and scales, checking their shapes."""
-    name = qref.dtype_name(dtype)
-    shape = tuple(int(d) for d in shape)
-    block = check_block_size(name, shape, block_size)
-    want_values = (*shape[:-2], shape[-2] // 2, shape[-1]) if name == "int4" else shape
-    if tuple(values.shape) != want_values:
-        raise ValueError(f"values: shape {tuple(values.shape)}, expected {want_values} for {name} {shape}")
-    want_scales = qref.scales_shape(shape, block)
-    if tuple(scales.shape) != want_scales:
-        raise ValueError(f"scales: shape {tuple(scales.shape)}, expected {want_scales}")
-    return QuantizedTensor(values, jnp.asarray(scales, jnp.float32), name, block, shape)

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from autotune.kernel_util import LANES, cdiv, interpret_params
+from quant.tensor import unpack_int4_halves
 from reference import quantization as qref
 
 _DOT_DIMS = (((1,), (0,)), ((), ()))
@@ -58,79 +59,79 @@ def _operand_dtype(mxu: str, x_dtype, w_dtype: str):
         return jnp.int8, jnp.int8, jnp.int32
     if mxu == "fp8":
         return None, None, jnp.float32  # both stay in their float8 formats
-    cd = jnp.float32 if jnp.dtype(x_dtype) == jnp.float32 else jnp.bfloat16
-    return cd, cd, jnp.float32
+    compute = jnp.float32 if jnp.dtype(x_dtype) == jnp.float32 else jnp.bfloat16
+    return compute, compute, jnp.float32
 
 
-def _make_kernel(*, halves, grouped, gpt, bk_rows, nk, act, has_bias, mxu, x_cd, w_cd, acc_dtype,
-                 int4, tn, cn):
+def _make_kernel(*, halves, grouped, group_rows, k_steps, row_scales, has_bias, x_compute, w_compute, dot_dtype,
+                 int4, tn, chunk_cols):
     """The kernel body; refs: x halves, [x row scales], w, scale refs, [bias], out, [acc scratch].
 
-    The N tile is processed in column chunks of `cn` lanes by a loop (not unrolled): the weight
-    conversion, the dots and the epilogue of one chunk stay small, which keeps the generated code
-    (and compile time) bounded for large tiles.
+    The N tile is processed in column chunks of `chunk_cols` lanes by a loop (not unrolled): the
+    weight conversion, the dots and the epilogue of one chunk stay small, which keeps the generated
+    code (and compile time) bounded for large tiles.
     """
-    n_chunks = tn // cn
+    n_chunks = tn // chunk_cols
 
     def kernel(*refs):
         refs = list(refs)
         x_refs = [refs.pop(0) for _ in range(halves)]
-        sx_ref = refs.pop(0) if act else None
+        x_scale_ref = refs.pop(0) if row_scales else None
         w_ref = refs.pop(0)
-        s_refs = [refs.pop(0) for _ in range(halves if grouped else 1)]
-        b_ref = refs.pop(0) if has_bias else None
-        o_ref = refs.pop(0)
-        acc_ref = refs.pop(0) if nk > 1 else None
-        k_id = pl.program_id(2)
+        scale_refs = [refs.pop(0) for _ in range(halves if grouped else 1)]
+        bias_ref = refs.pop(0) if has_bias else None
+        out_ref = refs.pop(0)
+        acc_ref = refs.pop(0) if k_steps > 1 else None
+        k_step = pl.program_id(2)
 
         def chunk(c, carry):
-            cols = pl.ds(pl.multiple_of(c * cn, cn), cn) if n_chunks > 1 else slice(None)
-            w = w_ref[:, cols]
+            cols = pl.ds(pl.multiple_of(c * chunk_cols, chunk_cols), chunk_cols) if n_chunks > 1 else slice(None)
+            w_tile = w_ref[:, cols]
             if int4:
-                w_parts = [p.astype(w_cd) for p in _unpack(w)]
+                w_parts = [half.astype(w_compute) for half in unpack_int4_halves(w_tile)]
             else:
-                w_parts = [w if w_cd is None else w.astype(w_cd)]
-            part = None
+                w_parts = [w_tile if w_compute is None else w_tile.astype(w_compute)]
+            partial = None
             for h in range(halves):
-                xt = x_refs[h][...]
-                if x_cd is not None:
-                    xt = xt.astype(x_cd)
-                wt = w_parts[h]
-                rows = wt.shape[0]
-                if grouped and rows > bk_rows:
-                    pieces = [(xt[:, g * bk_rows:(g + 1) * bk_rows], wt[g * bk_rows:(g + 1) * bk_rows], g)
-                              for g in range(rows // bk_rows)]
+                x_tile = x_refs[h][...]
+                if x_compute is not None:
+                    x_tile = x_tile.astype(x_compute)
+                w_part = w_parts[h]
+                rows = w_part.shape[0]
+                if grouped and rows > group_rows:
+                    pieces = [(x_tile[:, g * group_rows:(g + 1) * group_rows],
+                               w_part[g * group_rows:(g + 1) * group_rows], g) for g in range(rows // group_rows)]
                 else:
-                    pieces = [(xt, wt, 0)]
-                for xs, ws, g in pieces:
-                    d = jax.lax.dot_general(xs, ws, _DOT_DIMS, preferred_element_type=acc_dtype)
+                    pieces = [(x_tile, w_part, 0)]
+                for x_piece, w_piece, g in pieces:
+                    product = jax.lax.dot_general(x_piece, w_piece, _DOT_DIMS, preferred_element_type=dot_dtype)
                     if grouped:
-                        d = d.astype(jnp.float32) * s_refs[h][g, :, cols]
-                    part = d if part is None else part + d
+                        product = product.astype(jnp.float32) * scale_refs[h][g, :, cols]
+                    partial = product if partial is None else partial + product
 
-            def epilogue(r):
-                r = r.astype(jnp.float32)
-                if act:
-                    r = r * sx_ref[...]
+            def epilogue(result):
+                result = result.astype(jnp.float32)
+                if row_scales:
+                    result = result * x_scale_ref[...]
                 if not grouped:
-                    r = r * s_refs[0][:, cols]
+                    result = result * scale_refs[0][:, cols]
                 if has_bias:
-                    r = r + b_ref[:, cols]
-                o_ref[:, cols] = r.astype(o_ref.dtype)
+                    result = result + bias_ref[:, cols]
+                out_ref[:, cols] = result.astype(out_ref.dtype)
 
-            if nk == 1:
-                epilogue(part)
+            if k_steps == 1:
+                epilogue(partial)
                 return carry
 
-            @pl.when(k_id == 0)
+            @pl.when(k_step == 0)
             def _():
-                acc_ref[:, cols] = part
+                acc_ref[:, cols] = partial
 
-            @pl.when(k_id > 0)
+            @pl.when(k_step > 0)
             def _():
-                acc_ref[:, cols] += part
+                acc_ref[:, cols] += partial
 
-            @pl.when(k_id == nk - 1)
+            @pl.when(k_step == k_steps - 1)
             def _():
                 epilogue(acc_ref[:, cols])
 
@@ -144,24 +145,16 @@ def _make_kernel(*, halves, grouped, gpt, bk_rows, nk, act, has_bias, mxu, x_cd,
     return kernel
 
 
-def column_chunk(tn: int, target: int = 512) -> int:
-    """Lanes per in-kernel column chunk: the largest multiple of 128 <= target dividing tn (tn itself
-    when tn is not lane aligned)."""
-    if tn % LANES:
-        return tn
-    for c in range(min(target, tn) // LANES * LANES, 0, -LANES):
-        if tn % c == 0:
+def lane_chunk(size: int, target: int = 512) -> int:
+    """Rows or columns one in-kernel loop step handles (quantized_matmul's N chunks, gmm's K chunks):
+    the largest multiple of 128 <= target dividing size (size itself when none does)."""
+    for c in range(min(target, size) // LANES * LANES, 0, -LANES):
+        if size % c == 0:
             return c
-    return tn
+    return size
 
 
-def _unpack(packed):
-    from quant.tensor import unpack_int4_halves
-
-    return unpack_int4_halves(packed)
-
-
-def check_supported(w_dtype: str, act_quant, mxu: str) -> None:
+def check_supported(w_dtype: str, act_quant: str | None, mxu: str) -> None:
     """NotImplementedError for an MXU path the formats cannot take."""
     if mxu == "int8" and not (act_quant == "int8" and w_dtype in ("int8", "int4")):
         raise NotImplementedError(f"the int8 MXU path needs int8 activations and int8/int4 weights, got "
@@ -176,13 +169,27 @@ def check_supported(w_dtype: str, act_quant, mxu: str) -> None:
 @functools.partial(jax.jit, static_argnames=(
     "w_dtype", "block", "shape", "act_quant", "out_dtype", "tm", "tn", "tk", "mxu", "vmem_limit_bytes",
     "interpret"))
-def quantized_matmul(x, values, scales, bias=None, *, w_dtype: str, block: tuple[int, int],
-                     shape: tuple[int, int], act_quant=None, out_dtype=None, tm: int, tn: int, tk: int,
-                     mxu: str = "bf16", vmem_limit_bytes=None, interpret=False):
-    """x [M, K] @ quantized weight (values as stored: int4 packed; scales [K//bk, N//bn]) -> [M, N].
+def quantized_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, bias: jax.Array | None = None, *,
+                     w_dtype: str, block: tuple[int, int], shape: tuple[int, int], act_quant: str | None = None,
+                     out_dtype: str | None = None, tm: int, tn: int, tk: int, mxu: str = "bf16",
+                     vmem_limit_bytes: int | None = None, interpret: object = False) -> jax.Array:
+    """x @ the quantized weight (+ bias) on TPU.
 
-    Block sizes must be legal (quant.tuning.valid_tk, legal_tm, legal_tn): the public wrapper
-    (quant.api.quantized_matmul) checks inputs and picks them.
+    Args:
+      x: [M, K] activations.
+      values: the stored weight values: [K, N] (int8, float8) or [K / 2, N] (int4, packed).
+      scales: [K / bk, N / bn] f32.
+      bias: None or [N].
+      w_dtype, block, shape: the weight's format, (bk, bn) block and logical shape (K, N).
+      act_quant: None | "int8" | "float8_e4m3fn": quantize x per row first.
+      out_dtype: the output dtype (default x.dtype).
+      tm, tn, tk: block sizes, legal ones (quant.tuning.valid_tk, legal_tm, legal_tn: the public
+        wrapper quant.api.quantized_matmul checks the inputs and picks them).
+      mxu: "int8" | "fp8" | "bf16" (quant.tuning.mxu_path).
+      vmem_limit_bytes: the scoped-VMEM limit (autotune.protocol.vmem_limit_bytes; None: the default).
+      interpret: truthy runs in TPU interpret mode.
+    Returns:
+      [M, N] in out_dtype.
     """
     check_supported(w_dtype, act_quant, mxu)
     m, k_x = x.shape
@@ -192,80 +199,81 @@ def quantized_matmul(x, values, scales, bias=None, *, w_dtype: str, block: tuple
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     int4 = w_dtype == "int4"
     halves = 2 if int4 else 1
-    tr = tk // halves  # stored weight rows per step
-    nm, nn, nk = cdiv(m, tm), cdiv(n, tn), k // tk
+    step_rows = tk // halves  # stored weight rows per step
+    m_tiles, n_tiles, k_steps = cdiv(m, tm), cdiv(n, tn), k // tk
     grouped = bk != k
     if grouped:
-        assert tr % bk == 0 or bk % tr == 0, (tr, bk)
-    gpt = max(1, tr // bk) if grouped else 1
+        assert step_rows % bk == 0 or bk % step_rows == 0, (step_rows, bk)
+    groups_per_step = max(1, step_rows // bk) if grouped else 1
 
     # ---- XLA prologue: activation quantization, scale layout
     if act_quant is not None:
-        xk, sx = quantize_rows_fast(x, act_quant)
+        x_kernel, x_scales = quantize_rows_fast(x, act_quant)
     else:
-        xk, sx = x, None
-    s = scales.astype(jnp.float32)
+        x_kernel, x_scales = x, None
+    w_scales = scales.astype(jnp.float32)
     if bn > 1:
-        s = jnp.repeat(s, bn, axis=1)  # [K//bk, N]
+        w_scales = jnp.repeat(w_scales, bn, axis=1)  # [K//bk, N]
     if grouped:
-        s = s.reshape(k // bk, 1, n)
+        w_scales = w_scales.reshape(k // bk, 1, n)
 
-    x_cd, w_cd, acc_dtype = _operand_dtype(mxu, x.dtype, w_dtype)
+    x_compute, w_compute, dot_dtype = _operand_dtype(mxu, x.dtype, w_dtype)
     if mxu == "int8" and grouped:
-        acc_dtype = jnp.int32  # per-dot; the accumulator is f32 (scaled partials)
+        dot_dtype = jnp.int32  # per-dot; the accumulator is f32 (scaled partials)
 
     in_specs, args = [], []
     if int4:
-        if tr % LANES == 0:
-            x_parts = [xk, xk]
-            x_specs = [pl.BlockSpec((tm, tr), lambda i, j, kk: (i, kk)),
-                       pl.BlockSpec((tm, tr), lambda i, j, kk, _nk=nk: (i, kk + _nk))]
+        if step_rows % LANES == 0:
+            x_parts = [x_kernel, x_kernel]
+            x_specs = [pl.BlockSpec((tm, step_rows), lambda i, j, kk: (i, kk)),
+                       pl.BlockSpec((tm, step_rows), lambda i, j, kk, _steps=k_steps: (i, kk + _steps))]
         else:  # K/2 is not lane aligned: split x in two arrays (tk == K, one step)
-            x_parts = [xk[:, : k // 2], xk[:, k // 2:]]
-            x_specs = [pl.BlockSpec((tm, tr), lambda i, j, kk: (i, kk))] * 2
+            x_parts = [x_kernel[:, : k // 2], x_kernel[:, k // 2:]]
+            x_specs = [pl.BlockSpec((tm, step_rows), lambda i, j, kk: (i, kk))] * 2
         in_specs += x_specs
         args += x_parts
     else:
         in_specs.append(pl.BlockSpec((tm, tk), lambda i, j, kk: (i, kk)))
-        args.append(xk)
+        args.append(x_kernel)
     if act_quant is not None:
         in_specs.append(pl.BlockSpec((tm, 1), lambda i, j, kk: (i, 0)))
-        args.append(sx)
-    in_specs.append(pl.BlockSpec((tr, tn), lambda i, j, kk: (kk, j)))
+        args.append(x_scales)
+    in_specs.append(pl.BlockSpec((step_rows, tn), lambda i, j, kk: (kk, j)))
     args.append(values)
     if grouped:
         half_groups = (k // 2) // bk if int4 else 0
         for h in range(halves):
-            if tr >= bk:
-                off = h * (k // 2) // tr
-                in_specs.append(pl.BlockSpec((gpt, 1, tn), lambda i, j, kk, _o=off: (kk + _o, 0, j)))
+            if step_rows >= bk:
+                offset = h * (k // 2) // step_rows
+                spec = pl.BlockSpec((groups_per_step, 1, tn), lambda i, j, kk, _o=offset: (kk + _o, 0, j))
             else:
-                ratio = bk // tr
-                off = h * half_groups
-                in_specs.append(pl.BlockSpec((1, 1, tn), lambda i, j, kk, _r=ratio, _o=off: (kk // _r + _o, 0, j)))
-            args.append(s)
+                steps_per_group = bk // step_rows
+                spec = pl.BlockSpec((1, 1, tn), lambda i, j, kk, _r=steps_per_group, _o=h * half_groups:
+                                    (kk // _r + _o, 0, j))
+            in_specs.append(spec)
+            args.append(w_scales)
     else:
         in_specs.append(pl.BlockSpec((1, tn), lambda i, j, kk: (0, j)))
-        args.append(s)
+        args.append(w_scales)
     if bias is not None:
         in_specs.append(pl.BlockSpec((1, tn), lambda i, j, kk: (0, j)))
         args.append(bias.astype(jnp.float32).reshape(1, n))
 
-    acc_scratch_dtype = jnp.int32 if (mxu == "int8" and not grouped) else jnp.float32
-    scratch = [pltpu.VMEM((tm, tn), acc_scratch_dtype)] if nk > 1 else []
-    kernel = _make_kernel(halves=halves, grouped=grouped, gpt=gpt, bk_rows=bk, nk=nk, act=act_quant is not None,
-                          has_bias=bias is not None, mxu=mxu, x_cd=x_cd, w_cd=w_cd, acc_dtype=acc_dtype,
-                          int4=int4, tn=tn, cn=column_chunk(tn))
-    xb = 1 if act_quant is not None else jnp.dtype(x.dtype).itemsize
+    acc_dtype = jnp.int32 if (mxu == "int8" and not grouped) else jnp.float32
+    scratch = [pltpu.VMEM((tm, tn), acc_dtype)] if k_steps > 1 else []
+    kernel = _make_kernel(halves=halves, grouped=grouped, group_rows=bk, k_steps=k_steps,
+                          row_scales=act_quant is not None, has_bias=bias is not None, x_compute=x_compute,
+                          w_compute=w_compute, dot_dtype=dot_dtype, int4=int4, tn=tn, chunk_cols=lane_chunk(tn))
+    x_bytes = 1 if act_quant is not None else jnp.dtype(x.dtype).itemsize
     cost = pl.CostEstimate(
         flops=2 * m * k * n, transcendentals=0,
-        bytes_accessed=int(m * k * xb * (nn if nk > 1 else 1) + values.size * values.dtype.itemsize * nm
-                           + m * n * out_dtype.itemsize))
+        bytes_accessed=int(m * k * x_bytes * (n_tiles if k_steps > 1 else 1)
+                           + values.size * values.dtype.itemsize * m_tiles + m * n * out_dtype.itemsize))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(nm, nn, nk), in_specs=in_specs,
+            num_scalar_prefetch=0, grid=(m_tiles, n_tiles, k_steps), in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)), scratch_shapes=scratch),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes),

@@ -165,17 +165,17 @@ def vmem_bytes(key: dict, block_sizes: dict, generation: str | None = None) -> i
 def _vmem_bytes(key: dict, block_sizes: dict, mxu: str) -> int:
     """Calibrated against libtpu's compile-time scoped-VMEM check (bisecting vmem_limit_bytes on
     v5e, v6e, tpu7x): the double-buffered blocks dominate; the kernel converts / unpacks and
-    multiplies one column chunk (quant.tpu.column_chunk) of the weight tile at a time, so the
+    multiplies one column chunk (quant.tpu.lane_chunk) of the weight tile at a time, so the
     temporaries scale with tk x chunk, plus the converted x block on the bf16 path with act_quant.
     10% + 1 MiB margin on top.
     """
-    from quant.tpu import column_chunk
+    from quant.tpu import lane_chunk
 
     m, k, n = key["m"], key["k"], key["n"]
     tm = legal_tm(m, int(block_sizes["tm"]))
     tn = legal_tn(n, int(block_sizes["tn"]))
     tk = min(int(block_sizes["tk"]), k)
-    cn = column_chunk(tn)
+    cn = lane_chunk(tn)
     nk = cdiv(k, tk)
     quantized = key["w_dtype"] in QUANT_FORMATS
     tmp, tnp, cnp = round_up(tm, 32 if _act(key) else 16), round_up(tn, LANES), round_up(cn, LANES)
@@ -305,12 +305,6 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
     return out
 
 
-def score(key: dict, block_sizes: dict, generation: str | None) -> float:
-    """Modelled seconds of one call (cost model of `generation`, v5e's when None)."""
-    spec = chip(generation or "v5e")
-    return predict(traffic(key, block_sizes, generation), spec).seconds
-
-
 def default_block_sizes(key: dict, generation: str | None) -> dict:
     """The modelled-fastest VMEM-safe block sizes (cost model of `generation`; v5e's when None)."""
     return dict(_default(tuple(sorted((k, str(v)) for k, v in key.items())), generation))
@@ -324,42 +318,27 @@ def _default(frozen: tuple, generation: str | None) -> dict:
     key = {k: (int(v) if k in _INT_FIELDS else v) for k, v in frozen}
     space = search_space(key, generation)  # never empty where K has a legal step
 
-    def rank(c):
-        return (round(score(key, c, generation), 9), -c["tk"], -c["tm"] * c["tn"])
+    def rank(c):  # modelled seconds (v5e's cost model when generation is None), then larger steps and tiles
+        seconds = predict(traffic(key, c, generation), chip(generation or "v5e")).seconds
+        return (round(seconds, 9), -c["tk"], -c["tm"] * c["tn"])
 
     return dict(min(space, key=rank))
 
 
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
-def vmem_estimate(key: dict, block_sizes: dict) -> int:
-    """VMEM bytes of the blocks on any generation's MXU path (the larger of the two)."""
-    return vmem_bytes(key, block_sizes)
-
-
+vmem_estimate = vmem_bytes  # generation None: the larger of the native and the bf16 MXU path
 cost = traffic
-
-
-def _block_size(key: dict):
-    bk = _bk(key)
-    return (bk, int(key["block_n"]))
 
 
 def input_specs(key: dict) -> tuple:
     """(x, qw) as ShapeDtypeStructs (qw a QuantizedTensor of them)."""
     import jax
 
-    from quant.tensor import QuantizedTensor
+    from quant.tensor import abstract
 
-    m, k, n = key["m"], key["k"], key["n"]
-    x = jax.ShapeDtypeStruct((m, k), jnp.dtype(key["x_dtype"]))
-    name = key["w_dtype"]
-    bk, bn = _block_size(key)
-    rows = k // 2 if name == "int4" else k
-    store = jnp.int8 if name in ("int4", "int8") else jnp.dtype(name)
-    qw = QuantizedTensor(jax.ShapeDtypeStruct((rows, n), store),
-                         jax.ShapeDtypeStruct((k // bk, n // bn), jnp.float32), name, (bk, bn), (k, n))
-    return x, qw
+    x = jax.ShapeDtypeStruct((key["m"], key["k"]), jnp.dtype(key["x_dtype"]))
+    return x, abstract((key["k"], key["n"]), key["w_dtype"], (_bk(key), key["block_n"]))
 
 
 def example_inputs(key: dict, rng) -> tuple:
@@ -368,7 +347,7 @@ def example_inputs(key: dict, rng) -> tuple:
     m, k, n = key["m"], key["k"], key["n"]
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.dtype(key["x_dtype"]))
     w = rng.standard_normal((k, n)).astype("float32") / (k ** 0.5)
-    return x, quant.quantize(w, key["w_dtype"], block_size=_block_size(key))
+    return x, quant.quantize(w, key["w_dtype"], block_size=(_bk(key), key["block_n"]))
 
 
 def kernel_fn(key: dict, block_sizes: dict, interpret=False):

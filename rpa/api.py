@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune import protocol
-from autotune.tables import lookup
+from autotune.tables import kernel_block_sizes, lookup
 from rpa import layout
 from rpa.config import BlockSizes, group_vmem_bytes, key_dims, make_key
-from rpa.tuning import default_block_sizes
 
 Q_DTYPES = ("bfloat16", "float32")
 
@@ -185,7 +184,7 @@ def _tpu_path(args: tuple, key: dict, generation: str | None, *, block_sizes: ob
     table (None, interpret mode off a TPU: the conservative heuristic). Each group call's scoped-VMEM
     limit: the caller's override, else derived from its block sizes (protocol.vmem_limit_bytes)."""
     if block_sizes is None:
-        block_sizes = default_block_sizes(key, None) if generation is None else lookup("rpa", key, generation)[0]
+        block_sizes = kernel_block_sizes("rpa", key, generation)
     groups = BlockSizes.from_any(block_sizes).groups(key["num_kv_heads"])
     shape = dict(key_dims(key), page_size=key["page_size"])
     limits = {name: (int(vmem_limit_bytes) if vmem_limit_bytes is not None else

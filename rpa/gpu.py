@@ -28,14 +28,18 @@ NotImplementedError so the caller can fall back to XLA).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from autotune.hardware import HOPPER_SMEM_PER_BLOCK
-from autotune.kernel_util import gpu_interpret_params, wgmma_accumulate
+from autotune.kernel_util import gpu_interpret_params, smem_transforms, wgmma_accumulate
 from autotune.protocol import BlockConfig
 from rpa.layout import gpu_kv_cache_shape  # noqa: F401 - the GPU layout's home is rpa/layout.py
 
@@ -69,17 +73,14 @@ class GpuBlockSizes(BlockConfig):
         return (128 if fits else 64), self.prefill_num_stages
 
 
-
 def smem_bytes(block_kv: int, num_stages: int, head_dim: int, itemsize: int = 2) -> int:
     """Shared memory one CTA of the decode kernel allocates (q tile, K/V stages, f32 out tile)."""
     return (_ROWS * head_dim * itemsize + 2 * num_stages * block_kv * head_dim * itemsize
             + _ROWS * head_dim * 4 + _ROWS * _LSE_COLS * 4 + 1024)  # + barriers and alignment
 
 
-
-
-def check_supported(*, q_dtype, cache_dtype, num_q_heads, num_kv_heads, head_dim, page_size,
-                    block_sizes: GpuBlockSizes) -> None:
+def check_supported(*, q_dtype: DTypeLike, cache_dtype: DTypeLike, num_q_heads: int, num_kv_heads: int,
+                    head_dim: int, page_size: int, block_sizes: GpuBlockSizes) -> None:
     """Raise NotImplementedError for combinations this kernel does not handle (caller falls back)."""
     if jnp.dtype(cache_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise NotImplementedError(f"GPU RPA: cache dtype {jnp.dtype(cache_dtype)} (only bf16/fp16)")
@@ -92,22 +93,29 @@ def check_supported(*, q_dtype, cache_dtype, num_q_heads, num_kv_heads, head_dim
         raise NotImplementedError(f"GPU RPA: {g} query heads per kv head (1, 2, 4, 8, 16, .., 56)")
     if head_dim % 64 or head_dim > 256:
         raise NotImplementedError(f"GPU RPA: head_dim {head_dim} (a multiple of 64, at most 256)")
-    bkv = block_sizes.block_kv
-    if bkv % 64 or bkv > 256:
-        raise NotImplementedError(f"GPU RPA: block_kv {bkv} (a multiple of 64, at most 256)")
-    tpc = min(page_size, bkv)
-    if page_size % tpc or bkv % tpc or tpc % 8:
-        raise NotImplementedError(
-            f"GPU RPA: page_size {page_size} with block_kv {bkv} (pages must tile the block in runs of 8 rows)")
     if block_sizes.num_stages < 1 or block_sizes.num_splits < 1:
         raise ValueError(f"block_sizes: {block_sizes}")
-    if smem_bytes(bkv, block_sizes.num_stages, head_dim) > HOPPER_SMEM_PER_BLOCK:
+    bkv, stages = block_sizes.block_kv, block_sizes.num_stages
+    check_kv_blocks("GPU RPA", block_kv=bkv, num_stages=stages, page_size=page_size,
+                    smem=smem_bytes(bkv, stages, head_dim))
+
+
+def check_kv_blocks(kernel: str, *, block_kv: int, num_stages: int, page_size: int, smem: int) -> None:
+    """NotImplementedError for a KV pipeline `kernel` (both RPA kernels) does not cover: block_kv,
+    pages that do not tile it, `smem` bytes of shared memory over the limit."""
+    if block_kv % 64 or block_kv > 256:
+        raise NotImplementedError(f"{kernel}: block_kv {block_kv} (a multiple of 64, at most 256)")
+    tpc = min(page_size, block_kv)
+    if page_size % tpc or block_kv % tpc or tpc % 8:
         raise NotImplementedError(
-            f"GPU RPA: block_kv {bkv} x {block_sizes.num_stages} stages needs "
-            f"{smem_bytes(bkv, block_sizes.num_stages, head_dim)} B of shared memory (> {HOPPER_SMEM_PER_BLOCK})")
+            f"{kernel}: page_size {page_size} with block_kv {block_kv} (pages must tile the block in runs of 8 rows)")
+    if smem > HOPPER_SMEM_PER_BLOCK:
+        raise NotImplementedError(f"{kernel}: block_kv {block_kv} x {num_stages} stages needs {smem} B of shared "
+                                  f"memory (> {HOPPER_SMEM_PER_BLOCK})")
 
 
-def prefill_supported(*, num_q_heads, num_kv_heads, head_dim, page_size, block_sizes: GpuBlockSizes) -> bool:
+def prefill_supported(*, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                      block_sizes: GpuBlockSizes) -> bool:
     """Whether rpa/gpu_prefill.py takes this step's prefill tokens (else the decode kernel does).
     A prefill block size the caller set explicitly and the kernel cannot take raises."""
     from rpa import gpu_prefill
@@ -127,11 +135,11 @@ def prefill_supported(*, num_q_heads, num_kv_heads, head_dim, page_size, block_s
 # XLA parts: KV write, per-token metadata, split combine.
 
 
-def token_metadata(kv_lens, cu_q_lens, distribution, num_tokens: int):
-    """Per query token: (sequence index, causal end = number of KV positions it sees).
-
-    Tokens past cu_q_lens[num_seqs] (padding) get end 0 and produce zeros.
-    """
+def token_metadata(kv_lens: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array,
+                   num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """Per query token: (sequence index i32[T], causal end i32[T] = number of KV positions it sees),
+    from kv_lens i32[S], cu_q_lens i32[S+1], distribution i32[3]. Tokens past cu_q_lens[num_seqs]
+    (padding) get end 0 and produce zeros."""
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     num_seqs = distribution[2]
     s_max = cu_q_lens.shape[0] - 1
@@ -146,8 +154,11 @@ def token_metadata(kv_lens, cu_q_lens, distribution, num_tokens: int):
     return seq, end
 
 
-def write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution, k_scale=None, v_scale=None):
-    """Scatter the step's new K/V rows [T, Hkv, D] into the GPU cache layout (XLA, in place if donated).
+def write_new_kv(kv_cache: jax.Array, k: jax.Array, v: jax.Array, kv_lens: jax.Array, page_indices: jax.Array,
+                 cu_q_lens: jax.Array, distribution: jax.Array, k_scale: float | None = None,
+                 v_scale: float | None = None) -> jax.Array:
+    """Scatter the step's new K/V rows [T, Hkv, D] into kv_cache [P, 2, Hkv, page_size, D] (XLA, in
+    place if donated) -> the cache.
 
     With k_scale / v_scale the stored value is new / scale (reference.ragged_paged_attention's
     quantize_store for a bf16 / fp16 cache); attention multiplies it back."""
@@ -169,9 +180,10 @@ def write_new_kv(kv_cache, k, v, kv_lens, page_indices, cu_q_lens, distribution,
     return kv_cache.at[page, :, :, slot, :].set(kv, mode="drop")
 
 
-def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks=None, out_dtype=jnp.bfloat16):
-    """o_part f32 [T*Hkv*splits*Gp, D] (normalized per split), lse_part f32 [..., 32] (column 0, log2 units)
-    -> out [T, Hkv*G, D]."""
+def combine_partials(o_part: jax.Array, lse_part: jax.Array, *, num_tokens: int, num_kv_heads: int, group: int,
+                     sinks: jax.Array | None = None, out_dtype: DTypeLike = jnp.bfloat16) -> jax.Array:
+    """o_part f32 [T*Hkv*splits*Gp, D] (normalized per split), lse_part f32 [..., 32] (column 0, log2 units),
+    sinks f32 [Hq] or None -> out [T, Hkv*G, D]."""
     d = o_part.shape[-1]
     gp = max(group, 4)
     splits = o_part.shape[0] // (num_tokens * num_kv_heads * gp)
@@ -190,10 +202,10 @@ def combine_partials(o_part, lse_part, *, num_tokens, num_kv_heads, group, sinks
 
 
 # ----------------------------------------------------------------------------------------------
-# The Mosaic GPU kernel.
+# Pieces of both Mosaic GPU kernels (this decode kernel and rpa/gpu_prefill.py's).
 
 
-def softmax_state(rows: int, head_dim: int):
+def softmax_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(acc, max, denominator) of an online softmax over `rows` query rows, in wgmma's accumulator layouts."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -203,7 +215,8 @@ def softmax_state(rows: int, head_dim: int):
     return acc, m, den
 
 
-def softmax_step(s, mask, acc, m, den, *, sm_scale: float, soft_cap: float | None):
+def softmax_step(s: jax.Array, mask: jax.Array | None, acc: jax.Array, m: jax.Array, den: jax.Array, *,
+                 sm_scale: float, soft_cap: float | None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One block of the online softmax (log2 domain): raw logits s [rows, block_kv] -> (p, acc, m, den),
     with p = exp2(scaled s - new max) (0 where ~mask; mask None: every position counts) and acc
     rescaled to the new max."""
@@ -221,13 +234,15 @@ def softmax_step(s, mask, acc, m, den, *, sm_scale: float, soft_cap: float | Non
     return p, acc, m_new, den
 
 
-def softmax_finish(acc, m, den):
+def softmax_finish(acc: jax.Array, m: jax.Array, den: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(normalized output f32, lse in log2 units); a row that saw nothing gives 0 and about -1e30."""
     l_safe = jnp.maximum(den, 1e-30)
     return acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0]), m + jnp.log2(l_safe)
 
 
-def produce_kv_stages(kv_ref, page_ref, smem, landed, released, *, seq, head, first_pos, n_steps, block_kv):
+def produce_kv_stages(kv_ref: Any, page_ref: Any, smem: Sequence, landed: Sequence, released: Sequence, *,
+                      seq: jax.Array, head: jax.Array, first_pos: jax.Array, n_steps: jax.Array,
+                      block_kv: int) -> None:
     """The TMA producer of both RPA kernels (inside a Mosaic GPU kernel body): for step in [0, n_steps)
     copy K, then V, of KV positions [first_pos + step * block_kv, + block_kv) of sequence `seq`, kv
     head `head`, into stage step % stages of smem = (k_smem, v_smem) [stages, block_kv, D], one bulk
@@ -268,154 +283,202 @@ def produce_kv_stages(kv_ref, page_ref, smem, landed, released, *, seq, head, fi
             issue(step, which)
 
 
-def paged_attention_partials(q2d, kv_cache, tok_seq, tok_end, page_indices, *, num_q_heads: int,
-                             sm_scale: float, soft_cap: float | None = None,
-                             sliding_window: int | None = None,
-                             block_sizes: GpuBlockSizes = GpuBlockSizes(), sanitize_v: bool = True,
-                             interpret=False):
-    """Flash-decoding partials for every query token.
+def attend_kv_block(carry: tuple, slot: jax.Array, q_tile: Any, kv_smem: Sequence, landed: Sequence,
+                    released: Sequence, *, mask: Callable[[], jax.Array | None], sm_scale: float,
+                    soft_cap: float | None, p_smem: Sequence, interpreting: bool,
+                    in_qk: Callable[[], None] | None = None, after_softmax: Callable[[], None] | None = None,
+                    before_pv: Callable[[], None] | None = None) -> tuple:
+    """One KV block of a consumer warpgroup's flash attention (inside a kernel body) -> the new carry.
 
-    q2d: [T * Hq, D] (q reshaped; rows padded to >= 64), kv_cache: [P, 2, Hkv, page_size, D],
-    tok_seq / tok_end: i32[T] (sequence of each token, KV positions it sees; 0: the token's rows of
-    o_part / lse_part are not written),
-    page_indices: i32[S, pages_per_seq].
-    Returns o_part f32 [T*Hkv*splits*Gp, D] (normalized within each split) and lse_part f32
-    [T*Hkv*splits*Gp, 32] (column 0: log2-sum-exp2 of the scaled logits; about -1e30 for an empty split),
-    Gp = max(G, 4) rows per (token, kv head, split).
-    """
+    On stage `slot` of kv_smem = (k_smem, v_smem) [stages, block_kv, D]: wait for K (landed = (k_bar,
+    v_bar)), S = Q K^T with the [64, D] q_tile, release K (released = (k_cons, v_cons)), online
+    softmax of carry = (acc, max, denominator) (softmax_state) with mask() (None: no mask), wait for
+    V, O += P V, release V. p_smem: P's staging buffers in interpret mode (wgmma_accumulate). Hooks:
+    in_qk() runs while S's wgmma is in flight, after_softmax() after the softmax, before_pv() once V
+    landed (edge tiles are sanitized there)."""
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    (k_smem, v_smem), (k_bar, v_bar), (k_cons, v_cons) = kv_smem, landed, released
+    acc, m_i, l_i = carry
+    plgpu.barrier_wait(k_bar.at[slot])
+
+    def qk_scope(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].T)
+        if in_qk is not None:
+            in_qk()
+        return acc_ref[...]
+
+    s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, k_smem.shape[1]), jnp.float32))
+    plgpu.barrier_arrive(k_cons.at[slot])
+    p, acc, m_i, l_i = softmax_step(s, mask(), acc, m_i, l_i, sm_scale=sm_scale, soft_cap=soft_cap)
+    p = p.astype(v_smem.dtype)
+    if after_softmax is not None:
+        after_softmax()
+    plgpu.barrier_wait(v_bar.at[slot])
+    if before_pv is not None:
+        before_pv()
+    acc = wgmma_accumulate(acc, [(p, v_smem.at[slot])], a_smem=p_smem, interpreting=interpreting)
+    plgpu.barrier_arrive(v_cons.at[slot])
+    return acc, m_i, l_i
+
+
+def zero_rows_outside(v_tile: Any, first_pos: jax.Array, lo: jax.Array, hi: jax.Array) -> None:
+    """Zero the rows of a [block_kv, D] V tile in shared memory whose KV position (first_pos + row) is
+    outside [lo, hi): they may hold anything (NaN in unwritten slots, clamped garbage pages), and
+    0 * NaN would poison the P V row sums."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    vv = v_tile[...]
+    pos = first_pos + plgpu.broadcasted_iota(jnp.int32, vv.shape, 0, layout=plgpu.Layout.WGMMA)
+    v_tile[...] = jnp.where((pos < hi) & (pos >= lo), vv, jnp.zeros_like(vv))
+    plgpu.commit_smem()
+
+
+def write_rows(carry: tuple, o_smem: Any, lse_smem: Any, copies: Callable[[], list]) -> None:
+    """A consumer's epilogue: the normalized output of the softmax state `carry` (in o_smem's dtype)
+    and its lse (over lse_smem's columns) go to shared memory, then out with the TMA stores of
+    copies() -> [(smem view, gmem view)], waited for."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    o, lse = softmax_finish(*carry)
+    o_smem[...] = o.astype(o_smem.dtype)
+    lse_smem[...] = lax.broadcast_in_dim(lse, lse_smem.shape, [0])
+    plgpu.commit_smem()
+    for src, dst in copies():
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decode kernel.
+
+
+def paged_attention_partials(q2d: jax.Array, kv_cache: jax.Array, tok_seq: jax.Array, tok_end: jax.Array,
+                             page_indices: jax.Array, *, num_q_heads: int, sm_scale: float,
+                             soft_cap: float | None = None, sliding_window: int | None = None,
+                             block_sizes: GpuBlockSizes = GpuBlockSizes(), sanitize_v: bool = True,
+                             interpret: Any = False) -> tuple[jax.Array, jax.Array]:
+    """Flash-decoding partials for every query token: the decode kernel.
+
+    Args:
+      q2d: [T * Hq, D], q reshaped (rows padded to at least 64).
+      kv_cache: [P, 2, Hkv, page_size, D] (the step's K/V already written).
+      tok_seq, tok_end: i32[T], the sequence of each token and the number of KV positions it sees
+        (0: the token's rows of o_part / lse_part are not written).
+      page_indices: i32[S, pages_per_seq].
+      num_q_heads, sm_scale, soft_cap, sliding_window: the attention's (sm_scale times k_scale).
+      block_sizes: block_kv, num_stages, num_splits.
+      sanitize_v: zero V rows outside a token's KV range in edge blocks (NaN-safe caches).
+      interpret: True runs in GPU interpret mode on the CPU.
+    Returns:
+      o_part f32 [T*Hkv*splits*Gp, D] (normalized within each split) and lse_part f32 [T*Hkv*splits*Gp,
+      32] (column 0: log2-sum-exp2 of the scaled logits; about -1e30 for an empty split), Gp = max(G, 4)
+      rows per (token, kv head, split).
+    """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     _, _, hkv, page_size, d = kv_cache.shape
     dtype = kv_cache.dtype
     t_total = tok_seq.shape[0]
-    g = num_q_heads // hkv
-    gp = max(g, 4)
     bkv, stages, splits = block_sizes.block_kv, block_sizes.num_stages, block_sizes.num_splits
-    tpc = min(page_size, bkv)  # tokens per bulk copy
-    cpb = bkv // tpc  # copies per block (per K or V)
-    window = None if sliding_window is None else int(sliding_window)
-    rows_out = t_total * hkv * splits * gp
+    copies_per_block = bkv // min(page_size, bkv)  # bulk copies per K or V block
+    rows_out = t_total * hkv * splits * max(num_q_heads // hkv, 4)
     interpret = gpu_interpret_params(interpret)
-    interpreting = interpret is not False
     if q2d.shape[0] < _ROWS:
         raise ValueError("q2d: pad to at least 64 rows")
-
-    def kernel(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref, smem, bars, cons):
-        q_smem, k_smem, v_smem, o_smem, lse_smem, *p_scratch = smem  # p_scratch: interpret mode only
-        k_bar, v_bar, q_bar = bars
-        k_cons, v_cons = cons
-        h = lax.axis_index("h")
-        sp = lax.axis_index("split")
-        t = lax.axis_index("t")
-        wg = lax.axis_index("wg")
-        seq = tok_seq_ref[t]
-        end = tok_end_ref[t]
-        lo = jnp.int32(0) if window is None else jnp.maximum(end - window, 0)
-        lo_al = lax.div(lo, jnp.int32(bkv)) * bkv
-        n_blocks = jnp.maximum(lax.div(end - lo_al + (bkv - 1), jnp.int32(bkv)), 0)
-        per_split = lax.div(n_blocks + (splits - 1), jnp.int32(splits))
-        b0 = sp * per_split
-        n_steps = jnp.maximum(jnp.minimum(per_split, n_blocks - b0), 0)
-        tok0 = lo_al + b0 * bkv
-
-        @pl.when((wg == 0) & (end > 0))  # tokens served elsewhere (or padding) write nothing
-        def _consumer():
-            # The tile starts on an 8-row boundary (TMA into an (8, 64)-tiled buffer); the group's
-            # G rows sit at r0 = qrow % 8 inside it.
-            qrow = t * num_q_heads + h * g
-            qrow8 = lax.div(qrow, jnp.int32(8)) * 8
-            r0 = qrow - qrow8
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(qrow8, _ROWS)], q_smem, q_bar)
-            plgpu.barrier_wait(q_bar)
-            acc, m_i, l_i = softmax_state(_ROWS, d)
-
-            def step_fn(step, carry):
-                acc, m_i, l_i = carry
-                slot = lax.rem(step, jnp.int32(stages))
-                base = tok0 + step * bkv
-                plgpu.barrier_wait(k_bar.at[slot])
-
-                def qk_scope(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_scope, plgpu.ACC((_ROWS, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_cons.at[slot])
-                pos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
-                p, acc, m_new, l_i = softmax_step(s, (pos < end) & (pos >= lo), acc, m_i, l_i,
-                                                  sm_scale=sm_scale, soft_cap=soft_cap)
-                p16 = p.astype(dtype)
-                plgpu.barrier_wait(v_bar.at[slot])
-
-                # Rows of V outside [lo, end) may hold anything (NaN in unwritten slots): 0 * NaN
-                # would poison the row sums, so zero them in shared memory for edge blocks.
-                def _sanitize():
-                    vt = v_smem.at[slot]
-                    vv = vt[...]
-                    rows = base + plgpu.broadcasted_iota(jnp.int32, (bkv, d), 0, layout=plgpu.Layout.WGMMA)
-                    vt[...] = jnp.where((rows < end) & (rows >= lo), vv, jnp.zeros_like(vv))
-                    plgpu.commit_smem()
-
-                if sanitize_v:
-                    pl.when((base < lo) | (base + bkv > end))(_sanitize)
-
-                acc = wgmma_accumulate(acc, [(p16, v_smem.at[slot])], a_smem=p_scratch, interpreting=interpreting)
-                plgpu.barrier_arrive(v_cons.at[slot])
-                return acc, m_new, l_i
-
-            acc, m_i, l_i = lax.fori_loop(0, n_steps, step_fn, (acc, m_i, l_i))
-            o, lse = softmax_finish(acc, m_i, l_i)
-            o_smem[...] = o
-            lse_smem[...] = lax.broadcast_in_dim(lse, (_ROWS, _LSE_COLS), [0])
-            plgpu.commit_smem()
-            orow = ((t * hkv + h) * splits + sp) * gp
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(r0, gp)], o_ref.at[pl.ds(orow, gp)])
-            plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(r0, gp)], lse_ref.at[pl.ds(orow, gp)])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 1)
-        def _producer():
-            produce_kv_stages(kv_ref, page_ref, (k_smem, v_smem), (k_bar, v_bar), (k_cons, v_cons), seq=seq,
-                              head=h, first_pos=tok0, n_steps=n_steps, block_kv=bkv)
-
-    def entry(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref):
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        smem = (
-            plgpu.SMEM((_ROWS, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bkv, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((stages, bkv, d), dtype, transforms=(tiling, swizzle)),
-            plgpu.SMEM((_ROWS, d), jnp.float32),
-            plgpu.SMEM((_ROWS, _LSE_COLS), jnp.float32),
-        )
-        if interpreting:  # P goes through shared memory only in interpret mode (see wgmma_accumulate)
-            smem += (plgpu.SMEM((_ROWS, bkv), dtype, transforms=(tiling, swizzle)),)
-        bars = (
-            plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=cpb, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=1),
-        )
-        cons = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
-        pl.run_scoped(
-            lambda smem_refs, bar_refs, cons_refs: kernel(
-                tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref,
-                smem_refs, bar_refs, cons_refs),
-            smem, bars, cons, collective_axes="wg")
-
-    call = plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct((rows_out, d), jnp.float32),
-                  jax.ShapeDtypeStruct((rows_out, _LSE_COLS), jnp.float32)),
-        grid=(hkv, splits, t_total),
-        grid_names=("h", "split", "t"),
-        num_threads=2,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
-        kernel_name=f"rpa_decode_bkv{bkv}_st{stages}_sp{splits}",
+    tiled = smem_transforms(128, dtype.itemsize)
+    smem = (
+        plgpu.SMEM((_ROWS, d), dtype, transforms=tiled),
+        plgpu.SMEM((stages, bkv, d), dtype, transforms=tiled),
+        plgpu.SMEM((stages, bkv, d), dtype, transforms=tiled),
+        plgpu.SMEM((_ROWS, d), jnp.float32),
+        plgpu.SMEM((_ROWS, _LSE_COLS), jnp.float32),
     )
+    if interpret is not False:  # P goes through shared memory only in interpret mode (see wgmma_accumulate)
+        smem += (plgpu.SMEM((_ROWS, bkv), dtype, transforms=tiled),)
+    landed_and_q = (
+        plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=stages),  # K landed
+        plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=stages),  # V landed
+        plgpu.Barrier(num_arrivals=1),  # Q landed
+    )
+    released = (plgpu.Barrier(num_arrivals=1, num_barriers=stages),) * 2
+    body = functools.partial(_decode_body, num_q_heads=num_q_heads, sm_scale=sm_scale, soft_cap=soft_cap,
+                             window=None if sliding_window is None else int(sliding_window),
+                             block_sizes=block_sizes, sanitize_v=sanitize_v, interpreting=interpret is not False)
+    call = plgpu.kernel(body, out_type=(jax.ShapeDtypeStruct((rows_out, d), jnp.float32),
+                                        jax.ShapeDtypeStruct((rows_out, _LSE_COLS), jnp.float32)),
+                        scratch_types=(smem, landed_and_q, released), grid=(hkv, splits, t_total),
+                        grid_names=("h", "split", "t"), num_threads=2, thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret,
+                        kernel_name=f"rpa_decode_bkv{bkv}_st{stages}_sp{splits}")
     return call(tok_seq, tok_end, page_indices, q2d, kv_cache)
+
+
+def _decode_body(tok_seq_ref, tok_end_ref, page_ref, q_ref, kv_ref, o_ref, lse_ref, smem, landed_and_q, released,
+                 *, num_q_heads: int, sm_scale: float, soft_cap: float | None, window: int | None,
+                 block_sizes: GpuBlockSizes, sanitize_v: bool, interpreting: bool):
+    """Kernel body of paged_attention_partials: CTA (kv head, split, token); warpgroup 0 is the consumer
+    (the group's G query rows inside a 64-row tile), 1 the TMA producer."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    q_smem, k_smem, v_smem, o_smem, lse_smem, *p_smem = smem  # p_smem: interpret mode only
+    k_bar, v_bar, q_bar = landed_and_q
+    hkv, d = kv_ref.shape[2], kv_ref.shape[4]
+    group = num_q_heads // hkv
+    group_rows = max(group, 4)  # output rows per (token, kv head, split)
+    bkv, stages, splits = block_sizes.block_kv, block_sizes.num_stages, block_sizes.num_splits
+    head, split, token, wg = (lax.axis_index(axis) for axis in ("h", "split", "t", "wg"))
+    seq, end = tok_seq_ref[token], tok_end_ref[token]
+    lo = jnp.int32(0) if window is None else jnp.maximum(end - window, 0)
+    lo_aligned = lax.div(lo, jnp.int32(bkv)) * bkv
+    n_blocks = jnp.maximum(lax.div(end - lo_aligned + (bkv - 1), jnp.int32(bkv)), 0)
+    per_split = lax.div(n_blocks + (splits - 1), jnp.int32(splits))
+    first_block = split * per_split
+    n_steps = jnp.maximum(jnp.minimum(per_split, n_blocks - first_block), 0)
+    first_pos = lo_aligned + first_block * bkv
+
+    @pl.when((wg == 0) & (end > 0))  # tokens served elsewhere (or padding) write nothing
+    def _consumer():
+        # The tile starts on an 8-row boundary (TMA into an (8, 64)-tiled buffer); the group's G rows
+        # sit at row_in_tile = q_row % 8 inside it.
+        q_row = token * num_q_heads + head * group
+        tile_row = lax.div(q_row, jnp.int32(8)) * 8
+        row_in_tile = q_row - tile_row
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tile_row, _ROWS)], q_smem, q_bar)
+        plgpu.barrier_wait(q_bar)
+
+        def step_fn(step, carry):
+            slot = lax.rem(step, jnp.int32(stages))
+            base = first_pos + step * bkv
+
+            def mask():
+                pos = base + plgpu.broadcasted_iota(jnp.int32, (_ROWS, bkv), 1, layout=plgpu.Layout.WGMMA)
+                return (pos < end) & (pos >= lo)
+
+            def sanitize():
+                if sanitize_v:
+                    zero = lambda: zero_rows_outside(v_smem.at[slot], base, lo, end)
+                    pl.when((base < lo) | (base + bkv > end))(zero)
+
+            return attend_kv_block(carry, slot, q_smem, (k_smem, v_smem), (k_bar, v_bar), released, mask=mask,
+                                   sm_scale=sm_scale, soft_cap=soft_cap, p_smem=p_smem, interpreting=interpreting,
+                                   before_pv=sanitize)
+
+        carry = lax.fori_loop(0, n_steps, step_fn, softmax_state(_ROWS, d))
+
+        def copies():
+            out_row = ((token * hkv + head) * splits + split) * group_rows
+            return [(o_smem.at[pl.ds(row_in_tile, group_rows)], o_ref.at[pl.ds(out_row, group_rows)]),
+                    (lse_smem.at[pl.ds(row_in_tile, group_rows)], lse_ref.at[pl.ds(out_row, group_rows)])]
+
+        write_rows(carry, o_smem, lse_smem, copies)
+
+    @pl.when(wg == 1)
+    def _producer():
+        produce_kv_stages(kv_ref, page_ref, (k_smem, v_smem), (k_bar, v_bar), released, seq=seq, head=head,
+                          first_pos=first_pos, n_steps=n_steps, block_kv=bkv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,19 +523,30 @@ _rpa_gpu_jit = jax.jit(_rpa_gpu_step, static_argnames=("sm_scale", "sliding_wind
                        donate_argnames=("kv_cache",))
 
 
-def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, *,
-                               sm_scale=None, sliding_window=None, soft_cap=None, sinks=None,
-                               k_scale=None, v_scale=None, block_sizes=None, interpret=False):
+def ragged_paged_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, kv_lens: jax.Array,
+                               page_indices: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, *,
+                               sm_scale: float | None = None, sliding_window: int | None = None,
+                               soft_cap: float | None = None, sinks: jax.Array | None = None,
+                               k_scale: float | None = None, v_scale: float | None = None,
+                               block_sizes: GpuBlockSizes | dict | None = None,
+                               interpret: Any = False) -> tuple[jax.Array, jax.Array]:
     """The RPA public contract on a Hopper GPU.
 
-    q [T, Hq, D], k / v [T, Hkv, D] (the step's new rows), kv_cache [P, 2, Hkv, page_size, D]
-    (`gpu_kv_cache_shape`), kv_lens i32[S], page_indices i32[S, pages_per_seq], cu_q_lens i32[S+1],
-    distribution i32[3] = (decode_end, prefill_end, num_seqs). Returns (out [T, Hq, D], kv_cache).
-    block_sizes: None | dict(block_kv=, num_stages=, num_splits=) | GpuBlockSizes.
-    Raises NotImplementedError for what the kernel does not cover (fp8/int8 caches, head_dim not a
-    multiple of 64, more than 64 query heads per kv head, ...): fall back to XLA then.
-    interpret=True runs the kernels in GPU interpret mode on the CPU (tests), op by op (not under an
-    outer jit: interpret mode simulates one GPU per process, so two kernels must not overlap).
+    Args:
+      q: [T, Hq, D] bf16 / fp16; k, v: [T, Hkv, D], the step's new rows.
+      kv_cache: [P, 2, Hkv, page_size, D] (`gpu_kv_cache_shape`), q's dtype; donated.
+      kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S+1];
+        distribution: i32[3] = (decode_end, prefill_end, num_seqs).
+      sm_scale (None: 1 / sqrt(D)), sliding_window, soft_cap, sinks (f32 [Hq]), k_scale, v_scale: as
+        reference.ragged_paged_attention.
+      block_sizes: None | dict of GpuBlockSizes fields | GpuBlockSizes.
+      interpret: True runs the kernels in GPU interpret mode on the CPU (tests), op by op (not under
+        an outer jit: interpret mode simulates one GPU per process, so two kernels must not overlap).
+    Returns:
+      (out [T, Hq, D] in q's dtype, the updated kv_cache).
+    Raises:
+      NotImplementedError: what the kernels do not cover (fp8/int8 caches, head_dim not a multiple of
+        64, more than 56 query heads per kv head, ...): fall back to XLA then.
     """
     t_total, hq, d = q.shape
     if kv_cache.ndim != 5 or kv_cache.shape[1] != 2:
@@ -491,8 +565,7 @@ def ragged_paged_attention_gpu(q, k, v, kv_cache, kv_lens, page_indices, cu_q_le
     # two interpreted kernels of one jitted program at once: run the step op by op there.
     step = _rpa_gpu_jit if interpret is False else _rpa_gpu_step
     return step(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks,
-                        sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap,
-                        block_sizes=bs, k_scale=k_scale, v_scale=v_scale,
-                        use_prefill=prefill_supported(num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
-                                                      page_size=page_size, block_sizes=bs),
-                        interpret=gpu_interpret_params(interpret))
+                sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap, block_sizes=bs,
+                k_scale=k_scale, v_scale=v_scale, interpret=gpu_interpret_params(interpret),
+                use_prefill=prefill_supported(num_q_heads=hq, num_kv_heads=hkv, head_dim=d, page_size=page_size,
+                                              block_sizes=bs))

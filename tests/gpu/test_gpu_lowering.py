@@ -223,24 +223,19 @@ def test_gmm_unsupported_raises():
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("cfg", [dict(), dict(tk=128, num_stages=3, consumers=1, k_splits=1, tn=128),
-                                 dict(tk=64, num_stages=4, double_buffer=True, load_layout="upcast4x")])
-def test_qmm_lowers(fmt, cfg):
+@pytest.mark.parametrize("layout,cfg", [
+    ("kn", {}), ("kn", dict(tk=128, num_stages=3, consumers=1, k_splits=1, tn=128)),
+    ("kn", dict(tk=64, num_stages=4, double_buffer=True, load_layout="upcast4x")),
+    ("nk", dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64)),
+    ("nk", dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=128, load_layout="upcast2x")),
+])
+def test_qmm_lowers(fmt, layout, cfg):
     m, k, n = 16, 4096, 2048
     kp = k // 2 if fmt == "int4" else k
-    text = _lower_cuda(lambda x, w, s: qg.quantized_matmul_decode(x, w, s, fmt=fmt, block_sizes=cfg),
-                       sd((m, k), jnp.bfloat16), sd((kp, n), jnp.int8), sd((1, n), jnp.float32))
-    assert "mosaic_gpu" in text
-
-
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("cfg", [dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=64),
-                                 dict(tk=128, num_stages=4, consumers=2, k_splits=2, tn=128, load_layout="upcast2x")])
-def test_qmm_nk_lowers(fmt, cfg):
-    m, k, n = 16, 4096, 2048
-    kp = k // 2 if fmt == "int4" else k
-    text = _lower_cuda(lambda x, w, s: qg.quantized_matmul_decode_nk(x, w, s, fmt=fmt, block_sizes=cfg),
-                       sd((m, k), jnp.bfloat16), sd((n, kp), jnp.int8), sd((1, n), jnp.float32))
+    fn = qg.quantized_matmul_decode if layout == "kn" else qg.quantized_matmul_decode_nk
+    w_shape = (kp, n) if layout == "kn" else (n, kp)
+    text = _lower_cuda(lambda x, w, s: fn(x, w, s, fmt=fmt, block_sizes=cfg), sd((m, k), jnp.bfloat16),
+                       sd(w_shape, jnp.int8), sd((1, n), jnp.float32))
     assert "mosaic_gpu" in text
 
 
@@ -255,31 +250,29 @@ def test_w8a8_lowers(fmt, bs):
     assert "w8a8" in text
 
 
-def test_w8a8_unsupported_raises():
+@pytest.mark.parametrize("n,fmt,act,block,stages", [
+    (4096, "int8", None, (4096, 1), 4),  # weight-only
+    (4096, "int8", "float8_e4m3fn", (4096, 1), 4),  # mixed formats
+    (4096, "int8", "int8", (128, 1), 4),  # grouped scales
+    (4000, "int8", "int8", (4096, 1), 4),  # N not a multiple of the CTA width
+    (4096, "int8", "int8", (4096, 1), 8),  # shared memory
+])
+def test_w8a8_unsupported_raises(n, fmt, act, block, stages):
     from quant import gpu_w8a8 as wg
 
-    bs = wg.W8A8BlockSizes()
-    with pytest.raises(NotImplementedError):  # weight-only
-        wg.check_supported(256, 4096, 4096, "int8", None, (4096, 1), bs)
-    with pytest.raises(NotImplementedError):  # mixed formats
-        wg.check_supported(256, 4096, 4096, "int8", "float8_e4m3fn", (4096, 1), bs)
-    with pytest.raises(NotImplementedError):  # grouped scales
-        wg.check_supported(256, 4096, 4096, "int8", "int8", (128, 1), bs)
-    with pytest.raises(NotImplementedError):  # N not a multiple of the CTA width
-        wg.check_supported(256, 4096, 4000, "int8", "int8", (4096, 1), bs)
-    with pytest.raises(NotImplementedError):  # shared memory
-        wg.check_supported(256, 4096, 4096, "int8", "int8", (4096, 1), wg.W8A8BlockSizes(num_stages=8))
+    with pytest.raises(NotImplementedError):
+        wg.check_supported(256, 4096, n, fmt, act, block, wg.W8A8BlockSizes(num_stages=stages))
 
 
-def test_qmm_unsupported_raises():
-    bs = qg.QmmDecodeBlockSizes()
-    with pytest.raises(NotImplementedError):  # grouped scales
-        qg.check_supported((16, 4096), jnp.bfloat16, (4096, 2048), jnp.int8, "int8", (128, 1), (4096, 2048), bs)
-    with pytest.raises(NotImplementedError):  # fp8 values
-        qg.check_supported((16, 4096), jnp.bfloat16, (4096, 2048), jnp.float8_e4m3fn, "float8_e4m3fn",
-                           (4096, 1), (4096, 2048), bs)
-    with pytest.raises(NotImplementedError):  # prefill-sized M
-        qg.check_supported((512, 4096), jnp.bfloat16, (4096, 2048), jnp.int8, "int8", (4096, 1), (4096, 2048), bs)
+@pytest.mark.parametrize("m,dtype,fmt,block", [
+    (16, jnp.int8, "int8", (128, 1)),  # grouped scales
+    (16, jnp.float8_e4m3fn, "float8_e4m3fn", (4096, 1)),  # fp8 values
+    (512, jnp.int8, "int8", (4096, 1)),  # prefill-sized M
+])
+def test_qmm_unsupported_raises(m, dtype, fmt, block):
+    with pytest.raises(NotImplementedError):
+        qg.check_supported((m, 4096), jnp.bfloat16, (4096, 2048), dtype, fmt, block, (4096, 2048),
+                           qg.QmmDecodeBlockSizes())
 
 
 def test_gpu_bad_inputs_name_the_argument():
@@ -293,6 +286,8 @@ def test_gpu_bad_inputs_name_the_argument():
     qw = quant.quantize(jnp.ones((512, 256), jnp.float32), "int8")
     with pytest.raises(ValueError, match="values_nk"):
         gpu_w8a8.quantized_matmul_w8a8(x, qw, act_quant="int8", values_nk=qw.values)  # [K, N], not [N, K]
+    with pytest.raises(ValueError, match="values_nk"):
+        qg.quantized_matmul_decode_nk(x[:8], jnp.zeros((256, 256), jnp.int8), qw.scales, fmt="int8")
     # a prefill block size the caller set and the prefill kernel cannot take raises (no silent fallback)
     with pytest.raises(NotImplementedError, match="prefill"):
         rg.prefill_supported(num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,

@@ -46,15 +46,6 @@ def expected_gmm(lhs, rhs, group_sizes, *, group_offset=0, activation=None):
     return glu_np(activation, out) if activation else out
 
 
-def random_group_sizes(rng, num_groups, rows, *, empty_fraction=0.3):
-    """Sizes over num_groups summing to `rows`, with some empty groups."""
-    p = rng.dirichlet(np.full(num_groups, 0.7))
-    p = np.where(rng.random(num_groups) < empty_fraction, 0.0, p)
-    if p.sum() == 0:
-        p[rng.integers(num_groups)] = 1.0
-    return rng.multinomial(rows, p / p.sum()).astype(np.int32)
-
-
 def examples(n: int) -> int:
     """n examples under the "ci" hypothesis profile (12 by default), proportionally more under others
     (HYPOTHESIS_PROFILE=thorough)."""

@@ -16,7 +16,6 @@ from autotune.presets import preset
 from autotune.protocol import vmem_limit_bytes
 from autotune.tables import lookup
 from moe import tuning
-from quant.tensor import QuantizedTensor
 from tests.conftest import AOT_GENERATIONS
 
 pytestmark = pytest.mark.aot
@@ -24,21 +23,14 @@ pytestmark = pytest.mark.aot
 MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite")
 
 
-def _weights(e, k, n, fmt, block):
-    if fmt == "bfloat16":
-        return jax.ShapeDtypeStruct((e, k, n), jnp.bfloat16)
-    bk = block or k
-    rows = k // 2 if fmt == "int4" else k
-    store = jnp.int8 if fmt in ("int8", "int4") else jnp.dtype(fmt)
-    return QuantizedTensor(jax.ShapeDtypeStruct((e, rows, n), store),
-                           jax.ShapeDtypeStruct((e, k // bk, n), jnp.float32), fmt, (bk, 1), (e, k, n))
-
-
 def _compile_fused_moe(generation, model, tokens, fmt="bfloat16", block=None):
     p = preset(model)
     e, d, f, top_k = p["num_experts"], p["hidden"], p["moe_intermediate"], p["top_k"]
+    keys = tuning.moe_keys(tokens=tokens, hidden=d, intermediate=f, num_experts=e, top_k=top_k, w_dtype=fmt,
+                           quant_block=-1 if fmt == "bfloat16" else (block or 0))
+    # the gmm keys' weights: w_gate_up [E, D, 2F], w_down [E, F, D]
     args = (jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16), jax.ShapeDtypeStruct((tokens, e), jnp.float32),
-            _weights(e, d, 2 * f, fmt, block), _weights(e, f, d, fmt, block))
+            tuning.input_specs(keys["gate_up"])[1], tuning.input_specs(keys["down"])[1])
     fn = lambda x, logits, w_gu, w_dn: moe.fused_moe(x, logits, w_gu, w_dn, top_k=top_k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # table misses: the heuristic is what is being compiled
@@ -47,8 +39,6 @@ def _compile_fused_moe(generation, model, tokens, fmt="bfloat16", block=None):
     assert text.count("moe_gmm_swiglu") >= 1 and text.count("moe_gmm_none") >= 1, \
         "the Pallas kernels were not used (reference fallback?)"
     # The block sizes used fit the generation's VMEM by the kernel's own estimate.
-    keys = tuning.moe_keys(tokens=tokens, hidden=d, intermediate=f, num_experts=e, top_k=top_k, w_dtype=fmt,
-                           quant_block=-1 if fmt == "bfloat16" else (block or 0))
     for key in keys.values():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

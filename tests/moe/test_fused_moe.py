@@ -16,7 +16,8 @@ from tests.moe.helpers import QUANT_FORMATS, examples, make_weights
 
 
 @pytest.mark.interpret
-@pytest.mark.filterwarnings("error:moe.gmm")  # no silent fallback to the reference
+# no silent fallback to the reference
+@pytest.mark.filterwarnings("error::autotune.protocol.KernelFallbackWarning")
 @settings(max_examples=examples(8))
 @given(data=st.data())
 def test_fused_moe_matches_reference(data):
@@ -50,7 +51,7 @@ def test_fused_moe_matches_reference(data):
 
 
 @pytest.mark.interpret
-@pytest.mark.filterwarnings("error:moe.gmm")
+@pytest.mark.filterwarnings("error::autotune.protocol.KernelFallbackWarning")
 def test_fused_moe_split_block_sizes(rng):
     """block_sizes may name the two gmm calls separately."""
     t, d, f, e = 24, 128, 256, 8

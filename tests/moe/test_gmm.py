@@ -16,7 +16,7 @@ from tests.common import assert_close, group_sizes, tolerance
 from tests.moe.helpers import QUANT_FORMATS, examples, expected_gmm, make_weights
 
 # A kernel that silently fell back to the reference would make these comparisons vacuous.
-pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("error:moe.gmm")]
+pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("error::autotune.protocol.KernelFallbackWarning")]
 
 
 def _divisor_blocks(draw, total, choices):
@@ -107,6 +107,9 @@ def test_gmm_output_dtype_and_preferred_element_type(rng):
                   interpret=True)
     assert out.dtype == jnp.float32
     assert_close(out, expected_gmm(lhs, rhs, np.asarray(sizes)), 1e-5, "f32 output of bf16 inputs")
+    as_config = moe.gmm(lhs, rhs, sizes, preferred_element_type=jnp.float32, block_sizes=moe.GmmConfig(16, 128, 128),
+                        interpret=True)  # the config dataclass is the dict's equal
+    np.testing.assert_array_equal(np.asarray(as_config), np.asarray(out))
 
 
 # ---------------------------------------------------------------- metadata (pure jnp, fast)
@@ -166,7 +169,7 @@ def test_gmm_k_chunks_inside_a_block(rng, fmt):
     sizes = np.array([7, 0, 30], np.int32)
     lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     rhs = make_weights(rng, (g, k, n), fmt, 128 if fmt == "int4" else None)
-    assert tpu.k_chunk(k if fmt == "bfloat16" else k // 2) == 512
+    assert tpu.lane_chunk(k if fmt == "bfloat16" else k // 2) == 512
     out = moe.gmm(lhs, rhs, jnp.asarray(sizes), block_sizes={"tm": 16, "tk": k, "tn": n}, interpret=True)
     assert_close(out, expected_gmm(lhs, rhs, sizes), tolerance("bfloat16"), f"{fmt} K chunks")
 

@@ -101,7 +101,7 @@ def test_lookup_reads_a_table_entry(tmp_path, monkeypatch):
 
 
 @pytest.mark.interpret
-@pytest.mark.filterwarnings("error:moe.gmm")
+@pytest.mark.filterwarnings("error::autotune.protocol.KernelFallbackWarning")
 def test_protocol_demo_key_runs_against_reference():
     key = tuning.demo_key()
     rng = np.random.default_rng(0)
