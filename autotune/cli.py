@@ -357,14 +357,14 @@ def _run_parser(sub: argparse._SubParsersAction, kernels: list[str]) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    """The `autotune` argument parser (run, show, check).
+    """The `autotune` argument parser (run, show, check, bundles).
 
     Returns:
       The parser; its usage errors are one line on stderr with exit code 2.
     """
     kernels = sorted(KERNEL_MODULES)
     parser = ArgumentParser(prog="autotune", description="Block-size tables per TPU generation.")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{run,show,check}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{run,show,check,bundles}")
     _run_parser(sub, kernels)
     show = sub.add_parser("show", help="print a chip's table as a DataFrame",
                           description="Print a chip's tables as a DataFrame (columns empty in every row left out).")
@@ -384,7 +384,27 @@ def build_parser() -> ArgumentParser:
     check.add_argument("--tables", type=existing_dir, help="table root to check (default: the package's "
                                                           "tuned_configs)")
     check.set_defaults(func=cmd_check)
+    _bundles_parser(sub, kernels)
     return parser
+
+
+def _bundles_parser(sub: argparse._SubParsersAction, kernels: list[str]) -> None:
+    from autotune.bundle_check import cmd_bundles
+
+    bundles = sub.add_parser(
+        "bundles", help="libtpu bundle counts: RPA's compute loop and the v3 model report, or a rank check",
+        description="Compile with libtpu's final bundle dump (a child process per config, ~15 s; counts stored "
+                    "in tuned_configs/<chip>/llo/) and print RPA's compute-loop bundles (static LLO) and the "
+                    "v3 model's MBU / MFU; with --rank-check, compare the v3 model's winner with libtpu's "
+                    "estimated_cycles on sampled keys of a static-grid kernel (exit 1 below 80 percent agreement).")
+    bundles.add_argument("--chip", type=generation_type(TPU_GENERATIONS, ("all",)), default="all", metavar="CHIP",
+                         help=f"a TPU generation ({', '.join(TPU_GENERATIONS)}) or all")
+    bundles.add_argument("--kernel", choices=kernels, default="quantized_matmul",
+                         help="the kernel of --rank-check (a static-grid kernel)")
+    bundles.add_argument("--rank-check", type=positive_int, metavar="N",
+                         help="sample N table keys (M <= 1024) and compare winners")
+    bundles.add_argument("--top", type=positive_int, default=4, help="candidates compiled per key")
+    bundles.set_defaults(func=cmd_bundles)
 
 
 def main(argv: list[str] | None = None) -> int:

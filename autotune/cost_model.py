@@ -1,17 +1,37 @@
-"""Roofline cost model: predicted time of one kernel call on one chip, from its traffic() counts.
+"""Cost model, version 3: predicted time of one kernel call on one chip, from its traffic() counts.
 
-    t = max(bytes_moved / hbm_bandwidth, flops / peak_rate) * megacore_imbalance
-        + grid_steps * step_overhead + dmas * dma_overhead
+A Pallas TPU kernel overlaps its DMAs with the work its core issues, so a call takes the longer of
+the two, plus a fixed cost per grid step that neither hides (the pipeline's DMA wait and sync; ~540
+cycles per extra step in libtpu's static estimate of a copy kernel, KERNEL-NOTES section 1):
 
-with the bandwidth and peak rate of one JAX device (a kernel call runs on one): half a chip on v4
-and tpu7x, whose TensorCores are separate devices; the whole chip elsewhere. On a megacore device
-(v5p: two TensorCores behind one device) the compiler splits the grid's parallel axes between the
-cores, so a call whose parallel tiles do not divide evenly leaves a core idle part of the time:
-megacore_imbalance = ceil(tiles / cores) * cores / tiles (2 for a single tile), 1 elsewhere.
+    t = (max(memory, core) + min(memory, core) / steps + grid_steps * step_overhead / cores) * megacore_imbalance
+    memory = bytes_moved / hbm_bandwidth,  core = issue_cycles / clock / cores
 
-Version 2 added the megacore term (it changes v5p figures only).
+min(memory, core) / steps is the pipeline's fill and drain: with its blocks double-buffered, a
+core's first step waits for its first DMA and its last step's work follows its last DMA, so over
+`steps` pipelined steps per core (grid_steps / cores) one step's worth of the smaller term is not
+hidden (a one-step call pays memory + core).
 
-Every figure it produces is a model, and is labelled "model" wherever it is reported.
+issue_cycles is the VLIW bundles the call issues: libtpu's final bundle dump of the compiled kernel
+(autotune/llo.py, per loop) times the trip counts the kernel's traffic() knows. One bundle issues per
+cycle, so it is a lower bound on the core's time that sees the vector, scalar and DMA-issue work
+the roofline cannot. MXU pushes are bundles too, so it replaces the FLOP count's time (which pads
+rows to the MXU's and overstates a decode matmul: quantized_matmul at M 1 on v5e, 76 us of padded
+MXU time against 50 us of bundles and libtpu's estimate of 49-52 us). Where a call
+has no bundle counts (no libtpu, or not asked for) the core's time is the MXU-ideal time plus the
+DMA descriptor cost: `flops / peak_rate + dmas * dma_overhead / cores`.
+
+The core terms are charged per TensorCore: on v5p's megacore (two cores behind one device) the grid's
+parallel tiles are split between them, so the per-step and issue costs halve, and an uneven split
+leaves a core idle part of the time: megacore_imbalance = ceil(tiles / cores) * cores / tiles (2 for
+a single tile), 1 where a device is one core (v4 and tpu7x show each core as its own device).
+
+Version 2 added the megacore term; version 3 the bundle counts, the pipelined max (DMA time against
+the core's issue time instead of their sum) with its fill and drain, and per-core charging of the
+fixed costs.
+
+Every figure it produces is a model, and is labelled "model" wherever it is reported; a figure that
+used bundle counts is "model (static LLO bundles)".
 """
 
 from __future__ import annotations
@@ -20,7 +40,7 @@ import dataclasses
 
 from autotune.hardware import ChipSpec, chip
 
-COST_MODEL_VERSION = "2"
+COST_MODEL_VERSION = "3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +56,7 @@ class Traffic:
     useful_bytes: int | None = None  # the minimal bytes (MBU's numerator); default: bytes moved
     useful_flops: int | None = None  # the minimal FLOPs (MFU's numerator); default: flops
     parallel_tiles: int | None = None  # iterations of the grid's parallel axes (None: no split modelled)
+    issue_cycles: float | None = None  # VLIW bundles issued (static LLO bundles x trip counts); None: not read
 
     @property
     def bytes_moved(self) -> int:
@@ -47,34 +68,60 @@ class Prediction:
     seconds: float
     memory_seconds: float
     compute_seconds: float
-    overhead_seconds: float
+    overhead_seconds: float  # grid steps' fixed cost, per core
     mbu: float  # useful bytes / time / peak bandwidth
     mfu: float  # useful flops / time / peak rate
-    bound: str  # "memory" | "compute" | "overhead"
+    bound: str  # "memory" | "compute" | "issue" (VLIW bundles) | "overhead"
+    issue_seconds: float = 0.0  # bundles / clock per core (or the DMA descriptor cost without bundles)
 
 
 def megacore_imbalance(parallel_tiles: int | None, spec: ChipSpec) -> float:
-    """Time factor of an uneven split of `parallel_tiles` between the cores of one device (1 where a
-    device is one core, or where the kernel does not say)."""
-    cores = spec.cores_per_chip // spec.devices_per_chip
+    """Time factor of an uneven split of the grid's parallel tiles between the cores of one device.
+
+    Args:
+      parallel_tiles: iterations of the grid's parallel axes (None: the kernel does not say).
+      spec: the chip.
+    Returns:
+      ceil(tiles / cores) * cores / tiles; 1.0 where a device is one core or the kernel does not say.
+    """
+    cores = spec.cores_per_device
     if cores < 2 or not parallel_tiles:
         return 1.0
     return -(-parallel_tiles // cores) * cores / parallel_tiles
 
 
 def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
-    """Predicted time of one call on `spec` (a ChipSpec or generation name)."""
+    """Predicted time of one call (version 3; see the module docstring).
+
+    Args:
+      traffic: the call's counts (a kernel's traffic() or tuning module's cost()).
+      spec: a ChipSpec or generation name.
+    Returns:
+      Prediction: seconds, its memory / compute / issue / overhead parts (per core), MBU and MFU
+      against the device's peaks, and which term binds.
+    """
     if isinstance(spec, str):
         spec = chip(spec)
+    cores = spec.cores_per_device
+    imbalance = megacore_imbalance(traffic.parallel_tiles, spec)
     bandwidth = spec.device_hbm_bytes_per_s
     mem = traffic.bytes_moved / bandwidth
     peak = spec.device_peak_flops(traffic.flops_kind)
     comp = traffic.flops / peak
-    over = traffic.grid_steps * spec.grid_step_overhead_s + traffic.dmas * spec.dma_overhead_s
-    total = max(mem, comp) * megacore_imbalance(traffic.parallel_tiles, spec) + over
+    over = traffic.grid_steps * spec.grid_step_overhead_s / cores
+    if traffic.issue_cycles is not None and spec.clock_hz:
+        issue = traffic.issue_cycles / spec.clock_hz / cores
+        core = issue  # the MXU pushes are bundles too (the padded-FLOP count overstates them)
+    else:
+        issue = traffic.dmas * spec.dma_overhead_s / cores
+        core = comp + issue
+    steps = max(1.0, traffic.grid_steps / cores)
+    total = max((max(mem, core) + min(mem, core) / steps + over) * imbalance, 1e-12)
     useful_b = traffic.useful_bytes if traffic.useful_bytes is not None else traffic.bytes_moved
     useful_f = traffic.useful_flops if traffic.useful_flops is not None else traffic.flops
-    bound = "overhead" if over > max(mem, comp) else ("memory" if mem >= comp else "compute")
-    total = max(total, 1e-12)
-    return Prediction(total, mem, comp, over, useful_b / total / bandwidth,
-                      useful_f / total / peak, bound)
+    parts = {"memory": mem, "compute": comp, "overhead": over + (issue if traffic.issue_cycles is None else 0.0)}
+    if traffic.issue_cycles is not None:
+        parts["issue"] = issue
+    bound = max(parts, key=parts.get)
+    return Prediction(total, mem, comp, over, useful_b / total / bandwidth, useful_f / total / peak, bound,
+                      issue_seconds=issue)

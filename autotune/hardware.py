@@ -49,6 +49,20 @@ class ChipSpec:
     devices_per_chip: int = 1
 
     @property
+    def clock_hz(self) -> float:
+        """TensorCore clock: one VLIW bundle issues per cycle (the per-core bf16 peak over the MXU work
+        of one cycle; sources: _CLOCK). 0.0 for GPUs."""
+        if not self.is_tpu:
+            return 0.0
+        per_cycle = self.num_mxu * self.mxu_shape[0] * self.mxu_shape[1] * 2
+        return self.device_peak_flops("bf16") / self.cores_per_device / per_cycle
+
+    @property
+    def cores_per_device(self) -> int:
+        """TensorCores behind one JAX device: 2 on v5p's megacore, 1 elsewhere."""
+        return max(1, self.cores_per_chip // self.devices_per_chip)
+
+    @property
     def is_tpu(self) -> bool:
         return self.kind == "tpu"
 
@@ -70,25 +84,32 @@ class ChipSpec:
 _DATASHEET = "Google Cloud TPU system-architecture pages (per-chip datasheet figures)"
 _JAX_TPU_INFO = "jax._src.pallas.mosaic tpu_info / compiler error messages for VMEM capacity"
 _AOT_SEEN = "libtpu 0.0.51 compile-only runs on this project's CPU host (CompileTimeScopedVmemOom messages)"
+# The clock is the per-core bf16 peak over the MXU work one cycle issues (MXUs x rows x cols x 2).
+# The MXU count per core is read from libtpu: estimated_cycles of a 4096^3 bf16 Pallas matmul with
+# 1024-blocks gives 445k FLOPs per cycle on v6e and tpu7x (so 4 MXUs of 256x256 = 524k ideal, 85% of
+# it reached) and 2048^3 with 512-blocks 108k on v5e and v5p (4 of 128x128 = 131k ideal). v4's
+# 1.05 GHz is also the published figure (Jouppi et al., ISCA 2023).
+_CLOCK = ("clock: per-core bf16 peak / (MXUs x rows x cols x 2 FLOPs per cycle), MXU count per core read "
+          "from libtpu estimated_cycles of a bf16 Pallas matmul (static LLO, this project's host, 2026-12-05)")
 _STEP = ("~0.35 us per grid step: libtpu static cycle estimate (+~540 cycles/step on v5e), KERNEL-NOTES 1; "
          "~0.03 us to issue one DMA descriptor (estimate: ~50 scalar cycles; DMAs in flight overlap)")
 
 CHIPS: dict[str, ChipSpec] = {
     "v4": ChipSpec(
         "v4", "tpu", 32 * 10**9, 1.2e12, 275e12, 275e12, None, 16 * MiB, 16 * MiB, (128, 128), 4, 2,
-        0.35e-6, 0.03e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP), devices_per_chip=2),
+        0.35e-6, 0.03e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK), devices_per_chip=2),
     "v5e": ChipSpec(
         "v5e", "tpu", 16 * 10**9, 819e9, 197e12, 394e12, None, 128 * MiB, 16 * MiB, (128, 128), 4, 1,
-        0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+        0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK)),
     "v5p": ChipSpec(
         "v5p", "tpu", 95 * 10**9, 2.765e12, 459e12, 918e12, None, 64 * MiB, 16 * MiB, (128, 128), 4, 2,
-        0.35e-6, 0.03e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+        0.35e-6, 0.03e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK)),
     "v6e": ChipSpec(
-        "v6e", "tpu", 32 * 10**9, 1.64e12, 918e12, 1836e12, None, 128 * MiB, 32 * MiB, (256, 256), 2, 1,
-        0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP)),
+        "v6e", "tpu", 32 * 10**9, 1.64e12, 918e12, 1836e12, None, 128 * MiB, 32 * MiB, (256, 256), 4, 1,
+        0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK)),
     "tpu7x": ChipSpec(
-        "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 2, 2,
-        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP), devices_per_chip=2),
+        "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 4, 2,
+        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK), devices_per_chip=2),
     "h100": ChipSpec(
         "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, HOPPER_SMEM_PER_BLOCK, HOPPER_SMEM_PER_BLOCK, (0, 0), 0, 132,
         3e-6, 0.0, None,
@@ -119,9 +140,14 @@ _ALIASES: tuple[tuple[str, str], ...] = (
 
 
 def parse_generation(name: str) -> str:
-    """Normalize a generation name or a jax device_kind ("TPU v5 lite", "v6e", "NVIDIA H100 80GB HBM3").
+    """Normalize a generation name or a jax device_kind.
 
-    Raises UnknownChipError naming the input when it is not a known generation.
+    Args:
+      name: e.g. "TPU v5 lite", "v6e", "NVIDIA H100 80GB HBM3".
+    Returns:
+      The generation key ("v5e", "v6e", "h100", ...).
+    Raises:
+      UnknownChipError naming the input when it is not a known generation.
     """
     if not isinstance(name, str):
         raise UnknownChipError(f"generation must be a string, got {name!r}")
@@ -138,7 +164,15 @@ def parse_generation(name: str) -> str:
 
 
 def chip(generation: str) -> ChipSpec:
-    """The ChipSpec of a generation name or device_kind string."""
+    """The facts of one generation.
+
+    Args:
+      generation: a generation name or device_kind string.
+    Returns:
+      Its ChipSpec.
+    Raises:
+      UnknownChipError for an unknown name.
+    """
     return CHIPS[parse_generation(generation)]
 
 
@@ -156,11 +190,18 @@ def _device_of_abstract_mesh() -> str | None:
 
 
 def detect(device: Any = None, *, strict: bool = False) -> str | None:
-    """Generation key of `device` (default: the first jax device, or the abstract mesh's device).
+    """Generation key of a device.
 
-    Works for real devices, libtpu compile-only topology devices, and CPU hosts. On a host whose
-    device is not a known chip (the CPU here) it returns None, or raises UnknownChipError when
-    `strict` is set; it warns when the device kind looks like an accelerator it does not know.
+    Works for real devices, libtpu compile-only topology devices, and CPU hosts; it warns when the
+    device kind looks like an accelerator it does not know.
+
+    Args:
+      device: a jax device (default: the abstract mesh's device in scope, else the first device).
+      strict: raise instead of returning None for an unknown device.
+    Returns:
+      The generation key, or None on a host whose device is not a known chip (a CPU).
+    Raises:
+      UnknownChipError (strict only).
     """
     import jax
 

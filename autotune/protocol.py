@@ -112,9 +112,17 @@ class BlockConfig:
 
 
 def own_block_sizes(config: type, block_sizes: object) -> object:
-    """The caller's block sizes when they are `config`'s (an instance, or a dict of its fields), else
-    None: sizes written for another backend (a TPU dict on a GPU) never reach this backend's kernel,
-    which then reads its own table."""
+    """The caller's block sizes when they are `config`'s, else None.
+
+    Sizes written for another backend (a TPU dict on a GPU) never reach this backend's kernel, which
+    then reads its own table.
+
+    Args:
+      config: the backend's config dataclass.
+      block_sizes: what the caller passed (an instance, a dict, or None).
+    Returns:
+      block_sizes when it is a `config` or a dict of only its fields, else None.
+    """
     if isinstance(block_sizes, config):
         return block_sizes
     if isinstance(block_sizes, Mapping) and set(block_sizes) <= {f.name for f in dataclasses.fields(config)}:
@@ -123,11 +131,17 @@ def own_block_sizes(config: type, block_sizes: object) -> object:
 
 
 def vmem_limit_bytes(needed: int, generation: str | None) -> int | None:
-    """The scoped-VMEM limit to compile a kernel needing `needed` bytes with on `generation`.
+    """The scoped-VMEM limit to compile a kernel with.
 
     What it needs plus a quarter and 2 MiB of headroom, rounded up to a MiB, at most 90% of the core's
-    physical VMEM (whole MiB; never under the compiler's default scoped limit); None where the
-    default scoped limit already covers it, or no TPU generation is known (interpret mode, GPUs).
+    physical VMEM (whole MiB; never under the compiler's default scoped limit).
+
+    Args:
+      needed: the kernel's VMEM estimate in bytes.
+      generation: the TPU generation, or None.
+    Returns:
+      The limit in bytes; None where the default scoped limit already covers it, or no TPU
+      generation is known (interpret mode, GPUs).
     """
     if generation is None or not chip(generation).is_tpu:
         return None
@@ -139,17 +153,29 @@ def vmem_limit_bytes(needed: int, generation: str | None) -> int | None:
 
 
 def check_implementation(implementation: str | None) -> str | None:
-    """The `implementation=` argument, validated (ValueError naming it)."""
+    """Validate the `implementation=` argument.
+
+    Args:
+      implementation: None, "pallas" or "xla".
+    Returns:
+      It, unchanged.
+    Raises:
+      ValueError naming implementation otherwise.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
     return implementation
 
 
 def device_backend() -> tuple[str | None, str | None]:
-    """(backend, generation) of the device a call runs on: ("tpu" | "gpu" | None, generation | None).
+    """The backend and generation of the device a call runs on.
 
     A compile-only TPU mesh in scope counts as its TPU; an accelerator this library has no facts
-    for gives (its platform, None); a CPU gives (None, None)."""
+    for gives (its platform, None); a CPU gives (None, None).
+
+    Returns:
+      ("tpu" | "gpu" | None, generation | None).
+    """
     import jax
 
     generation = detect()

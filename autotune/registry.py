@@ -43,9 +43,16 @@ def _combined(backend: str, family: str) -> BackendModule:
 
 
 def tuning_module(kernel: str, generation: str | None = None) -> ModuleType | BackendModule:
-    """The tuning module of `kernel` for `generation`'s backend (None: the TPU one).
+    """The tuning module of `kernel` for `generation`'s backend.
 
-    Raises ValueError naming the kernel when it is not registered."""
+    Args:
+      kernel: a registered kernel.
+      generation: a generation key (None: the TPU module).
+    Returns:
+      The module (GPU modules wrapped so the family's TPU module supplies what they lack).
+    Raises:
+      ValueError naming the kernel when it is not registered.
+    """
     try:
         modules = KERNEL_MODULES[kernel]
     except KeyError:

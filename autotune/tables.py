@@ -66,14 +66,22 @@ def _load_entries(kernel: str, generation: str) -> tuple[tuple[dict, ...], str |
 
 
 def clear_cache() -> None:
-    """Forget loaded tables, issued warnings and miss counts (tests; after the tuner writes a table)."""
+    """Forget loaded tables, issued warnings and miss counts (tests; after the tuner writes a table).
+
+    Returns:
+      None.
+    """
     _load_entries.cache_clear()
     _warned.clear()
     _misses.clear()
 
 
 def miss_counts() -> dict[tuple[str, str | None], int]:
-    """{(kernel, generation): lookups that fell back to the default} since the last clear_cache()."""
+    """Lookups that fell back to the default since the last clear_cache().
+
+    Returns:
+      {(kernel, generation): count}.
+    """
     return dict(_misses)
 
 

@@ -130,7 +130,8 @@ def _row(name: str, sset: str, label: str, key: dict, gen: str, ceilings: dict |
                    peak_flops_measured=ceilings["matmul_flops"])
     else:
         seconds = pred.seconds
-        row.update(source="model", device=None, us=seconds * 1e6, reference_us=None, bound=pred.bound)
+        source = "model (static LLO bundles)" if traffic.issue_cycles is not None else "model"
+        row.update(source=source, device=None, us=seconds * 1e6, reference_us=None, bound=pred.bound)
     row["bandwidth_GBps"] = row["useful_bytes"] / seconds / 1e9
     row["TFLOPs"] = row["useful_flops"] / seconds / 1e12
     row["MBU"] = row["useful_bytes"] / seconds / spec.device_hbm_bytes_per_s
@@ -236,11 +237,11 @@ def roofs(spec: ChipSpec) -> dict[str, float]:
 
 
 def _plot_title(df: pd.DataFrame) -> str:
-    sources = set(df["source"])
-    if sources == {"model"}:
+    modelled = {s for s in df["source"] if str(s).startswith("model")}
+    if modelled == set(df["source"]):
         return "pallaskit kernels on the roofline: cost model (predicted, not measured)"
     devices = ", ".join(sorted({str(d) for d in df["device"].dropna()}))
-    return f"pallaskit kernels on the roofline: measured on {devices}" + (" and model" if "model" in sources else "")
+    return f"pallaskit kernels on the roofline: measured on {devices}" + (" and model" if modelled else "")
 
 
 def roofline_plot(df: pd.DataFrame, path: Path) -> Path:

@@ -47,7 +47,15 @@ def _rhs_info(rhs: object, name: str = "rhs") -> tuple[tuple, str, int]:
 
 
 def check_group_sizes(group_sizes: jax.Array | np.ndarray, m: int, *, name: str = "group_sizes") -> None:
-    """Value checks (debug_checks): no negative size, sizes summing to at most M (concrete values)."""
+    """Value checks of group sizes (debug_checks; needs concrete values).
+
+    Args:
+      group_sizes: i32[G], rows of lhs per group.
+      m: rows of lhs (M).
+      name: the argument named in errors.
+    Raises:
+      ValueError naming `name`: a negative size, or sizes summing past M.
+    """
     sizes = np.asarray(group_sizes)
     if np.any(sizes < 0):
         raise ValueError(f"{name}: negative group size {int(sizes.min())} at group {int(np.argmin(sizes))}")
@@ -211,7 +219,14 @@ def gmm(lhs: jax.Array, rhs: jax.Array | QuantizedTensor, group_sizes: jax.Array
 
 def validate_fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: object, w_down: object, top_k: int,
                        scoring: str, activation: str) -> tuple[int, int, int, int]:
-    """Shape checks of fused_moe; returns (T, D, E, F)."""
+    """Shape checks of fused_moe (ValueError naming the argument).
+
+    Args:
+      x [T, D], router_logits [T, E], w_gate_up [E, D, 2F], w_down [E, F, D] (arrays or
+      QuantizedTensors), top_k, scoring, activation: as fused_moe's.
+    Returns:
+      (T, D, E, F).
+    """
     if not hasattr(x, "ndim") or x.ndim != 2:
         raise ValueError(f"x: expected 2 dims [T, D], got shape {tuple(getattr(x, 'shape', ()))}")
     t, d = x.shape
@@ -236,8 +251,13 @@ def validate_fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: object
 
 
 def moe_block_sizes(block_sizes: dict | tuning.GmmConfig | None) -> dict:
-    """The caller's block sizes of fused_moe's two gmm calls: None (tables), one dict or moe.GmmConfig
-    for both calls, or {"gate_up": ..., "down": ...}."""
+    """The caller's block sizes of fused_moe's two gmm calls.
+
+    Args:
+      block_sizes: None (tables), one dict or moe.GmmConfig for both calls, or {"gate_up": ..., "down": ...}.
+    Returns:
+      {"gate_up": sizes or None, "down": sizes or None}.
+    """
     if block_sizes is not None and not isinstance(block_sizes, (dict, tuning.GmmConfig)):
         raise ValueError(f"block_sizes: expected None, a dict or a moe.GmmConfig, got {block_sizes!r}")
     split = isinstance(block_sizes, dict) and bool({"gate_up", "down"} & set(block_sizes))
@@ -247,10 +267,19 @@ def moe_block_sizes(block_sizes: dict | tuning.GmmConfig | None) -> dict:
 def expert_layer(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: object, w_down: object, *,
                  group_offset: int | jax.Array, num_experts: int, activation: str, keys: dict, block_sizes: dict,
                  interpret: object, implementation: str | None = None) -> jax.Array:
-    """Sort, gate/up gmm with the fused activation, down gmm, weighted combine (f32 [T, D]).
+    """Sort, gate/up gmm with the fused activation, down gmm, weighted combine.
 
     Computes the experts [group_offset, group_offset + G_local) that w_gate_up / w_down hold; the
     other experts' copies contribute nothing (expert parallelism sums the shards).
+
+    Args:
+      x: [T, D] tokens; weights, experts: [T, top_k] routing weights and expert ids.
+      w_gate_up: [G_local, D, 2F]; w_down: [G_local, F, D] (arrays or QuantizedTensors).
+      group_offset, num_experts, activation: the shard's first expert, E, the gated activation.
+      keys, block_sizes: the two gmm calls' table keys and sizes ({"gate_up", "down"}).
+      interpret, implementation: as gmm's.
+    Returns:
+      f32 [T, D].
     """
     t, top_k = experts.shape
     (g_local, _, _), _, _ = _rhs_info(w_gate_up, "w_gate_up")
@@ -270,7 +299,14 @@ def expert_layer(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up
 
 def gmm_keys(t: int, d: int, f: int, g_local: int, top_k: int, x_dtype: object, w_gate_up: object, w_down: object,
              activation: str) -> dict:
-    """Table keys of fused_moe's two gmm calls (both are "gmm" entries)."""
+    """Table keys of fused_moe's two gmm calls (both "gmm" entries).
+
+    Args:
+      t, d, f, g_local, top_k: tokens, hidden size, expert width, local experts, experts per token.
+      x_dtype, w_gate_up, w_down, activation: the activations' dtype, the weights, the activation.
+    Returns:
+      {"gate_up": key, "down": key}.
+    """
     _, gu_dtype, gu_block = _rhs_info(w_gate_up, "w_gate_up")
     _, dn_dtype, dn_block = _rhs_info(w_down, "w_down")
     m = t * top_k

@@ -241,7 +241,12 @@ def _default(frozen: tuple, generation: str | None) -> dict:
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
 vmem_estimate = vmem_bytes
-cost = traffic
+
+def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
+    """traffic(), with the issue cycles of libtpu's bundle counts where this config's are stored."""
+    from autotune import llo
+
+    return llo.with_issue_cycles("gmm", key, block_sizes, generation, traffic(key, block_sizes, generation))
 
 
 def _block_size(key: dict):

@@ -149,7 +149,16 @@ def _gpu_path(x: jax.Array, qw: QuantizedTensor, act: str | None, out_dtype: obj
 def traffic(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype: str = "int8",
             act_quant: str | None = None, block_size: object = None, block_sizes: dict | None = None,
             generation: str | None = None) -> Traffic:
-    """Modelled traffic of one call (quant.tuning.traffic for these arguments; default block sizes)."""
+    """Modelled traffic of one quantized_matmul call (quant.tuning.traffic).
+
+    Args:
+      m, k, n: x [M, K] times w [K, N].
+      x_dtype, w_dtype, act_quant, block_size: as quantized_matmul's.
+      block_sizes: {"tm", "tn", "tk"}, or None for the default.
+      generation: the chip (None: no chip; the conservative default).
+    Returns:
+      Traffic: bytes, issued FLOPs, grid steps and DMAs.
+    """
     key, bs = _key_and_sizes(m, k, n, x_dtype, w_dtype, act_quant, block_size, block_sizes, generation)
     return tuning.traffic(key, bs, generation)
 
@@ -157,7 +166,12 @@ def traffic(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype: st
 def vmem_bytes(m: int, k: int, n: int, *, x_dtype: object = "bfloat16", w_dtype: str = "int8",
                act_quant: str | None = None, block_size: object = None, block_sizes: dict | None = None,
                generation: str | None = None) -> int:
-    """Modelled VMEM footprint of one call (quant.tuning.vmem_bytes; default block sizes)."""
+    """Modelled VMEM footprint of one quantized_matmul call (quant.tuning.vmem_bytes).
+
+    Args: as traffic's.
+    Returns:
+      Bytes of VMEM one grid step holds.
+    """
     key, bs = _key_and_sizes(m, k, n, x_dtype, w_dtype, act_quant, block_size, block_sizes, generation)
     return tuning.vmem_bytes(key, bs, generation)
 

@@ -328,7 +328,12 @@ def _default(frozen: tuple, generation: str | None) -> dict:
 # ---------------------------------------------------------------- the rest of the tuning protocol
 
 vmem_estimate = vmem_bytes  # generation None: the larger of the native and the bf16 MXU path
-cost = traffic
+
+def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
+    """traffic(), with the issue cycles of libtpu's bundle counts where this config's are stored."""
+    from autotune import llo
+
+    return llo.with_issue_cycles("quantized_matmul", key, block_sizes, generation, traffic(key, block_sizes, generation))
 
 
 def input_specs(key: dict) -> tuple:

@@ -52,9 +52,16 @@ _STORAGE = {
 
 
 def dtype_name(dtype: DTypeLike, *, arg: str = "dtype", allowed: tuple[str, ...] = DTYPES) -> str:
-    """Canonical name of a quantized format ("int8", "int4", "float8_e4m3fn", "float8_e5m2").
+    """Canonical name of a quantized format.
 
-    Accepts the name or a numpy/jax dtype; ValueError naming `arg` otherwise.
+    Args:
+      dtype: a name or a numpy/jax dtype.
+      arg: the argument named in errors.
+      allowed: the accepted names.
+    Returns:
+      "int8", "int4", "float8_e4m3fn" or "float8_e5m2" (those in `allowed`).
+    Raises:
+      ValueError naming `arg` otherwise.
     """
     name = dtype
     if not isinstance(dtype, str):
@@ -68,14 +75,27 @@ def dtype_name(dtype: DTypeLike, *, arg: str = "dtype", allowed: tuple[str, ...]
 
 
 def storage_dtype(dtype: DTypeLike) -> type:
-    """The jnp dtype the unpacked values of a format are stored in (int4 -> int8 container)."""
+    """The jnp dtype a format's unpacked values are stored in.
+
+    Args:
+      dtype: a format name or dtype.
+    Returns:
+      Its jnp dtype (int4 -> int8 container).
+    """
     return _STORAGE[dtype_name(dtype)]
 
 
 def normalize_block_size(block_size: int | Sequence[int] | None, k: int, n: int, *, arg: str = "block_size") -> tuple[int, int]:
-    """(bk, bn) for a block_size given as None (per column: (K, 1)), an int b ((b, 1)) or a pair.
+    """(bk, bn) of a block_size argument.
 
-    ValueError naming `arg` when a size is not a positive int or does not divide K (resp. N).
+    Args:
+      block_size: None (per column: (K, 1)), an int b ((b, 1)) or a pair.
+      k, n: the tensor's [K, N].
+      arg: the argument named in errors.
+    Returns:
+      (bk, bn).
+    Raises:
+      ValueError naming `arg` when a size is not a positive int or does not divide K (resp. N).
     """
     if block_size is None:
         bk, bn = k, 1
@@ -98,7 +118,14 @@ def normalize_block_size(block_size: int | Sequence[int] | None, k: int, n: int,
 
 
 def scales_shape(shape: Sequence[int], block: tuple[int, int]) -> tuple[int, ...]:
-    """Shape of the scales of a [..., K, N] tensor quantized with (bk, bn) blocks."""
+    """Shape of the scales of a quantized tensor.
+
+    Args:
+      shape: [..., K, N].
+      block: (bk, bn).
+    Returns:
+      [..., K / bk, N / bn].
+    """
     *lead, k, n = shape
     return (*lead, k // block[0], n // block[1])
 

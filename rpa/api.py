@@ -151,7 +151,14 @@ def reference_path(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array
                    sinks: jax.Array | None = None, k_scale: float | None = None,
                    v_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
     """The pure-JAX reference on a cache in either layout (padding lanes and unwritten slots kept
-    bit-exact): ragged_paged_attention's arguments (no block sizes) and returns."""
+    bit-exact).
+
+    Args:
+      q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale, sliding_window,
+      soft_cap, sinks, k_scale, v_scale: as ragged_paged_attention's (no block sizes).
+    Returns:
+      (out [T, Hq, D] in q's dtype, kv_cache with the new tokens written), as ragged_paged_attention.
+    """
     from reference.ragged_paged_attention import ragged_paged_attention as ref
 
     num_kv_heads, head_dim = k.shape[1], k.shape[2]

@@ -56,22 +56,46 @@ def _layout(layout: str | None) -> str:
 
 
 def cache_layout(kv_cache: jax.Array) -> str:
-    """Which layout an array is in, from its rank: "gpu" (5-D) or "tpu" (4-D)."""
+    """Which layout an array is in, from its rank.
+
+    Args:
+      kv_cache: a cache array (or anything with .ndim).
+    Returns:
+      "gpu" for a 5-D array [P, 2, Hkv, page_size, D], else "tpu".
+    """
     return "gpu" if getattr(kv_cache, "ndim", None) == 5 else "tpu"
 
 
 def gpu_kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int) -> tuple:
-    """Shape of the GPU layout: [num_pages, 2 (K, V), num_kv_heads, page_size, head_dim]."""
+    """Shape of the GPU layout.
+
+    Args:
+      num_pages, page_size, num_kv_heads, head_dim: positive ints.
+    Returns:
+      (num_pages, 2 (K, V), num_kv_heads, page_size, head_dim).
+    """
     return (int(num_pages), 2, int(num_kv_heads), int(page_size), int(head_dim))
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """Dp: head_dim rounded up to whole 128-lane tiles (the TPU layout's last dim)."""
+    """Dp, the TPU layout's last dim.
+
+    Args:
+      head_dim: D.
+    Returns:
+      D rounded up to whole 128-lane tiles.
+    """
     return round_up(int(head_dim), LANES)
 
 
 def pad_head_dim(x: jax.Array) -> jax.Array:
-    """x [..., D] -> [..., padded_head_dim(D)], zero-padded (x itself where D is already a lane multiple)."""
+    """Zero-pad the last dim to whole lane tiles.
+
+    Args:
+      x: [..., D].
+    Returns:
+      [..., padded_head_dim(D)] (x itself where D is already a lane multiple).
+    """
     pad = padded_head_dim(x.shape[-1]) - x.shape[-1]
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
@@ -98,9 +122,17 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
 
 
 def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, layout: str | None = None) -> jax.Array:
-    """Keys and values k_pages, v_pages [num_pages, page_size, Hkv, D] (same dtype) -> the cache of
-    kv_cache_shape(num_pages, page_size, Hkv, D, layout=layout) (None: the running chip's layout; the
-    TPU layout's padding lanes zero)."""
+    """Build a cache from keys and values.
+
+    Args:
+      k_pages, v_pages: [num_pages, page_size, Hkv, D], same shape and dtype.
+      layout: "tpu" | "gpu" | None (the running chip's).
+    Returns:
+      The cache of kv_cache_shape(num_pages, page_size, Hkv, D, layout=layout); the TPU layout's
+      padding lanes zero.
+    Raises:
+      ValueError naming k_pages / v_pages for a wrong rank or mismatched shapes or dtypes.
+    """
     k_pages = jnp.asarray(k_pages)
     v_pages = jnp.asarray(v_pages)
     if k_pages.ndim != 4:
@@ -115,8 +147,16 @@ def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, layout: str | None = None
 
 
 def unpack_kv(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array]:
-    """A cache in either layout (told apart by rank) -> (k_pages, v_pages), each
-    [num_pages, page_size, num_kv_heads, head_dim]."""
+    """Split a cache in either layout (told apart by rank) into keys and values.
+
+    Args:
+      kv_cache: [P, page_size, 2*Hkv, Dp] (TPU) or [P, 2, Hkv, page_size, D] (GPU).
+      num_kv_heads, head_dim: Hkv and D.
+    Returns:
+      (k_pages, v_pages), each [num_pages, page_size, num_kv_heads, head_dim].
+    Raises:
+      ValueError naming kv_cache when its shape does not fit these heads.
+    """
     kv_cache = jnp.asarray(kv_cache)
     if kv_cache.ndim == 5:
         if kv_cache.shape[1] != 2 or kv_cache.shape[2] != num_kv_heads or kv_cache.shape[4] != head_dim:
@@ -131,8 +171,15 @@ def unpack_kv(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[ja
 
 def new_kv_rows(k: jax.Array, v: jax.Array, cache_dtype: object, *, k_scale: float | None = None,
                 v_scale: float | None = None) -> jax.Array:
-    """New tokens' k, v [T, Hkv, D] -> rows [T, 2*Hkv, Dp] in the TPU layout and the cache dtype
-    (quantized as reference.quantize_store: x / scale)."""
+    """New tokens' K/V as TPU-layout rows in the cache dtype.
+
+    Args:
+      k, v: [T, Hkv, D].
+      cache_dtype: the cache's dtype (quantized as reference.quantize_store: x / scale).
+      k_scale, v_scale: the 8-bit cache scales, or None.
+    Returns:
+      [T, 2*Hkv, Dp]: K of head h at row 2h, V at 2h+1, padding lanes zero.
+    """
     kq = quantize_store(k, cache_dtype, k_scale)
     vq = quantize_store(v, cache_dtype, v_scale)
     t, hkv, d = k.shape

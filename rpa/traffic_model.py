@@ -15,6 +15,8 @@ from autotune.cost_model import Traffic
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
 from rpa.config import BlockSizes, LoopBounds, page_table_in_smem
 
+LOOP_COUNTS = ("kv_steps", "token_chunks", "live_chunks", "q_chunks")
+
 
 def uniform_batch(q_lens: list[int], kv_lens: list[int], page_size: int, *, num_tokens: int | None = None,
                   decode_end: int | None = None, prefill_end: int | None = None) -> dict:
@@ -41,7 +43,8 @@ def _batch_fields(batch: Any) -> dict[str, Any]:
 
 def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: float, flops_per_key: int) -> dict:
     """One head block's reads, writes, DMAs, KV steps and FLOPs over the sequences `seqs` of a group."""
-    g = dict.fromkeys(("kernel_read", "kernel_write", "dmas", "kv_steps", "flops"), 0)
+    g = dict.fromkeys(("kernel_read", "kernel_write", "dmas", "kv_steps", "flops", "token_chunks", "live_chunks",
+                       "q_chunks"), 0)
     table_in_smem = page_table_in_smem(*b["table"])
     tc, kc = loops.chunks
     for i in seqs:
@@ -61,6 +64,7 @@ def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: flo
             g["kernel_read"] += blk.size * q_row  # the query block in, its output out
             g["kernel_write"] += blk.size * q_row
             g["dmas"] += 2
+            g["q_chunks"] += loops.num_token_chunks(blk)  # the output's finalize loop, once per query block
             for kb in range(blk.kv_first, blk.kv_end):
                 for j in range(loops.kv_pages):
                     slots = loops.cached_slots(blk, kb, j)
@@ -74,6 +78,8 @@ def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: flo
                     chunk = loops.token_chunk(blk, ti)
                     live = sum(bool(loops.key_chunk_live(kb, ci, chunk)) for ci in range(loops.bkv // kc))
                     g["flops"] += live * flops_per_key * tc * kc
+                    g["token_chunks"] += 1
+                    g["live_chunks"] += live
     return g
 
 
@@ -110,17 +116,19 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
       block_sizes: BlockSizes or its dict; the rest: the call's.
     Returns:
       {kernel_read, kernel_write, dmas, kv_steps, grid_steps, flops, parallel_tiles, prologue_read,
-      prologue_write, useful_bytes, useful_flops}: kernel DMAs in logical bytes (tile padding not
-      counted); the XLA prologue (K/V interleave + quantize + pad, q pad, output slice) separately.
+      prologue_write, useful_bytes, useful_flops, loops}: kernel DMAs in logical bytes (tile padding
+      not counted); the XLA prologue (K/V interleave + quantize + pad, q pad, output slice)
+      separately; loops: per group called, how often its kernel's loops run ({grid_steps, kv_steps,
+      token_chunks, live_chunks, q_chunks}: the trip counts the bundle model multiplies).
     """
     b = _batch_fields(batch)
     q_per_kv = num_q_heads // num_kv_heads
     dim = round_up(head_dim, LANES)
     q_bytes, kv_bytes = dtype_bytes(q_dtype), dtype_bytes(kv_dtype)
-    c = dict(kernel_read=0, kernel_write=0, dmas=0, kv_steps=0, grid_steps=0, flops=0)
+    c = dict(kernel_read=0, kernel_write=0, dmas=0, kv_steps=0, grid_steps=0, flops=0, loops={})
     bounds = (0, *(int(x) for x in b["dist"]))
     heaviest = 0
-    for gi, (bq, kv_pages, heads) in enumerate(BlockSizes.from_any(block_sizes).groups(num_kv_heads).values()):
+    for gi, (group, (bq, kv_pages, heads)) in enumerate(BlockSizes.from_any(block_sizes).groups(num_kv_heads).items()):
         blocks = num_kv_heads // heads
         q_row = heads * q_per_kv * dim * q_bytes
         loops = LoopBounds(bq, kv_pages, b["page_size"], q_per_kv, sliding_window)
@@ -135,9 +143,10 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
         work = blocks * (g["kernel_read"] + g["flops"] / 200)
         if work > heaviest:
             heaviest, c["parallel_tiles"] = work, blocks
-        for name, value in g.items():
-            c[name] += blocks * value
+        for name in ("kernel_read", "kernel_write", "dmas", "kv_steps", "flops"):
+            c[name] += blocks * g[name]
         c["grid_steps"] += blocks
+        c["loops"][group] = {"grid_steps": blocks, **{n: blocks * g[n] for n in LOOP_COUNTS}}
     # XLA prologue / epilogue
     num_tokens = b["num_tokens"]
     c["prologue_read"] = 2 * num_tokens * num_kv_heads * head_dim * q_bytes
@@ -170,3 +179,37 @@ def traffic(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_he
                    grid_steps=s["grid_steps"] + s["kv_steps"], dmas=s["dmas"],
                    flops_kind="bf16", useful_bytes=s["useful_bytes"], useful_flops=s["useful_flops"],
                    parallel_tiles=s.get("parallel_tiles"))
+
+
+def issue_cycles(loop_counts: Mapping[str, Mapping[str, int]], bundles: Mapping[str, Any]) -> float:
+    """Bundles one call issues (model from static LLO): each group kernel's bundle counts
+    (autotune.llo.KernelBundles, by kernel name "rpa_<group>...") times how often the simulator says
+    its loops run (simulate()["loops"]).
+
+    The kernel (rpa/tpu.py) per grid step (a KV-head block) walks a while loop over (sequence, query
+    block, KV block) steps; inside it the page-copy loops (static trips), the token-chunk loop and in
+    it the key-chunk loop of the compute chunk (dead chunks skipped: counted as free), and per query
+    block the output's finalize loop. The compute loop is the innermost loop with MXU work; the step
+    loop its outermost enclosing loop; the finalize loop the largest other loop with a run-time trip
+    count inside the step loop.
+    """
+    total = 0.0
+    for name, kb in bundles.items():
+        group = next((g for g in loop_counts if name.startswith(f"rpa_{g}")), None)
+        compute = kb.compute_loop()
+        if group is None or compute is None:
+            continue
+        n = loop_counts[group]
+        chain = kb.ancestors(compute)
+        runs = {compute: n["live_chunks"]}
+        if chain:
+            step = chain[-1]
+            runs[step] = n["kv_steps"]
+            if len(chain) > 1:
+                runs[chain[0]] = n["token_chunks"]
+            others = [i for i, lp in enumerate(kb.loops) if i != compute and i not in chain and lp.trips is None
+                      and not lp.mxu_ops and step in kb.ancestors(i)]
+            if others:
+                runs[max(others, key=lambda i: kb.loops[i].own_bundles)] = n["q_chunks"]
+        total += kb.issued_bundles(n["grid_steps"], runs)
+    return total

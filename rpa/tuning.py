@@ -100,9 +100,15 @@ def vmem_estimate(key: dict, block_sizes: dict) -> int:
 
 
 def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic:
-    """traffic() of the key's representative batch."""
-    return traffic(representative_batch(key), block_sizes, sliding_window=key.get("sliding_window") or None,
-                   **key_dims(key))
+    """traffic() of the key's representative batch, with the issue cycles of libtpu's bundle counts
+    (rpa.traffic_model.issue_cycles) where this config's are stored."""
+    from autotune import llo
+    from rpa.traffic_model import issue_cycles, simulate
+
+    batch, window = representative_batch(key), key.get("sliding_window") or None
+    t = traffic(batch, block_sizes, sliding_window=window, **key_dims(key))
+    loops = lambda: simulate(batch, block_sizes, sliding_window=window, **key_dims(key))["loops"]
+    return llo.with_issue_cycles("rpa", key, block_sizes, generation, t, lambda b: issue_cycles(loops(), b))
 
 
 # ---------------------------------------------------------------- inputs, kernel, reference (shared with the GPU)

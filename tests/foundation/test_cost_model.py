@@ -19,13 +19,32 @@ def test_megacore_imbalance():
     assert megacore_imbalance(1, tpu7x) == 1.0  # each TensorCore is its own device
 
 
-def test_predict_applies_it_to_the_work_not_the_overheads():
+def test_predict_charges_cores_and_pipelines():
     base = dict(bytes_read=10**9, bytes_written=0, flops=10**9, grid_steps=100, dmas=0)
     split = predict(Traffic(**base, parallel_tiles=4), "v5p")
     single = predict(Traffic(**base, parallel_tiles=1), "v5p")
-    over = 100 * chip("v5p").grid_step_overhead_s
-    assert single.seconds - over == pytest.approx(2 * (split.seconds - over))
+    assert single.seconds == pytest.approx(2 * split.seconds)  # one core does it all
+    assert split.overhead_seconds == pytest.approx(100 * chip("v5p").grid_step_overhead_s / 2)  # per core
     assert predict(Traffic(**base, parallel_tiles=1), "v6e").seconds == predict(Traffic(**base), "v6e").seconds
+    # memory-bound: the core's work hides under the DMAs (max, not sum); the steps' fixed cost does not
+    v6e = chip("v6e")
+    t = predict(Traffic(**{**base, "dmas": 1000}), v6e)
+    core = 10**9 / v6e.bf16_flops + 1000 * v6e.dma_overhead_s
+    assert t.seconds == pytest.approx(10**9 / v6e.hbm_bytes_per_s + core / 100 + 100 * v6e.grid_step_overhead_s)
+    assert t.bound == "memory"
+
+
+def test_issue_cycles_bind_when_the_core_is_slower_than_its_dmas():
+    v6e = chip("v6e")
+    base = dict(bytes_read=10**6, bytes_written=0, flops=10**6, grid_steps=1, dmas=4)
+    without = predict(Traffic(**base), v6e)
+    cycles = 10 * 10**6 / v6e.hbm_bytes_per_s * v6e.clock_hz  # ten times the DMA time
+    slow = predict(Traffic(**base, issue_cycles=cycles), v6e)
+    assert slow.bound == "issue"
+    # one step: nothing overlaps the DMA (fill), so memory and issue add up
+    assert slow.seconds == pytest.approx(11 * without.memory_seconds + without.overhead_seconds)
+    assert slow.mbu == pytest.approx(without.mbu * without.seconds / slow.seconds)
+    assert 1.0e9 < v6e.clock_hz < 2.5e9 and chip("v5p").cores_per_device == 2
 
 
 def test_rpa_on_v5p_prefers_two_head_blocks():

@@ -138,9 +138,11 @@ def test_protocol_inputs_match_specs():
 
 def test_model_report():
     rows = report.model_report()
-    assert len(rows) == 3 * len(TPU_GENERATIONS)
+    assert len(rows) == len(report.model_scenarios(decode_page_sizes=(128, 16))) * len(TPU_GENERATIONS)
     for r in rows:
-        assert r["label"] == "model" and 0 < r["mbu"] <= 1 and 0 < r["mfu"] <= 1
+        assert r["label"].startswith("model") and 0 < r["mbu"] <= 1 and 0 < r["mfu"] <= 1
+        # the shipped bundle counts (tuned_configs/<gen>/llo/rpa.json) are used where they exist
+        assert (r["issue_cycles"] is not None) == (r["label"] == "model (static LLO bundles)")
     decode = [r for r in rows if r["scenario"].startswith("decode")]
     assert all(r["bound"] != "compute" for r in decode)
     batch = traffic_model.uniform_batch([2048], [2048], 128, decode_end=0)

@@ -1,0 +1,114 @@
+"""Checks of cost model version 3 against the compiler, and the `autotune bundles` command.
+
+* `rank_agreement`: on static-grid kernels (quantized_matmul, gmm) libtpu's `estimated_cycles` is
+  right for straight-line code (../shared/KERNEL-NOTES.md); for sampled table keys, compile the best
+  few candidates, and see whether the v3 model (with their bundle counts) and the estimate pick the
+  same winner.
+* `cmd_bundles`: per generation, what the bundle dump says RPA's compute loop costs, and the v3
+  model's report (rpa.report) with those counts; or the rank check.
+
+Every figure is labelled: "static LLO" (read from libtpu's dumps) or "model".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from typing import Any
+
+from autotune import llo
+from autotune.cost_model import predict
+from autotune.hardware import TPU_GENERATIONS
+from autotune.registry import tuning_module
+
+
+def candidates(kernel: str, key: dict, generation: str, top: int) -> list[dict]:
+    """The `top` candidates of `key` the model without bundle counts ranks first (stable whatever
+    counts are stored)."""
+    module = tuning_module(kernel, generation)
+
+    def plain(bs: dict) -> float:
+        return predict(dataclasses.replace(module.cost(key, bs, generation), issue_cycles=None), generation).seconds
+
+    return sorted(module.search_space(key, generation), key=plain)[:top]
+
+
+def rank_agreement(kernel: str, generation: str, keys: list[dict], *, top: int = 4,
+                   progress: Any = None) -> list[dict]:
+    """For each key: does the v3 model (with bundle counts) pick the candidate with the fewest
+    libtpu-estimated cycles among the `top` the plain model ranks first?
+
+    Args:
+      kernel: a static-grid kernel ("quantized_matmul").
+      generation: a TPU generation.
+      keys: table keys.
+      top: candidates compiled per key.
+      progress: called as progress(keys done, keys) after each key (autotune.quiet.Progress), or None.
+    Returns:
+      One row per key with at least two compiled candidates: key, v3_winner, estimate_winner, agree,
+      v3_us (model, per candidate) and estimated_cycles (static LLO, per candidate).
+    """
+    module = tuning_module(kernel, generation)
+    rows = []
+    for done, key in enumerate(keys, 1):
+        found = []
+        for bs in candidates(kernel, key, generation, top):
+            try:
+                bundles = llo.kernel_bundles(kernel, key, bs, generation, estimate=True)
+            except RuntimeError:
+                continue  # did not compile (VMEM): not a candidate
+            estimated = [b.estimated_cycles for b in bundles.values()]
+            if not estimated or None in estimated:
+                continue
+            found.append((bs, predict(module.cost(key, bs, generation), generation).seconds, sum(estimated)))
+        if progress is not None:
+            progress(done, len(keys))
+        if len(found) < 2:
+            continue
+        v3 = min(range(len(found)), key=lambda i: found[i][1])
+        est = min(range(len(found)), key=lambda i: found[i][2])
+        rows.append(dict(key=key, v3_winner=found[v3][0], estimate_winner=found[est][0],
+                         agree=found[v3][0] == found[est][0] or found[v3][2] == found[est][2],
+                         v3_us=[round(f[1] * 1e6, 2) for f in found], estimated_cycles=[f[2] for f in found]))
+    return rows
+
+
+def sample_keys(kernel: str, generation: str, n: int, *, max_m: int = 1024, seed: int = 0) -> list[dict]:
+    """n table keys of `kernel` on `generation`: a seeded sample of its shipped entries with at most
+    max_m rows (libtpu's static estimate of a 4096-row prefill takes a minute per candidate)."""
+    from autotune.tables import _load_entries
+
+    entries, _ = _load_entries(kernel, generation)
+    keys = [dict(e["key"]) for e in entries if int(e["key"].get("m", 0)) <= max_m]
+    return random.Random(seed).sample(keys, min(n, len(keys)))
+
+
+def cmd_bundles(args: argparse.Namespace) -> int:
+    """`autotune bundles`: the RPA bundle and v3 reports, or the rank check of a static-grid kernel."""
+    from autotune.quiet import Progress
+
+    gens = TPU_GENERATIONS if args.chip in (None, "all") else (args.chip,)
+    if args.rank_check:
+        failed = 0
+        for gen in gens:
+            keys = sample_keys(args.kernel, gen, args.rank_check)
+            with Progress(f"{args.kernel} {gen}", len(keys)) as bar:
+                rows = rank_agreement(args.kernel, gen, keys, top=args.top, progress=bar)
+            agree = sum(r["agree"] for r in rows)
+            print(f"{gen}: v3 model (with static LLO bundles) and libtpu estimated_cycles pick the same "
+                  f"winner on {agree}/{len(rows)} keys ({args.top} best candidates each)")
+            failed += bool(rows) and agree < 0.8 * len(rows)
+        return 1 if failed else 0
+    from rpa import report
+
+    print("RPA compute loop, static LLO (libtpu final bundles):")
+    for r in report.bundle_report(gens):
+        print(f"  {r['generation']:6s} {r['kernel']:12s} chunk rows x keys x heads {r['chunk']}: "
+              f"{r['chunk_bundles']} bundles, {r['bundles_per_256_keys_8_heads']:.0f} per 256 keys x 8 heads, "
+              f"MXU-ideal {r['mxu_ideal_cycles']:.0f} cycles ({r['mxu_use']:.1%} of the bundles)")
+    print("RPA v3 model report:")
+    for r in report.model_report(gens, compile=True):
+        print(f"  {r['generation']:6s} {r['scenario']:24s} MBU {r['mbu']:6.1%}  MFU {r['mfu']:6.1%}  "
+              f"bound {r['bound']:8s} {r['label']}")
+    return 0

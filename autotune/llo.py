@@ -1,0 +1,341 @@
+"""libtpu's final bundle dump of a compiled Pallas TPU kernel: the VLIW bundles of each loop.
+
+A TPU TensorCore issues one VLIW bundle per cycle (when it does not stall): scalar work, DMA issue,
+vector loads, VPU arithmetic and MXU pushes of one cycle share a bundle. Started with
+`--xla_jf_dump_to=DIR --xla_jf_dump_llo_text=true` in LIBTPU_INIT_ARGS, libtpu writes
+`DIR/<id>-<kernel name>-<n>-final_bundles.txt` for every kernel it compiles: one line per bundle,
+with `LB:` where a loop body starts and one `>` per loop level around it (../shared/KERNEL-NOTES.md,
+section 1). Counting the bundles of each loop body and multiplying by the trip counts a kernel's
+`traffic()` knows gives a static lower bound on the time the core spends issuing work; the cost
+model (autotune/cost_model.py, version 3) sets it against the bytes moved.
+
+libtpu reads its flags once, when it starts in a process, and a dump of one RPA compile is ~400 MB
+written in 6-15 s; so `kernel_bundles` compiles in a child process with its own dump directory,
+keeps only the counts, deletes the dump and stores the counts by (kernel, key, block sizes) in
+tuned_configs/<generation>/llo/<kernel>.json for the libtpu version that made them (a file from
+another version is ignored). Shipped with the tables, they let the cost model read bundle counts
+without a compile (`cached_bundles`). The child may load libtpu beside a parent that holds it
+(ALLOW_MULTIPLE_LIBTPU_LOAD: both only compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from autotune import static_estimate
+
+DUMP_FLAGS = "--xla_jf_dump_to={directory} --xla_jf_dump_llo_text=true"
+# address, optional control marker (LB: loop body, LH: header, LE: exit, PB/PF: predicated region,
+# CT: control target), one ">" per enclosing loop, then the bundle in braces.
+_BUNDLE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+(?:([A-Z]{2}))?\s*:\s*(>*)\s*(\{.*)$")
+_MXU = re.compile(r"= vmat(?:mul|push|prep|res)")
+_ENTRY = re.compile(r"entry bundle: %(\S+) = custom-call")
+_EXIT = re.compile(r"scmp\.[a-z]+\.s32\.totalorder %\w+, (-?\d+) /\* loop exit test")
+_DMA = re.compile(r"= dma\.(?:hbm_to_vmem|vmem_to_hbm|hbm_to_hbm|vmem_to_vmem)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """One loop body of a kernel's final bundles."""
+
+    start: int  # address of the body's first bundle
+    depth: int  # 1: an outermost loop
+    bundles: int  # bundles of one iteration, nested loops counted once
+    own_bundles: int  # bundles of one iteration outside nested loops
+    mxu_ops: int  # MXU instructions (vmatmul / vmatpush / vmatprep / vmatres) outside nested loops
+    dmas: int  # DMA issues (HBM / VMEM copies; not the SMEM metadata copies) outside nested loops
+    trips: int | None = None  # iterations per entry when the exit test compares with a constant
+    parent: int | None = None  # index of the enclosing loop in KernelBundles.loops
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBundles:
+    """The bundle counts of one compiled kernel."""
+
+    name: str
+    total: int  # bundles of the whole program, each loop body counted once
+    loops: tuple[Loop, ...]
+    estimated_cycles: int | None = None  # libtpu's static estimate, where it was asked for
+
+    def compute_loop(self) -> int | None:
+        """Index of the innermost loop that issues MXU work with the most bundles (a compute chunk)."""
+        mxu = [i for i, lp in enumerate(self.loops) if lp.mxu_ops]
+        return max(mxu, key=lambda i: (self.loops[i].depth, self.loops[i].own_bundles), default=None)
+
+    def dma_loops(self) -> tuple[Loop, ...]:
+        """Loops that issue DMAs and no MXU work (a kernel's page-copy loops)."""
+        return tuple(lp for lp in self.loops if lp.dmas and not lp.mxu_ops)
+
+    def bundles_per_dma(self) -> float | None:
+        """Mean bundles one DMA issue costs inside the DMA loops (None: no such loop)."""
+        loops = self.dma_loops()
+        return sum(lp.own_bundles for lp in loops) / sum(lp.dmas for lp in loops) if loops else None
+
+    def executions(self, index: int) -> tuple[int, bool]:
+        """(times loop `index`'s body runs per kernel entry, whether every trip count on the way is
+        static): its trips times its ancestors' (a loop whose trip count is read at run time counts 1)."""
+        n, static = 1, True
+        at: int | None = index
+        while at is not None:
+            lp = self.loops[at]
+            n *= lp.trips or 1
+            static &= lp.trips is not None
+            at = lp.parent
+        return n, static
+
+    def static_bundles(self) -> tuple[int, bool]:
+        """(bundles one kernel entry issues, every loop's trip count static): each loop's own bundles
+        times its executions, plus the bundles outside loops. With run-time trip counts it is a count
+        for one iteration of each such loop (the caller multiplies by trip counts it knows)."""
+        total, static = self.total - sum(lp.bundles for lp in self.loops if lp.parent is None), True
+        for i, lp in enumerate(self.loops):
+            n, ok = self.executions(i)
+            total += lp.own_bundles * n
+            static &= ok
+        return total, static
+
+    def issued_bundles(self, entries: float, runs: Mapping[int, float]) -> float:
+        """Bundles the kernel issues when entered `entries` times (its grid steps) and loop i's body
+        runs `runs[i]` times in all; any other loop runs its static trip count (else once) per run of
+        its parent. Every bundle counts one cycle: a lower bound that ignores stalls."""
+        executions: dict[int, float] = {}
+        total = (self.total - sum(lp.bundles for lp in self.loops if lp.parent is None)) * entries
+        for i, lp in enumerate(self.loops):  # a parent comes before its children
+            outer = entries if lp.parent is None else executions[lp.parent]
+            executions[i] = runs[i] if i in runs else outer * (lp.trips or 1)
+            total += lp.own_bundles * executions[i]
+        return total
+
+    def ancestors(self, index: int) -> list[int]:
+        """Indices of the loops enclosing loop `index`, innermost first."""
+        chain, at = [], self.loops[index].parent
+        while at is not None:
+            chain.append(at)
+            at = self.loops[at].parent
+        return chain
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KernelBundles:
+        return cls(d["name"], int(d["total"]), tuple(Loop(**lp) for lp in d["loops"]), d.get("estimated_cycles"))
+
+
+def parse_bundles(text: str, name: str = "") -> KernelBundles:
+    """Parse one `*-final_bundles.txt` dump.
+
+    Args:
+      text: the file's text.
+      name: the kernel's name, kept in the result.
+    Returns:
+      KernelBundles: every bundle counted once; each `LB:` opens a loop whose body runs while the
+      bundles are nested at least as deep. Empty bundles (`{}`, delay slots) carry no `>` in the
+      dump and take the depth of the bundle before them.
+    Raises:
+      ValueError: the text holds no bundle (not a final-bundles dump).
+    """
+    rows: list[tuple[int, bool, int, str]] = []  # (address, starts a loop body, depth, bundle)
+    depth = 0
+    for line in text.splitlines():
+        m = _BUNDLE.match(line)
+        if m is None:
+            continue
+        body = m.group(4)
+        if not body.startswith("{}"):
+            depth = len(m.group(3))
+        rows.append((int(m.group(1), 0), m.group(2) == "LB", depth, body))
+    if not rows:
+        raise ValueError(f"no bundles in the dump of {name or 'the kernel'}")
+    loops: list[Loop] = []
+    open_loops: list[tuple[int, int]] = []  # (index in loops, row where it ends) of enclosing loops
+    for i, (address, starts, d, _) in enumerate(rows):
+        if not starts or d == 0:
+            continue
+        end = i + 1
+        while end < len(rows) and rows[end][2] >= d and not (rows[end][1] and rows[end][2] == d):
+            end += 1
+        own = [r for r in rows[i:end] if r[2] == d]
+        exits = [int(m.group(1)) for r in own for m in _EXIT.finditer(r[3])]
+        open_loops = [(j, e) for j, e in open_loops if e > i and loops[j].depth < d]
+        loops.append(Loop(start=address, depth=d, bundles=end - i, own_bundles=len(own),
+                          mxu_ops=sum(len(_MXU.findall(r[3])) for r in own),
+                          dmas=sum(len(_DMA.findall(r[3])) for r in own),
+                          trips=exits[-1] if len(exits) == 1 and exits[-1] > 0 else None,
+                          parent=open_loops[-1][0] if open_loops else None))
+        open_loops.append((len(loops) - 1, end))
+    return KernelBundles(name, len(rows), tuple(loops))
+
+
+def read_dump(directory: str | os.PathLike) -> dict[str, KernelBundles]:
+    """The Mosaic kernels of one dump directory, by name: the `*-final_bundles.txt` files whose entry
+    bundle is a custom call (XLA's own fusions and copies, and the top-level program, are left out)."""
+    found = {}
+    for path in sorted(Path(directory).glob("*-final_bundles.txt")):
+        text = path.read_text(errors="replace")
+        entry = _ENTRY.search(text[:20000])
+        if entry is not None and "schedule-analysis" not in path.name:
+            found[entry.group(1)] = parse_bundles(text, entry.group(1))
+    return found
+
+
+def libtpu_version() -> str:
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def _identity(kernel: str, key: dict, block_sizes: dict) -> str:
+    """The cache key of one compiled config (the libtpu version is the file's)."""
+    text = json.dumps([kernel, {k: v for k, v in key.items() if k != "workload"}, block_sizes], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _store(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"libtpu": libtpu_version(), "entries": {}}
+    return data if data.get("libtpu") == libtpu_version() else {"libtpu": libtpu_version(), "entries": {}}
+
+
+def cached_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *,
+                   cache_dir: str | os.PathLike | None = None) -> dict[str, KernelBundles] | None:
+    """The stored bundle counts of a config (see kernel_bundles), or None: nothing is compiled.
+
+    Args: as kernel_bundles'.
+    Returns:
+      {pallas kernel name: KernelBundles}, or None when this config was not compiled with this libtpu.
+    """
+    entry = _store(_cache_path(kernel, generation, cache_dir))["entries"].get(
+        _identity(kernel, key, dict(block_sizes)))
+    return None if entry is None else {n: KernelBundles.from_dict(d) for n, d in entry["kernels"].items()}
+
+
+def _cache_path(kernel: str, generation: str, cache_dir: str | os.PathLike | None) -> Path:
+    from tuned_configs import bundles_path
+
+    return bundles_path(generation, kernel) if cache_dir is None else Path(cache_dir) / generation / f"{kernel}.json"
+
+
+def kernel_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *,
+                   cache_dir: str | os.PathLike | None = None, timeout_s: float = 600,
+                   estimate: bool = False) -> dict[str, KernelBundles]:
+    """Compile `kernel` at `key` with `block_sizes` for `generation` and count its bundles.
+
+    Args:
+      kernel: a registered TPU kernel ("rpa", "gmm", "quantized_matmul").
+      key: the table key (its representative shapes are compiled: the tuning module's input_specs).
+      block_sizes: the block sizes compiled.
+      generation: a TPU generation with a compile-only topology.
+      cache_dir: where counts are kept (default: tuned_configs/<generation>/llo/<kernel>.json, shipped
+        with the tables); a hit compiles nothing.
+      timeout_s: the child compile's time limit.
+      estimate: also read libtpu's static cycle estimate (KernelBundles.estimated_cycles; see
+        autotune/static_estimate.py for its limits: static-grid kernels, and not gmm).
+    Returns:
+      {pallas kernel name: KernelBundles} of every Mosaic kernel the call compiles.
+    Raises:
+      RuntimeError: the compile failed (the compiler's last lines in the message) or ran out of time.
+    """
+    from autotune.hardware import chip, parse_generation
+
+    generation = parse_generation(generation)
+    if not chip(generation).is_tpu:
+        raise ValueError(f"generation: bundle counts come from libtpu; {generation!r} is not a TPU")
+    hit = cached_bundles(kernel, key, block_sizes, generation, cache_dir=cache_dir)
+    if hit is not None and (not estimate or all(b.estimated_cycles is not None for b in hit.values())):
+        return hit
+    with tempfile.TemporaryDirectory(prefix="pallaskit-llo-") as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"kernel": kernel, "key": key, "block_sizes": dict(block_sizes),
+                                    "generation": generation}))
+        flags = DUMP_FLAGS.format(directory=Path(tmp) / "dump")
+        if estimate:
+            flags += f" {static_estimate.FLAG}={Path(tmp) / 'profile'}"
+        env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                   LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip())
+        root = Path(__file__).resolve().parent.parent
+        try:
+            done = subprocess.run([sys.executable, "-m", "autotune.llo", str(spec)], cwd=root, env=env,
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{kernel} compile for {generation} passed {timeout_s} s") from None
+        if done.returncode != 0:
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise RuntimeError(f"{kernel} compile for {generation} failed:\n{tail}")
+        found = read_dump(Path(tmp) / "dump")
+        if estimate:
+            found = {n: dataclasses.replace(b, estimated_cycles=_estimate(Path(tmp) / "profile", n))
+                     for n, b in found.items()}
+    path = _cache_path(kernel, generation, cache_dir)
+    store = _store(path)
+    store["entries"][_identity(kernel, key, dict(block_sizes))] = {
+        "key": key, "block_sizes": dict(block_sizes), "kernels": {n: b.to_dict() for n, b in found.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(store, indent=None, separators=(",", ":"), sort_keys=True) + "\n")
+    return found
+
+
+def _estimate(directory: Path, name: str) -> int | None:
+    """The static estimate libtpu wrote for kernel `name` (files are named <kernel name>_<device kind>_...)."""
+    files = [f for f in directory.glob("*static_llo_profile*") if f.name.startswith(name + "_")]
+    return sum(static_estimate.parse_cycles(f.read_text()) for f in files) if files else None
+
+
+def with_issue_cycles(kernel: str, key: dict, block_sizes: dict, generation: str | None, traffic: Any,
+                      issue: Callable[[dict[str, KernelBundles]], float] | None = None) -> Any:
+    """`traffic` (an autotune.cost_model.Traffic) with issue_cycles from the stored bundle counts of
+    this config (cached_bundles; nothing is compiled), unchanged where none are stored.
+
+    Args:
+      kernel, key, block_sizes, generation: the config (a GPU or None generation: unchanged).
+      traffic: the config's traffic().
+      issue: bundles -> issue cycles of one call (a kernel with run-time trip counts passes its own);
+        default: every kernel's static_bundles() (static-grid kernels).
+    Returns:
+      The Traffic, with issue_cycles set where counts were found.
+    """
+    from autotune.hardware import chip
+
+    if generation is None or not chip(generation).is_tpu:
+        return traffic
+    bundles = cached_bundles(kernel, key, block_sizes, generation)
+    if not bundles:
+        return traffic
+    cycles = issue(bundles) if issue is not None else sum(kb.static_bundles()[0] for kb in bundles.values())
+    return dataclasses.replace(traffic, issue_cycles=float(cycles))
+
+
+def _compile_child(spec_file: str) -> None:
+    """Child process: compile one kernel config (libtpu started here with the dump flags)."""
+    from autotune.quiet import quiet_libtpu
+
+    quiet_libtpu()
+    from autotune.aot import compile_for
+    from autotune.registry import tuning_module
+
+    spec: dict[str, Any] = json.loads(Path(spec_file).read_text())
+    module = tuning_module(spec["kernel"], spec["generation"])
+    compile_for(module.kernel_fn(spec["key"], spec["block_sizes"]), module.input_specs(spec["key"]),
+                spec["generation"])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="internal: compile one kernel config with the bundle dump on")
+    parser.add_argument("spec", help="JSON file: kernel, key, block_sizes, generation")
+    _compile_child(parser.parse_args().spec)

@@ -1,0 +1,78 @@
+"""autotune/llo.py: parsing libtpu's final bundle dump (a synthetic dump in its format) and, in the
+aot tier, reading a real one from a compile."""
+
+from __future__ import annotations
+
+import pytest
+
+from autotune import llo
+from autotune.cost_model import Traffic, predict
+
+# The format of libtpu's *-final_bundles.txt: address, control marker, one ">" per enclosing loop.
+DUMP = """\
+= control target key start
+LB: loop body
+= control target key end
+
+     0   :  { %s1 = inlined_call_operand.vmem [shape: s32[8]] } /* entry bundle: %toy.1 = custom-call(%a) */
+   0x1   :  { %s2 = smov.u32 0 }
+   0x2 LB: > { %s3 = sadd.s32 1, %s2  ;;  %9 = dma.hbm_to_vmem [thread:$0] %s1, 64 }
+   0x3   : > { %p4 = scmp.ge.s32.totalorder %s3, 5 /* loop exit test */ }
+   0x4   :  {}
+   0x5   :  { %s5 = smov.u32 0 }
+   0x6 LB: > { %s6 = sadd.s32 1, %s5 }
+   0x7 LB: >> { %v1 = vld [vmem:[%s1] sm:$0xff]  ;;  %10 = vmatpush3.bf16.msra.mxu0 %v1 }
+   0x8   :  {}
+   0x9   : >> { %11 = vmatmul.mubr.bf16.vlgmr.msra.gmra.mxu0 %v1  ;;  %p7 = scmp.ge.s32.totalorder %s6, 3 /* loop exit test */ }
+   0xa   : > { %p8 = scmp.lt.s32.totalorder %s6, %s9 /* loop exit test */ }
+   0xb   :  { %s10 = smov.u32 0 }
+"""
+
+
+def test_parse_bundles_finds_loops_nesting_and_static_trips():
+    kb = llo.parse_bundles(DUMP, "toy")
+    assert kb.total == 12  # the empty bundle counts: it is a cycle
+    dma, outer, inner = kb.loops
+    assert (dma.depth, dma.bundles, dma.own_bundles, dma.dmas, dma.trips, dma.parent) == (1, 3, 3, 1, 5, None)
+    assert (outer.depth, outer.bundles, outer.own_bundles, outer.trips, outer.parent) == (1, 5, 2, None, None)
+    assert (inner.depth, inner.bundles, inner.mxu_ops, inner.trips, inner.parent) == (2, 3, 2, 3, 1)
+    assert kb.compute_loop() == 2 and kb.bundles_per_dma() == 3.0
+    assert kb.ancestors(2) == [1]
+    # one entry: 4 straight-line + 3 x 5 (static) + 2 x 1 (run-time trips: once) + 3 x 3
+    assert kb.static_bundles() == (4 + 15 + 2 + 9, False)
+    # the caller knows the run-time loop runs 10 times in all and the compute loop 30
+    assert kb.issued_bundles(1, {1: 10, 2: 30}) == 4 + 15 + 20 + 90
+
+
+def test_parse_bundles_rejects_other_text():
+    with pytest.raises(ValueError, match="no bundles"):
+        llo.parse_bundles("HloModule m\nENTRY e { ROOT x = f32[] constant(0) }", "m")
+
+
+def test_issue_cycles_set_the_bound():
+    base = Traffic(bytes_read=10**6, bytes_written=0, flops=10**6, grid_steps=1, dmas=1)
+    kb = llo.parse_bundles(DUMP, "toy")
+    fast = predict(base, "v6e")
+    slow = predict(Traffic(**{**base.__dict__, "issue_cycles": kb.issued_bundles(1, {1: 10**5, 2: 10**6})}), "v6e")
+    assert fast.bound == "memory" and slow.bound == "issue" and slow.seconds > fast.seconds
+
+
+@pytest.mark.aot
+def test_bundle_counts_from_a_real_compile(tmp_path):
+    """quantized_matmul at a static grid: the grid loop's trip count read from the dump covers the
+    grid's steps (plus the software pipeline's extra stages), the loop with MXU work is inside it,
+    and twice the K steps issue about twice the bundles."""
+    key = {"x_dtype": "bfloat16", "w_dtype": "int8", "act_quant": "none", "block_k": 0, "block_n": 1,
+           "k": 1024, "n": 1024, "m": 16}
+    counts = {}
+    for k, steps in ((1024, 8), (2048, 16)):
+        bundles = llo.kernel_bundles("quantized_matmul", {**key, "k": k}, {"tm": 16, "tn": 256, "tk": 512}, "v5e",
+                                     cache_dir=tmp_path)
+        (kb,) = bundles.values()
+        grid = [lp for lp in kb.loops if lp.parent is None and lp.trips]
+        assert grid and steps <= max(lp.trips for lp in grid) <= steps + 3
+        assert kb.compute_loop() is not None
+        counts[k] = kb.static_bundles()[0]
+        assert llo.cached_bundles("quantized_matmul", {**key, "k": k}, {"tm": 16, "tn": 256, "tk": 512}, "v5e",
+                                  cache_dir=tmp_path) == bundles  # stored: no second compile
+    assert 1.6 < counts[2048] / counts[1024] < 2.4
