@@ -21,7 +21,9 @@ without a compile (`cached_bundles`). The child may load libtpu beside a parent 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -206,11 +208,25 @@ def _identity(kernel: str, key: dict, block_sizes: dict) -> str:
 
 
 def _store(path: Path) -> dict:
+    """The stored counts of one (generation, kernel) file, for this libtpu (a fresh dict when absent,
+    unreadable or made by another version). Parsed once per file version: the tuner asks per candidate."""
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    return copy.deepcopy(_parsed_store(path, stamp))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_store(path: Path, stamp: int | None) -> dict:
+    fresh = {"libtpu": libtpu_version(), "entries": {}}
+    if stamp is None:
+        return fresh
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {"libtpu": libtpu_version(), "entries": {}}
-    return data if data.get("libtpu") == libtpu_version() else {"libtpu": libtpu_version(), "entries": {}}
+        return fresh
+    return data if data.get("libtpu") == libtpu_version() else fresh
 
 
 def cached_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *,

@@ -226,6 +226,9 @@ def validate_fused_moe(x: jax.Array, router_logits: jax.Array, w_gate_up: object
       QuantizedTensors), top_k, scoring, activation: as fused_moe's.
     Returns:
       (T, D, E, F).
+    Raises:
+      ValueError naming the argument: a wrong rank, mismatched T / D / E / F, top_k outside [1, E], or an
+      unknown scoring or activation.
     """
     if not hasattr(x, "ndim") or x.ndim != 2:
         raise ValueError(f"x: expected 2 dims [T, D], got shape {tuple(getattr(x, 'shape', ()))}")
@@ -257,6 +260,8 @@ def moe_block_sizes(block_sizes: dict | tuning.GmmConfig | None) -> dict:
       block_sizes: None (tables), one dict or moe.GmmConfig for both calls, or {"gate_up": ..., "down": ...}.
     Returns:
       {"gate_up": sizes or None, "down": sizes or None}.
+    Raises:
+      ValueError naming block_sizes when it is not None, a dict or a moe.GmmConfig.
     """
     if block_sizes is not None and not isinstance(block_sizes, (dict, tuning.GmmConfig)):
         raise ValueError(f"block_sizes: expected None, a dict or a moe.GmmConfig, got {block_sizes!r}")

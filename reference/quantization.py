@@ -81,6 +81,8 @@ def storage_dtype(dtype: DTypeLike) -> type:
       dtype: a format name or dtype.
     Returns:
       Its jnp dtype (int4 -> int8 container).
+    Raises:
+      ValueError for an unknown format (dtype_name).
     """
     return _STORAGE[dtype_name(dtype)]
 

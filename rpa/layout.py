@@ -131,7 +131,8 @@ def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, layout: str | None = None
       The cache of kv_cache_shape(num_pages, page_size, Hkv, D, layout=layout); the TPU layout's
       padding lanes zero.
     Raises:
-      ValueError naming k_pages / v_pages for a wrong rank or mismatched shapes or dtypes.
+      ValueError naming k_pages / v_pages for a wrong rank or mismatched shapes or dtypes, or layout
+      when it is not "tpu", "gpu" or None.
     """
     k_pages = jnp.asarray(k_pages)
     v_pages = jnp.asarray(v_pages)
@@ -176,7 +177,7 @@ def new_kv_rows(k: jax.Array, v: jax.Array, cache_dtype: object, *, k_scale: flo
     Args:
       k, v: [T, Hkv, D].
       cache_dtype: the cache's dtype (quantized as reference.quantize_store: x / scale).
-      k_scale, v_scale: the 8-bit cache scales, or None.
+      k_scale, v_scale: the cache's scales (stored values are x / scale), or None (1).
     Returns:
       [T, 2*Hkv, Dp]: K of head h at row 2h, V at 2h+1, padding lanes zero.
     """
