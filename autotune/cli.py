@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from autotune.hardware import GENERATIONS, TPU_GENERATIONS, UnknownChipError, chip, detect, parse_generation
+from autotune.llo import libtpu_version
 from autotune.presets import MODEL_PRESETS, preset
 from autotune.quiet import (
     ArgumentParser,
@@ -230,7 +232,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def check_entries(gens: Iterable[str], kernels: Iterable[str], sample: int | None = None, seed: int = 0,
-                  root: Path | None = None, progress: bool = False) -> list[tuple]:
+                  root: Path | None = None, progress: bool = False, record: bool = False) -> list[tuple]:
     """Compile shipped entries for their generation (libtpu compile-only).
 
     Args:
@@ -240,6 +242,8 @@ def check_entries(gens: Iterable[str], kernels: Iterable[str], sample: int | Non
       seed: the sample's seed.
       root: the table root (default: the package's tuned_configs).
       progress: show progress on stderr.
+      record: write each checked entry's result into its provenance ("check": libtpu version, date,
+        compiles, and the error where it did not) and save the table.
     Returns:
       A list of (generation, kernel, key, error-or-None).
     """
@@ -256,7 +260,8 @@ def check_entries(gens: Iterable[str], kernels: Iterable[str], sample: int | Non
             path = (root or ROOT) / gen / f"{kernel}.json"
             if not path.is_file():
                 continue
-            entries = json.loads(path.read_text())["entries"]
+            table = json.loads(path.read_text())
+            entries = table["entries"]
             if sample is not None and len(entries) > sample:
                 entries = rng.sample(entries, sample)
             module = tuning_module(kernel)
@@ -268,10 +273,19 @@ def check_entries(gens: Iterable[str], kernels: Iterable[str], sample: int | Non
                     results.append((gen, kernel, e["key"], None))
                 except Exception as err:  # noqa: BLE001
                     results.append((gen, kernel, e["key"], str(err).splitlines()[0][:300]))
+                if record:  # the entry dicts are the table's own: the check lands in its provenance
+                    error = results[-1][3]
+                    e.setdefault("provenance", {})["check"] = {
+                        "libtpu": libtpu_version(), "date": datetime.date.today().isoformat(),
+                        "compiles": error is None, **({"error": error} if error else {})}
                 if show:
                     show(i + 1)
             if show:
                 show.close()
+            if record:
+                from autotune.tuner import write_table
+
+                write_table(kernel, gen, entries, root)
     return results
 
 
@@ -287,7 +301,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     kernels = [args.kernel] if args.kernel else sorted(KERNEL_MODULES)
     t0 = time.perf_counter()
     results = check_entries(gens, kernels, args.sample, progress=True,
-                            root=Path(args.tables) if args.tables else None)
+                            root=Path(args.tables) if args.tables else None, record=args.record)
     bad = [r for r in results if r[3] is not None]
     for gen, kernel, key, err in bad:
         print(f"FAIL {gen} {kernel} {key}: {err}")
@@ -383,6 +397,8 @@ def build_parser() -> ArgumentParser:
                                                           "(default: every entry)")
     check.add_argument("--tables", type=existing_dir, help="table root to check (default: the package's "
                                                           "tuned_configs)")
+    check.add_argument("--record", action="store_true",
+                       help="write each checked entry's result (libtpu version, date, compiles) into its provenance")
     check.set_defaults(func=cmd_check)
     _bundles_parser(sub, kernels)
     return parser

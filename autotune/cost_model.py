@@ -73,6 +73,7 @@ class Prediction:
     mfu: float  # useful flops / time / peak rate
     bound: str  # "memory" | "compute" | "issue" (VLIW bundles) | "overhead"
     issue_seconds: float = 0.0  # bundles / clock per core (or the DMA descriptor cost without bundles)
+    from_bundles: bool = False  # issue_seconds came from libtpu's bundle counts (Traffic.issue_cycles)
 
 
 def megacore_imbalance(parallel_tiles: int | None, spec: ChipSpec) -> float:
@@ -124,4 +125,4 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
         parts["issue"] = issue
     bound = max(parts, key=parts.get)
     return Prediction(total, mem, comp, over, useful_b / total / bandwidth, useful_f / total / peak, bound,
-                      issue_seconds=issue)
+                      issue_seconds=issue, from_bundles=traffic.issue_cycles is not None)

@@ -201,9 +201,14 @@ def libtpu_version() -> str:
 
 
 def _identity(kernel: str, key: dict, block_sizes: dict) -> str:
-    """The cache key of one compiled config (the libtpu version is the file's)."""
-    text = json.dumps([kernel, {k: v for k, v in key.items() if k != "workload"}, block_sizes], sort_keys=True,
-                      default=str)
+    """The cache key of one compiled config (the libtpu version is the file's): the kernel's
+    KERNEL_REVISION (its TPU tuning module's; bumped when the kernel's code changes its bundles) is
+    part of it from revision 2 on."""
+    from autotune.registry import tuning_module
+
+    revision = getattr(tuning_module(kernel, "v6e"), "KERNEL_REVISION", 1)
+    parts = [kernel, {k: v for k, v in key.items() if k != "workload"}, block_sizes]
+    text = json.dumps(parts + ([revision] if revision > 1 else []), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

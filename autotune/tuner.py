@@ -240,7 +240,7 @@ def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODE
         provenance = {"source": "model", "predicted_us": round(p.seconds * 1e6, 3), "mbu": round(p.mbu, 4),
                       "mfu": round(p.mfu, 4), "bound": p.bound, "cost_model_version": model_version,
                       "default_predicted_us": round(result.default.seconds * 1e6, 3)
-                      if result.default.seconds else None, "date": today}
+                      if result.default.seconds else None, "bundle_counts": p.from_bundles, "date": today}
     provenance["compiled"] = best.compiled
     if result.default.status != "ok":  # e.g. the heuristic's blocks did not compile: no gain to claim
         provenance["default_status"] = result.default.status

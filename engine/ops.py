@@ -11,8 +11,8 @@ Backends:
                until the engine's GPU run has been measured).
 
 KV cache of one layer: the reference keeps (k_cache, v_cache), each [num_pages, page_size, Hkv, D];
-the kernels keep rpa's layout for the device (rpa.kv_cache_shape: packed on TPU, [P, 2, Hkv, page, D]
-on a GPU). Either is an opaque pytree to the model.
+the kernels keep rpa's layout for the device (rpa.kv_cache_spec: on TPU bfloat16 packed in uint32 words,
+[P, 2, Hkv, page, D] on a GPU). Either is an opaque pytree to the model.
 """
 
 from __future__ import annotations
@@ -88,21 +88,23 @@ class Ops:
         Args:
           num_pages, page_size, num_kv_heads, head_dim: the cache's shape; dtype: its dtype.
         Returns:
-          "reference": (k_cache, v_cache), each [num_pages, page_size, Hkv, D]; kernels: one array of
-          shape rpa.kv_cache_shape(...).
+          "reference": (k_cache, v_cache), each [num_pages, page_size, Hkv, D]; kernels: one array as
+          rpa.kv_cache_spec(...) (bfloat16 on the TPU layout: packed uint32 words).
         """
         dtype = jnp.dtype(dtype)
         if self.backend == "reference":
             shape = (num_pages, page_size, num_kv_heads, head_dim)
             return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-        return jnp.zeros(rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype), dtype)
+        spec = rpa.kv_cache_spec(num_pages, page_size, num_kv_heads, head_dim, dtype)
+        return jnp.zeros(spec.shape, spec.dtype)
 
     def kv_cache_bytes_per_page(self, page_size: int, num_kv_heads: int, head_dim: int, dtype: DTypeLike) -> int:
         """Bytes of one page of one layer's cache (K and V, layout padding included)."""
         dtype = jnp.dtype(dtype)
         if self.backend == "reference":
             return 2 * page_size * num_kv_heads * head_dim * dtype.itemsize
-        return math.prod(rpa.kv_cache_shape(1, page_size, num_kv_heads, head_dim, dtype)) * dtype.itemsize
+        spec = rpa.kv_cache_spec(1, page_size, num_kv_heads, head_dim, dtype)
+        return math.prod(spec.shape) * spec.dtype.itemsize
 
     # ------------------------------------------------------------------ ops
     def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, cache, meta: AttentionMeta, *, sm_scale: float,

@@ -5,9 +5,11 @@ Public API:
                                                distribution, *, sm_scale=None, sliding_window=None,
                                                soft_cap=None, sinks=None, k_scale=None, v_scale=None,
                                                block_sizes=None, vmem_limit_bytes=None,
-                                               debug_checks=False, interpret=False, implementation=None)
-    rpa.kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim, dtype, *, layout=None) -> tuple
-        (layout "tpu" | "gpu"; None: the running chip's)
+                                               debug_checks=False, dma_bounds_checks=True, interpret=False,
+                                               implementation=None)
+    rpa.kv_cache_spec(num_pages, page_size, num_kv_heads, head_dim, dtype, *, layout=None)
+        -> jax.ShapeDtypeStruct (what to allocate: bfloat16 is stored packed as uint32 on TPU);
+    rpa.kv_cache_shape(...) -> its shape (layout "tpu" | "gpu"; None: the running chip's)
     rpa.pack_kv(k_pages, v_pages, *, layout=None) -> kv_cache;  rpa.unpack_kv(kv_cache, num_kv_heads, head_dim)
     rpa.traffic(batch, block_sizes, ...) -> autotune.cost_model.Traffic;  rpa.vmem_bytes(block_sizes, ...)
     rpa.BlockSizes: the block-size config of the TPU kernel (rpa/config.py)
@@ -16,8 +18,8 @@ The cache layouts are documented in rpa/layout.py; rpa/tuning.py is the TPU tuni
 
 from rpa.api import ragged_paged_attention
 from rpa.config import BlockSizes, vmem_bytes
-from rpa.layout import kv_cache_shape, pack_kv, unpack_kv
+from rpa.layout import kv_cache_shape, kv_cache_spec, pack_kv, unpack_kv
 from rpa.traffic_model import traffic
 
-__all__ = ["BlockSizes", "kv_cache_shape", "pack_kv", "ragged_paged_attention", "traffic", "unpack_kv",
+__all__ = ["BlockSizes", "kv_cache_shape", "kv_cache_spec", "pack_kv", "ragged_paged_attention", "traffic", "unpack_kv",
            "vmem_bytes"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up, sublane_tile
 from autotune.protocol import BlockConfig
+from rpa.layout import PACKED_STORAGE, storage_dtype
 
 GROUPS = ("decode", "prefill", "mixed")
 ALL_KV_HEADS = 0  # a head block of every KV head
@@ -26,7 +27,10 @@ class BlockSizes(BlockConfig):
     """Static block sizes of the three group calls (decode always uses one query token per block).
 
     *_kv_pages: pages per KV block; *_kv_heads: KV heads per head block (ALL_KV_HEADS = 0, or a
-    divisor giving 8-row-aligned K/V and q rows); prefill_q / mixed_q: query tokens per block.
+    divisor giving 8-row-aligned K/V and q rows; a packed bfloat16 cache is read all heads at once);
+    prefill_q / mixed_q: query tokens per block. core_splits: how many parts each group's sequences
+    are split into, balanced by KV work, as a parallel grid axis (packed caches; 0: the TensorCores
+    of one device, 2 on megacore v4 / v5p, else 1); other caches split head blocks between cores.
     """
 
     decode_kv_pages: int = 8
@@ -37,6 +41,7 @@ class BlockSizes(BlockConfig):
     mixed_q: int = 32
     mixed_kv_pages: int = 4
     mixed_kv_heads: int = ALL_KV_HEADS
+    core_splits: int = 0
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BlockSizes:
@@ -66,9 +71,16 @@ def key_dims(key: Mapping[str, Any]) -> dict:
             "kv_dtype": jnp.dtype(key.get("kv_dtype", "bfloat16")).name}
 
 
-def head_block_options(num_q_heads: int, num_kv_heads: int) -> list[int]:
-    """KV heads per block the kernel accepts, largest first: all, or divisors with 8-row-aligned K/V
-    and q rows."""
+def packs(kv_dtype: object) -> bool:
+    """Whether the TPU layout stores `kv_dtype` values packed (bfloat16 K and V in one uint32 word)."""
+    return storage_dtype(kv_dtype, layout="tpu").name == PACKED_STORAGE
+
+
+def head_block_options(num_q_heads: int, num_kv_heads: int, kv_dtype: object) -> list[int]:
+    """KV heads per block the kernel accepts, largest first: all (the only option of a packed cache),
+    or divisors with 8-row-aligned K/V and q rows."""
+    if packs(kv_dtype):
+        return [num_kv_heads]
     q_per_kv = num_q_heads // num_kv_heads
     opts = [h for h in range(1, num_kv_heads)
             if num_kv_heads % h == 0 and (2 * h) % 8 == 0 and (h * q_per_kv) % 8 == 0]
@@ -77,8 +89,12 @@ def head_block_options(num_q_heads: int, num_kv_heads: int) -> list[int]:
 
 # ---------------------------------------------------------------- compute chunks, SMEM
 
+# Compute chunk: read from libtpu's bundle dumps (static LLO, v6e, Llama-3-8B heads, packed cache): the
+# per-chunk cost (accumulator, statistics, query loads) amortizes over more keys; bundles per 256 keys x 8
+# heads of decode 1,029 / 857 / 841 at 256 / 512 / 1024 keys, prefill bundles per row x key 0.081 /
+# 0.045 / 0.045 at 256 rows x 256 / 512 / 1024 keys; 128 or 512 rows were worse than 256.
 MAX_CHUNK_ROWS = 256  # query rows (q_per_kv x tokens) per compute chunk
-MAX_CHUNK_KEYS = 256  # keys per compute chunk
+MAX_CHUNK_KEYS = 512  # keys per compute chunk
 SMEM_TABLE_BUDGET = 768 * 1024  # bytes of the 1 MiB SMEM (every generation, AOT-checked) for the page table
 
 
@@ -86,7 +102,7 @@ def chunk_sizes(bq: int, bkv_tokens: int, q_per_kv: int) -> tuple[int, int]:
     """(tc, kc): query tokens and keys the kernel computes at once inside a (query, KV) block.
 
     tc divides bq (1 for decode; else a multiple of 8 with q_per_kv * tc <= 256 when possible);
-    kc divides the KV block (a multiple of 16 <= 256 when possible). They bound the live values
+    kc divides the KV block (a multiple of 16 <= 512 when possible). They bound the live values
     (and the compile time) whatever the block sizes.
     """
     if bq == 1:
@@ -104,6 +120,26 @@ def page_table_in_smem(max_num_seqs: int, pages_per_seq: int) -> bool:
     return 4 * max_num_seqs * pages_per_seq <= SMEM_TABLE_BUDGET
 
 
+def split_points(kv_lens: Any, cu_q_lens: Any, distribution: Any, bqs: tuple[int, int, int], *, xp: Any) -> Any:
+    """Where each group's second part starts when its sequences are split between two cores.
+
+    A sequence weighs kv_len x its query blocks (the KV it reads); it goes to the second part when
+    the work before it is at least half the group's. Args: kv_lens i32[S], cu_q_lens i32[S+1],
+    distribution i32[3] (traced under xp=jnp, numpy arrays under xp=np); bqs: each group's bq.
+    Returns: i32[3], group g's split point in [its start, its end].
+    """
+    bounds = [0, distribution[0], distribution[1], distribution[2]]
+    idx = xp.arange(kv_lens.shape[0])
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    points = []
+    for g, bq in enumerate(bqs):
+        inside = (idx >= bounds[g]) & (idx < bounds[g + 1])
+        weight = xp.where(inside, kv_lens.astype(xp.float32) * ((q_lens + bq - 1) // bq), 0.0)
+        before = xp.cumsum(weight) - weight
+        points.append(bounds[g] + xp.sum(inside & (2 * before < xp.sum(weight))))
+    return xp.stack(points).astype(xp.int32)
+
+
 # ---------------------------------------------------------------- VMEM
 
 
@@ -117,7 +153,10 @@ def group_vmem_bytes(bq: int, kv_pages: int, kv_heads: int, *, num_q_heads: int,
     chunk_rows = round_up(q_per_kv * tc, 8)
     rows = (bq // tc) * chunk_rows
     q_bytes, kv_bytes = dtype_bytes(q_dtype), dtype_bytes(kv_dtype)
-    kv_buf = 2 * bkv * round_up(2 * kv_heads, sublane_tile(kv_dtype)) * dim * kv_bytes
+    if packs(kv_dtype):  # [bkv * Hkv, Dp] 32-bit words
+        kv_buf = 2 * bkv * kv_heads * dim * 4
+    else:
+        kv_buf = 2 * bkv * round_up(2 * kv_heads, sublane_tile(kv_dtype)) * dim * kv_bytes
     q_bufs = 2 * 2 * bq * round_up(kv_heads * q_per_kv, sublane_tile(q_dtype)) * dim * q_bytes
     stats = 2 * rows * LANES * 4
     acc = kv_heads * rows * dim * 4

@@ -9,7 +9,7 @@ import itertools
 import warnings
 
 from autotune.cost_model import predict
-from autotune.hardware import TPU_GENERATIONS
+from autotune.hardware import TPU_GENERATIONS, chip
 from autotune.tables import lookup
 from rpa.config import BlockSizes, chunk_sizes, make_key
 from rpa.traffic_model import issue_cycles, simulate, traffic, uniform_batch
@@ -66,9 +66,10 @@ def model_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = L
                 warnings.simplefilter("ignore")  # a table miss warns; the heuristic is what runs
                 bs, match = lookup("rpa", key, gen)
             bundles = (llo.kernel_bundles if compile else llo.cached_bundles)("rpa", key, bs, gen)
-            t = traffic(batch, bs, **dims)
+            kw = dict(dims, cores=chip(gen).cores_per_device)
+            t = traffic(batch, bs, **kw)
             if bundles:
-                t = dataclasses.replace(t, issue_cycles=issue_cycles(simulate(batch, bs, **dims)["loops"], bundles))
+                t = dataclasses.replace(t, issue_cycles=issue_cycles(simulate(batch, bs, **kw)["loops"], bundles))
             p = predict(t, gen)
             rows.append(dict(generation=gen, scenario=name, page_size=batch["page_size"], match=match,
                              block_sizes=dict(bs), seconds=p.seconds, mbu=p.mbu, mfu=p.mfu, bound=p.bound,
@@ -93,7 +94,6 @@ def bundle_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = 
       "static LLO".
     """
     from autotune import llo
-    from autotune.hardware import chip
 
     rows = []
     scenarios = {n: v for n, v in model_scenarios(model).items() if n in ("decode b64 ctx2048", "prefill 2048")}

@@ -2,19 +2,23 @@
 
 Shapes (the wrapper `ragged_paged_attention_tpu` builds them from the public arguments):
     q        [T, Hq, Dp]            queries, head_dim padded to Dp = round_up(D, 128)
-    kv_new   [T, 2*Hkv, Dp]         the new tokens' K/V, interleaved per head, already in the cache
-                                    dtype (quantized by the XLA prologue that also pads and interleaves)
-    kv_cache [P, page_size, 2*Hkv, Dp]   rpa.layout (slot-major; K of head h at row 2h, V at 2h+1)
+    kv_cache (rpa.layout) packed bfloat16: u32[P, page_size*Hkv*C, 128], C = Dp/128, row (s*Hkv + h)*C + c
+             = slot s, head h, lanes c*128.. (K low half, V high half); else [P, page_size, 2*Hkv, Dp] (K of
+             head h at row 2h, V at 2h+1)
+    kv_new   the new tokens' K/V in the cache's form (packed: u32[T*Hkv*C, 128]; else [T, 2*Hkv, Dp] in
+             the cache dtype), made by the XLA prologue that also quantizes and pads
     out      [T, Hq, Dp]            in q's dtype
-    kv_lens i32[S], cu_q_lens i32[S+1], distribution i32[3]: scalar-prefetched into SMEM;
+    kv_lens i32[S], cu_q_lens i32[S+1]: scalar-prefetched into SMEM; distribution i32[6]: the three
+    group ends, then each group's split point (core_splits = 2) also scalar-prefetched;
     page_indices i32[S, pages_per_seq]: scalar-prefetched (flattened) when it fits SMEM
     (config.page_table_in_smem), else left in HBM and one sequence's row at a time DMA'd into an
     SMEM double buffer, the next sequence's row in flight; sinks f32[Hq] in SMEM (optional).
 
 One pallas_call per sequence group (decode [0, d0), prefill [d0, d1), mixed [d1, d2)), each with its
 own static block sizes: bq query tokens, bkv_pages pages per KV block, kv_heads KV heads per head
-block. The grid is the static list of head blocks (parallel: megacore chips split it). Inside a
-grid step one flat loop walks every (sequence, query block, KV block) of the group, with trip counts
+block. The grid is parallel (megacore chips split it between their two cores): for a packed cache
+the group's sequences in `splits` parts balanced by KV work (every head at once), else the static
+list of head blocks. Inside a grid step one flat loop walks every (sequence, query block, KV block) of the group, with trip counts
 read from SMEM, so one compiled kernel serves any batch composition. Per KV step:
   * the next step's KV block is prefetched (double buffer): for each page, only the cached slots
     the query block needs (dynamic-size DMA, skipped when empty: outside the sliding window or
@@ -24,7 +28,8 @@ read from SMEM, so one compiled kernel serves any batch composition. Per KV step
     those slots; a page holding old slots and new tokens keeps its old slots untouched) and waited
     at its last step. Attention never reads the cache slots being written (new tokens come from
     kv_new), so writes and reads never race;
-  * online softmax over the block for every KV head of the head block (GQA rows = q_per_kv x bq),
+  * online softmax over the block for every KV head of the head block (GQA rows = q_per_kv x bq;
+    packed: one head's keys are a strided load of 32-bit rows, K = word << 16, V = word & 0xffff0000),
     in compute chunks of tc query tokens x kc keys (config.chunk_sizes) that bound the live values
     and the compile time; chunks wholly outside the causal or sliding window are skipped;
   * after a query block's last KV step its output is DMA'd to exactly its rows (double-buffered).
@@ -47,9 +52,18 @@ from jax.experimental.pallas import tpu as pltpu
 
 from autotune.kernel_util import cdiv, interpret_params, is_float8, is_integer
 from rpa import layout
-from rpa.config import GROUPS, LoopBounds, QueryBlock, chunk_sizes, head_block_options, page_table_in_smem
+from rpa.config import (
+    GROUPS,
+    LoopBounds,
+    QueryBlock,
+    chunk_sizes,
+    head_block_options,
+    page_table_in_smem,
+    split_points,
+)
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LOG2E = float(np.log2(np.e))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +87,9 @@ class GroupStatic:
     pt_in_smem: bool  # page table scalar-prefetched; else in HBM, one row DMA'd into SMEM per sequence
     first: bool  # creates `out` (later calls alias it)
     zero_tail: bool
+    packed: bool = False  # a packed bfloat16 cache (rows of 32-bit words, one per slot and head)
+    splits: int = 1  # packed: grid steps splitting the group's sequences (2 on megacore chips)
+    bounds_checks: bool = True  # libtpu's per-DMA bounds checks (rpa.ragged_paged_attention(dma_bounds_checks=))
 
 
 def _to_compute(x, dtype):
@@ -98,7 +115,10 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
     block_kv = loops.bkv
     compute_dtype = q_buf.dtype
     precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
-    head_block = pl.program_id(0)
+    packed = static.packed
+    lane_chunks = q_buf.shape[-1] // 128  # C: 128-lane rows per (slot, head) of a packed cache
+    rows_per_slot = static.num_kv_heads * lane_chunks  # packed: 32-bit rows per slot
+    head_block = 0 if packed else pl.program_id(0)
     if heads_per_block == static.num_kv_heads:
         kv_rows, q_heads = slice(None), slice(None)
         first_q_head = 0
@@ -108,6 +128,10 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
         q_heads = pl.ds(first_q_head, heads_per_block * q_per_kv)
     start = jnp.int32(0) if static.group == 0 else dist_ref[static.group - 1]
     end = dist_ref[static.group]
+    if static.splits > 1:  # this grid step's part of the group: [start, mid) or [mid, end)
+        split = pl.program_id(0)
+        mid = dist_ref[3 + static.group]
+        start, end = jnp.where(split == 0, start, mid), jnp.where(split == 0, mid, end)
 
     def query_block(seq, qb) -> QueryBlock:
         q_start = cu_ref[seq]
@@ -130,6 +154,18 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
     def row_copy(seq, row_slot):
         return copy(pt_hbm.at[seq], pt_rows.at[row_slot], sems.at[4, 0])
 
+    def hbm_slots(ref, first, count, *lead):
+        """The K/V of `count` slots from slot `first` (of page `lead`) in an HBM ref: this head block's rows."""
+        if packed:
+            return ref.at[(*lead, pl.ds(first * rows_per_slot, count * rows_per_slot))]
+        return ref.at[(*lead, pl.ds(first, count), kv_rows)]
+
+    def buf_slots(slot, first, count):
+        """`count` slots from slot `first` of KV buffer `slot`."""
+        if packed:
+            return kv_buf.at[slot, pl.ds(first * rows_per_slot, count * rows_per_slot)]
+        return kv_buf.at[slot, pl.ds(first, count)]
+
     # ---------------------------------------------------------------- DMAs
     def kv_fetch(seq, qb, kb, slot, row_slot, *, wait):
         blk = query_block(seq, qb)
@@ -141,19 +177,18 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                 @pl.when(slots > 0)
                 def _():
                     page = page_of(seq, jnp.minimum(kb * static.bkv_pages + j, static.pages_per_seq - 1), row_slot)
-                    copy(cache_in.at[page, pl.ds(0, slots), kv_rows], kv_buf.at[slot, pl.ds(j * page_size, slots)],
-                         sem).start()
+                    copy(hbm_slots(cache_in, 0, slots, page), buf_slots(slot, j * page_size, slots), sem).start()
             return total + slots
 
         total = lax.fori_loop(0, static.bkv_pages, one_page, jnp.int32(0))
         src, offset, count = loops.new_rows(blk, kb)
         if wait:
-            whole = kv_buf.at[slot, pl.ds(0, total + count)]
+            whole = buf_slots(slot, 0, total + count)
             copy(whole, whole, sem).wait()
         else:
             @pl.when(count > 0)
             def _():
-                copy(kvn_hbm.at[pl.ds(src, count), kv_rows], kv_buf.at[slot, pl.ds(offset, count)], sem).start()
+                copy(hbm_slots(kvn_hbm, src, count), buf_slots(slot, offset, count), sem).start()
 
     def q_copy(seq, qb, slot):
         blk = query_block(seq, qb)
@@ -168,14 +203,14 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
         kv_len = kv_lens_ref[seq]
         sem = sems.at[3, 0]
         if wait:
-            whole = kvn_hbm.at[pl.ds(q_start, q_len), kv_rows]
+            whole = hbm_slots(kvn_hbm, q_start, q_len)
             copy(whole, whole, sem).wait()
             return
 
         def one_page(page, carry):
             src, slot, count = loops.page_write(q_start, q_len, kv_len, page)
-            copy(kvn_hbm.at[pl.ds(src, count), kv_rows],
-                 cache_out.at[page_of(seq, page, row_slot), pl.ds(slot, count), kv_rows], sem).start()
+            copy(hbm_slots(kvn_hbm, src, count), hbm_slots(cache_out, slot, count, page_of(seq, page, row_slot)),
+                 sem).start()
             return carry
 
         lax.fori_loop(*loops.written_pages(q_len, kv_len), one_page, 0)
@@ -191,6 +226,19 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
             return q_buf[slot, 0, pl.ds(h * q_per_kv, q_per_kv), :]
         parts = [q_buf[slot, pl.ds(t0, tc), h * q_per_kv + j, :] for j in range(q_per_kv)]
         return parts[0] if q_per_kv == 1 else jnp.concatenate(parts, axis=0)
+
+    def load_kv(kv_slot, key0, h):
+        """Keys and values of KV head h, keys key0 .. key0 + kc of the block, in the compute dtype."""
+        if packed:  # strided loads of whole words (per 128 lanes); both halves are exact as float32
+            chunks = [kv_buf[kv_slot, pl.ds(key0 * rows_per_slot + h * lane_chunks + c, kc, stride=rows_per_slot), :]
+                      for c in range(lane_chunks)]
+            words = chunks[0] if lane_chunks == 1 else jnp.concatenate(chunks, axis=1)
+            k = lax.bitcast_convert_type(words << 16, jnp.float32)
+            v = lax.bitcast_convert_type(words & jnp.uint32(0xFFFF0000), jnp.float32)
+            return k.astype(compute_dtype), v.astype(compute_dtype)
+        rows_at = pl.ds(key0, kc)
+        return (_to_compute(kv_buf[kv_slot, rows_at, 2 * h, :], compute_dtype),
+                _to_compute(kv_buf[kv_slot, rows_at, 2 * h + 1, :], compute_dtype))
 
     def store_o(slot, t0, h, o):
         if bq == 1:
@@ -226,20 +274,25 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                         mask = mask & (kpos > qpos - window)
                     vpos = key0 + lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
                     loaded = (vpos >= blk.lo) & (vpos <= blk.last)
-                    rows_at = pl.ds(ci * kc, kc)
                     for h in range(heads_per_block):
-                        k = _to_compute(kv_buf[kv_slot, rows_at, 2 * h, :], compute_dtype)
-                        v = jnp.where(loaded, _to_compute(kv_buf[kv_slot, rows_at, 2 * h + 1, :], compute_dtype),
-                                      0).astype(compute_dtype)
+                        k, v = load_kv(kv_slot, ci * kc, h)
+                        v = jnp.where(loaded, v, 0).astype(compute_dtype)
+                        # scores in the base-2 domain (x log2(e), folded into the scale): exp2 needs no
+                        # multiply of its own
                         scores = lax.dot_general(queries[h], k, (((1,), (1,)), ((), ())),
-                                                 preferred_element_type=jnp.float32, precision=precision) * static.scale
-                        if static.soft_cap is not None:
-                            scores = static.soft_cap * jnp.tanh(scores / static.soft_cap)
+                                                 preferred_element_type=jnp.float32, precision=precision)
+                        if static.soft_cap is None:
+                            scores = scores * (static.scale * LOG2E)
+                        else:
+                            scores = (static.soft_cap * LOG2E) * jnp.tanh(scores * (static.scale / static.soft_cap))
                         scores = jnp.where(mask, scores, MASK_VALUE)
                         m_prev = m_ref[ti, :, h:h + 1]
                         m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-                        probs = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
-                        alpha = jnp.exp(m_prev - m_new)
+                        # a row with every key masked so far keeps m = MASK_VALUE: shift it by 0 instead,
+                        # so its masked scores still give exp2(MASK_VALUE) = 0 (one select per row, not
+                        # one per score)
+                        probs = jnp.exp2(scores - jnp.where(m_new == MASK_VALUE, 0.0, m_new))
+                        alpha = jnp.exp2(m_prev - m_new)
                         l_ref[ti, :, h:h + 1] = alpha * l_ref[ti, :, h:h + 1] + jnp.sum(probs, axis=1, keepdims=True)
                         m_ref[ti, :, h:h + 1] = m_new
                         pv = lax.dot_general(probs.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
@@ -264,7 +317,7 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                 if sinks_ref is not None:
                     sink = jnp.concatenate([jnp.full((tc, 1), sinks_ref[first_q_head + h * q_per_kv + j], jnp.float32)
                                             for j in range(q_per_kv)], axis=0)
-                    denom = denom + jnp.exp(sink - m_ref[ti, :, h:h + 1])
+                    denom = denom + jnp.exp2(sink * LOG2E - m_ref[ti, :, h:h + 1])  # m: base 2
                 inv = 1.0 / jnp.where(denom == 0.0, 1.0, denom)
                 if static.v_scale is not None:
                     inv = inv * static.v_scale
@@ -365,6 +418,13 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                 out_copy(slot, meta[2 * slot], meta[2 * slot + 1]).wait()
 
     if static.zero_tail:
+        zero_padding_rows(cu_ref, dist_ref, q_hbm, out_hbm, o_buf, sems, bq=bq, q_heads=q_heads,
+                          last_split=pl.program_id(0) == static.splits - 1 if static.splits > 1 else None)
+
+
+def zero_padding_rows(cu_ref, dist_ref, q_hbm, out_hbm, o_buf, sems, *, bq, q_heads, last_split) -> None:
+    """Zeros to the output rows past cu_q_lens[num_seqs] (by the last grid step when sequences are split)."""
+    def zero_rows():
         num_tokens = q_hbm.shape[0]
         tail_start = cu_ref[dist_ref[2]]
         o_buf[0] = jnp.zeros(o_buf.shape[1:], o_buf.dtype)
@@ -372,20 +432,27 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
         def zero_chunk(ci, carry):
             row = tail_start + ci * bq
             size = jnp.minimum(bq, num_tokens - row)
-            cp = copy(o_buf.at[0, pl.ds(0, size)], out_hbm.at[pl.ds(row, size), q_heads], sems.at[3, 1])
+            cp = pltpu.make_async_copy(o_buf.at[0, pl.ds(0, size)], out_hbm.at[pl.ds(row, size), q_heads],
+                                       sems.at[3, 1])
             cp.start()
             cp.wait()
             return carry
 
         lax.fori_loop(0, cdiv(num_tokens - tail_start, bq), zero_chunk, 0)
 
+    if last_split is None:
+        zero_rows()
+    else:
+        pl.when(last_split)(zero_rows)
+
 
 def group_call(q: jax.Array, kv_new: jax.Array, kv_cache: jax.Array, out: jax.Array | None, kv_lens: jax.Array,
                page_table: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, sinks: jax.Array | None, *,
                static: GroupStatic, vmem_limit_bytes: int | None,
                interpret: object) -> tuple[jax.Array, jax.Array]:
-    """One pallas_call for one sequence group (q [T, Hq, Dp], kv_new [T, 2*Hkv, Dp], the TPU-layout
-    cache, `out` [T, Hq, Dp] or None for the first call); returns (out, kv_cache), both updated in place."""
+    """One pallas_call for one sequence group (q [T, Hq, Dp], kv_new and the cache in the TPU layout,
+    `out` [T, Hq, Dp] or None for the first call, distribution i32[6]); returns (out, kv_cache), both
+    updated in place."""
     heads_per_block, q_per_kv = static.kv_heads, static.q_per_kv
     padded_dim = q.shape[2]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
@@ -403,8 +470,12 @@ def group_call(q: jax.Array, kv_new: jax.Array, kv_cache: jax.Array, out: jax.Ar
     block_kv = static.bkv_pages * static.page_size
     tc, _ = chunk_sizes(static.bq, block_kv, q_per_kv)
     token_chunks = static.bq // tc
+    if static.packed:  # KV blocks (double buffer): row (i * Hkv + h) * C + c = key i of the block, head h
+        kv_buf = pltpu.VMEM((2, block_kv * static.num_kv_heads * padded_dim // 128, 128), kv_cache.dtype)
+    else:  # KV blocks (double buffer)
+        kv_buf = pltpu.VMEM((2, block_kv, 2 * heads_per_block, padded_dim), kv_cache.dtype)
     scratch = [
-        pltpu.VMEM((2, block_kv, 2 * heads_per_block, padded_dim), kv_cache.dtype),  # KV blocks (double buffer)
+        kv_buf,
         pltpu.VMEM((2, static.bq, heads_per_block * q_per_kv, padded_dim), q.dtype),  # query blocks
         pltpu.VMEM((2, static.bq, heads_per_block * q_per_kv, padded_dim), q.dtype),  # output blocks
         pltpu.VMEM((token_chunks, q_per_kv * tc, 128), jnp.float32),  # running max: lane h for KV head h
@@ -417,7 +488,7 @@ def group_call(q: jax.Array, kv_new: jax.Array, kv_cache: jax.Array, out: jax.Ar
         scratch.append(pltpu.SMEM((2, static.pages_per_seq), jnp.int32))  # page-table rows of two sequences
     # scalar prefetch: the flattened page table when it fits SMEM, else a placeholder
     pt_prefetch = page_table.reshape(-1) if static.pt_in_smem else jnp.zeros((1,), jnp.int32)
-    num_blocks = static.num_kv_heads // heads_per_block
+    num_blocks = static.splits if static.packed else static.num_kv_heads // heads_per_block
     return pl.pallas_call(
         functools.partial(_kernel, static=static),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -427,21 +498,25 @@ def group_call(q: jax.Array, kv_new: jax.Array, kv_cache: jax.Array, out: jax.Ar
         input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel",) if num_blocks > 1 else ("arbitrary",),
-            vmem_limit_bytes=vmem_limit_bytes),
+            vmem_limit_bytes=vmem_limit_bytes, disable_bounds_checks=not static.bounds_checks),
         interpret=interpret_params(interpret),
         name=f"rpa_{GROUPS[static.group]}",
     )(kv_lens, pt_prefetch, cu_q_lens, distribution, *operands)
 
 
-def check_supported(*, num_q_heads: int, num_kv_heads: int, groups: dict[str, tuple[int, int, int]]) -> None:
+def check_supported(*, num_q_heads: int, num_kv_heads: int, kv_dtype: object, groups: dict[str, tuple[int, int, int]],
+                    core_splits: int = 1) -> None:
     """NotImplementedError for block sizes this kernel does not handle (`groups` as BlockSizes.groups)."""
-    head_blocks = head_block_options(num_q_heads, num_kv_heads)
+    head_blocks = head_block_options(num_q_heads, num_kv_heads, kv_dtype)
     for name, (bq, bkv_pages, heads) in groups.items():
         if heads not in head_blocks:
             raise NotImplementedError(f"{name}: a head block of {heads} KV heads is not one of {head_blocks} (all "
-                                      "KV heads, or divisors giving 8-row aligned K/V and q rows)")
+                                      "KV heads (a packed bfloat16 cache: only all), or divisors giving 8-row "
+                                      "aligned K/V and q rows)")
         if bq < 1 or bkv_pages < 1 or (bq > 1 and bq % 8):
             raise NotImplementedError(f"{name}: bq must be 1 or a multiple of 8 (got {bq}), bkv_pages >= 1")
+    if core_splits not in (1, 2):
+        raise NotImplementedError(f"core_splits: 1 or 2 parts per group, got {core_splits}")
 
 
 def ragged_paged_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, kv_lens: jax.Array,
@@ -449,34 +524,44 @@ def ragged_paged_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cach
                                sm_scale: float, sliding_window: int | None, soft_cap: float | None,
                                sinks: jax.Array | None, k_scale: float | None, v_scale: float | None,
                                groups: dict[str, tuple[int, int, int]], vmem_limits: dict[str, int | None],
+                               core_splits: int = 1, bounds_checks: bool = True,
                                interpret: object) -> tuple[jax.Array, jax.Array]:
     """The kernel path: the XLA prologue, then one group call per group.
 
-    Args: as rpa.ragged_paged_attention's (validated there; kv_cache in the TPU layout
-      [P, page_size, 2*Hkv, Dp]), plus groups {"decode"|"prefill"|"mixed": (bq, bkv_pages, kv_heads)}
-      (BlockSizes.groups) and vmem_limits {group: scoped-VMEM bytes, or None: the compiler's default}.
+    Args: as rpa.ragged_paged_attention's (validated there; kv_cache in a TPU layout), plus groups
+      {"decode"|"prefill"|"mixed": (bq, bkv_pages, kv_heads)} (BlockSizes.groups), vmem_limits {group:
+      scoped-VMEM bytes, or None: the compiler's default} and core_splits (a packed cache: 1, or 2
+      parts of each group's sequences as a parallel grid axis) and bounds_checks (libtpu's DMA bounds
+      checks on or off).
     Returns: (out [T, Hq, D] in q's dtype, the updated kv_cache). NotImplementedError for block sizes
       the kernel does not handle (check_supported).
     """
     _, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     max_num_seqs, pages_per_seq = page_indices.shape
-    check_supported(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, groups=groups)
+    packed = layout.is_packed(kv_cache)
+    splits = int(core_splits) if packed else 1
+    check_supported(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, kv_dtype=layout.cache_dtype(kv_cache),
+                    groups=groups, core_splits=splits)
     q_padded = layout.pad_head_dim(q)
+    page_size = int(kv_cache.shape[1]) // (num_kv_heads * q_padded.shape[2] // 128 if packed else 1)
+    bqs = tuple(groups[name][0] for name in GROUPS)
+    # the group ends, then each group's split point (where its second part starts)
+    distribution = jnp.concatenate([distribution, split_points(kv_lens, cu_q_lens, distribution, bqs, xp=jnp)])
     kv_new = layout.new_kv_rows(k, v, kv_cache.dtype, k_scale=k_scale, v_scale=v_scale)
     sinks_f32 = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     out = None
     for gi, name in enumerate(GROUPS):
         bq, bkv_pages, heads = groups[name]
         static = GroupStatic(
-            group=gi, bq=int(bq), bkv_pages=int(bkv_pages), kv_heads=int(heads), page_size=int(kv_cache.shape[1]),
+            group=gi, bq=int(bq), bkv_pages=int(bkv_pages), kv_heads=int(heads), page_size=page_size,
             pages_per_seq=int(pages_per_seq), num_seqs_max=int(max_num_seqs), num_kv_heads=int(num_kv_heads),
             q_per_kv=num_q_heads // num_kv_heads, scale=float(sm_scale) * (1.0 if k_scale is None else float(k_scale)),
             v_scale=None if v_scale is None else float(v_scale),
             soft_cap=None if soft_cap is None else float(soft_cap),
             sliding_window=None if sliding_window is None else int(sliding_window),
             has_sinks=sinks is not None, pt_in_smem=page_table_in_smem(max_num_seqs, pages_per_seq),
-            first=gi == 0, zero_tail=gi == len(GROUPS) - 1)
+            first=gi == 0, zero_tail=gi == len(GROUPS) - 1, packed=packed, splits=splits, bounds_checks=bounds_checks)
         out, kv_cache = group_call(q_padded, kv_new, kv_cache, out, kv_lens, page_indices, cu_q_lens, distribution,
                                    sinks_f32, static=static, vmem_limit_bytes=vmem_limits.get(name),
                                    interpret=interpret)

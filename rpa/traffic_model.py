@@ -13,7 +13,7 @@ import numpy as np
 
 from autotune.cost_model import Traffic
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
-from rpa.config import BlockSizes, LoopBounds, page_table_in_smem
+from rpa.config import BlockSizes, LoopBounds, packs, page_table_in_smem, split_points
 
 LOOP_COUNTS = ("kv_steps", "token_chunks", "live_chunks", "q_chunks")
 
@@ -105,7 +105,7 @@ def _useful(b: dict, *, num_q_heads: int, num_kv_heads: int, head_dim: int, q_by
 
 def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_heads: int, num_kv_heads: int,
              head_dim: int, q_dtype: object = "bfloat16", kv_dtype: object = "bfloat16",
-             sliding_window: int | None = None) -> dict[str, int]:
+             sliding_window: int | None = None, cores: int = 1) -> dict[str, int]:
     """Replay the kernel's loops (config.LoopBounds) on a concrete batch; count what its DMAs move and
     what it computes.
 
@@ -113,7 +113,8 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
       batch: a tests.common.RaggedBatch, or a dict with kv_lens [S], cu_q_lens [S+1], distribution
         [3], page_size and num_tokens (and page_indices [S, pages_per_seq] or page_table_shape; else
         the table is taken as [S, pages of the longest sequence]).
-      block_sizes: BlockSizes or its dict; the rest: the call's.
+      block_sizes: BlockSizes or its dict; cores: TensorCores per device (core_splits 0 splits a
+        packed cache's sequences into that many parts); the rest: the call's.
     Returns:
       {kernel_read, kernel_write, dmas, kv_steps, grid_steps, flops, parallel_tiles, prologue_read,
       prologue_write, useful_bytes, useful_flops, loops}: kernel DMAs in logical bytes (tile padding
@@ -128,25 +129,38 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
     c = dict(kernel_read=0, kernel_write=0, dmas=0, kv_steps=0, grid_steps=0, flops=0, loops={})
     bounds = (0, *(int(x) for x in b["dist"]))
     heaviest = 0
-    for gi, (group, (bq, kv_pages, heads)) in enumerate(BlockSizes.from_any(block_sizes).groups(num_kv_heads).items()):
-        blocks = num_kv_heads // heads
+    sizes = BlockSizes.from_any(block_sizes)
+    groups = sizes.groups(num_kv_heads)
+    if packs(kv_dtype):  # every head at once; each group's sequences in `blocks` parts (the kernel's split)
+        blocks = sizes.core_splits or cores
+        split = split_points(b["kv_lens"], b["cu"], b["dist"], tuple(t[0] for t in groups.values()), xp=np)
+    for gi, (group, (bq, kv_pages, heads)) in enumerate(groups.items()):
+        heads = num_kv_heads if packs(kv_dtype) else heads  # the kernel takes no smaller head block there
         q_row = heads * q_per_kv * dim * q_bytes
         loops = LoopBounds(bq, kv_pages, b["page_size"], q_per_kv, sliding_window)
-        g = _group(b, range(bounds[gi], bounds[gi + 1]), loops, kv_row=2 * heads * dim * kv_bytes, q_row=q_row,
-                   flops_per_key=2 * 2 * q_per_kv * dim * heads)
-        if gi == 2:  # zero the padding rows
+        shape = dict(kv_row=2 * heads * dim * kv_bytes, q_row=q_row, flops_per_key=2 * 2 * q_per_kv * dim * heads)
+        if packs(kv_dtype):
+            cuts = (bounds[gi], int(split[gi]) if blocks > 1 else bounds[gi + 1], bounds[gi + 1])
+            parts = [_group(b, range(cuts[i], cuts[i + 1]), loops, **shape) for i in range(2)]
+            total = {name: parts[0][name] + parts[1][name] for name in parts[0]}
+        else:
+            blocks = num_kv_heads // heads
+            g = _group(b, range(bounds[gi], bounds[gi + 1]), loops, **shape)
+            total = {name: blocks * x for name, x in g.items()}
+        if gi == 2:  # zero the padding rows (each head block its own heads; a packed cache's last part all)
             tail = b["num_tokens"] - int(b["cu"][bounds[3]])
-            g["kernel_write"] += tail * q_row
-            g["dmas"] += cdiv(tail, bq) if tail > 0 else 0
-        # the head blocks of the group with the most work are what a megacore device splits
+            per_block = 1 if packs(kv_dtype) else blocks
+            total["kernel_write"] += per_block * tail * q_row
+            total["dmas"] += per_block * cdiv(tail, bq) if tail > 0 else 0
+        # the grid steps of the group with the most work are what a megacore device splits
         # (weight: bytes + FLOPs / 200, roughly a TPU's FLOPs per HBM byte)
-        work = blocks * (g["kernel_read"] + g["flops"] / 200)
+        work = total["kernel_read"] + total["flops"] / 200
         if work > heaviest:
             heaviest, c["parallel_tiles"] = work, blocks
         for name in ("kernel_read", "kernel_write", "dmas", "kv_steps", "flops"):
-            c[name] += blocks * g[name]
+            c[name] += total[name]
         c["grid_steps"] += blocks
-        c["loops"][group] = {"grid_steps": blocks, **{n: blocks * g[n] for n in LOOP_COUNTS}}
+        c["loops"][group] = {"grid_steps": blocks, **{n: total[n] for n in LOOP_COUNTS}}
     # XLA prologue / epilogue
     num_tokens = b["num_tokens"]
     c["prologue_read"] = 2 * num_tokens * num_kv_heads * head_dim * q_bytes
@@ -162,7 +176,7 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
 
 def traffic(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_heads: int, num_kv_heads: int,
             head_dim: int, q_dtype: object = "bfloat16", kv_dtype: object = "bfloat16",
-            sliding_window: int | None = None) -> Traffic:
+            sliding_window: int | None = None, cores: int = 1) -> Traffic:
     """Bytes read/written, FLOPs issued (padding included), steps and DMAs of one call on `batch`.
 
     Args: as simulate's.
@@ -173,7 +187,7 @@ def traffic(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_he
       (MBU / MFU).
     """
     s = simulate(batch, block_sizes, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                 q_dtype=q_dtype, kv_dtype=kv_dtype, sliding_window=sliding_window)
+                 q_dtype=q_dtype, kv_dtype=kv_dtype, sliding_window=sliding_window, cores=cores)
     return Traffic(bytes_read=s["kernel_read"] + s["prologue_read"],
                    bytes_written=s["kernel_write"] + s["prologue_write"], flops=s["flops"],
                    grid_steps=s["grid_steps"] + s["kv_steps"], dmas=s["dmas"],

@@ -24,6 +24,9 @@ from rpa.config import BlockSizes, group_vmem_bytes, head_block_options, key_dim
 from rpa.report import LLAMA3_8B, model_key, model_report, recommended_page_size  # noqa: F401 - model_report re-exported
 from rpa.traffic_model import traffic, uniform_batch
 
+# Bumped when the kernel's code changes its bundle counts (autotune.llo keys stored counts by it).
+# 2: packed bfloat16 cache (strided 32-bit loads), sequences split between megacore cores.
+KERNEL_REVISION = 2
 STATIC_KEYS = ("q_dtype", "kv_dtype", "num_q_heads", "num_kv_heads", "head_dim", "page_size")
 DYNAMIC_KEYS = ("num_tokens", "max_model_len")
 # libtpu's static cycle estimate does not apply (loop trip counts are read from SMEM at run time).
@@ -43,11 +46,11 @@ def default_block_sizes(key: dict, generation: str | None) -> dict:
     dims, page_size = key_dims(key), int(key["page_size"])
     budget = int(min(chip(generation).vmem_bytes * 0.7, 96 * MiB)) if generation else int(CONSERVATIVE_VMEM * 0.75)
     pages_per_seq = max(1, cdiv(int(key.get("max_model_len", 8192)), page_size))
-    heads = head_block_options(dims["num_q_heads"], dims["num_kv_heads"])
+    heads = head_block_options(dims["num_q_heads"], dims["num_kv_heads"], dims["kv_dtype"])
     big = generation is not None and chip(generation).vmem_bytes >= 64 * MiB
     if generation is not None and chip(generation).cores_per_chip > chip(generation).devices_per_chip:
-        # megacore (v5p): two TensorCores share one device and split the parallel head-block axis,
-        # so prefer at least two head blocks when the heads allow it
+        # megacore (v4, v5p): two TensorCores share one device and split the parallel grid axis: head
+        # blocks (prefer at least two where the heads allow it), or a packed cache's sequence parts
         heads = [h for h in heads if h <= dims["num_kv_heads"] // 2] or heads
 
     def fit(bq: int, kv_tokens: int) -> tuple[int, int, int]:
@@ -81,7 +84,7 @@ def search_space(key: dict, generation: str | None) -> list[dict]:
     pages_per_seq = max(1, cdiv(int(key.get("max_model_len", 8192)), page_size))
     page_opts = sorted({p for p in (1, 2, 4, 8, 16, 32, 64) if p <= pages_per_seq} | {base.decode_kv_pages})
     q_opts = (8, 16, 32, 64, 128, 256, 512)
-    heads = head_block_options(dims["num_q_heads"], dims["num_kv_heads"])
+    heads = head_block_options(dims["num_q_heads"], dims["num_kv_heads"], dims["kv_dtype"])
     budget = int(chip(generation).vmem_bytes * 0.85) if generation else CONSERVATIVE_VMEM
     cands = {base}
     for p, h in itertools.product(page_opts, heads):
@@ -106,8 +109,9 @@ def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic
     from rpa.traffic_model import issue_cycles, simulate
 
     batch, window = representative_batch(key), key.get("sliding_window") or None
-    t = traffic(batch, block_sizes, sliding_window=window, **key_dims(key))
-    loops = lambda: simulate(batch, block_sizes, sliding_window=window, **key_dims(key))["loops"]
+    kw = dict(sliding_window=window, cores=chip(generation).cores_per_device if generation else 1, **key_dims(key))
+    t = traffic(batch, block_sizes, **kw)
+    loops = lambda: simulate(batch, block_sizes, **kw)["loops"]
     return llo.with_issue_cycles("rpa", key, block_sizes, generation, t, lambda b: issue_cycles(loops(), b))
 
 
@@ -148,9 +152,9 @@ def representative_batch(key: dict) -> dict:
 
 def input_specs(key: dict) -> tuple[jax.ShapeDtypeStruct, ...]:
     """The call's inputs at the key's representative shapes: q [T, Hq, D], k, v [T, Hkv, D], kv_cache
-    (rpa.kv_cache_shape, the running chip's layout), kv_lens i32[S], page_indices i32[S, pages_per_seq],
+    (rpa.kv_cache_spec, the running chip's layout), kv_lens i32[S], page_indices i32[S, pages_per_seq],
     cu_q_lens i32[S+1], distribution i32[3] (and sinks f32[Hq] where key["sinks"])."""
-    from rpa.layout import kv_cache_shape
+    from rpa.layout import kv_cache_spec
 
     dims, ps, batch = key_dims(key), int(key["page_size"]), representative_batch(key)
     t, (s, pps) = batch["num_tokens"], batch["page_table_shape"]
@@ -158,7 +162,7 @@ def input_specs(key: dict) -> tuple[jax.ShapeDtypeStruct, ...]:
     sd = jax.ShapeDtypeStruct
     qdt, kvdt = jnp.dtype(dims["q_dtype"]), jnp.dtype(dims["kv_dtype"])
     specs = (sd((t, hq, d), qdt), sd((t, hkv, d), qdt), sd((t, hkv, d), qdt),
-             sd(kv_cache_shape(batch["num_pages"], ps, hkv, d, kvdt), kvdt), sd((s,), jnp.int32),
+             kv_cache_spec(batch["num_pages"], ps, hkv, d, kvdt), sd((s,), jnp.int32),
              sd((s, pps), jnp.int32), sd((s + 1,), jnp.int32), sd((3,), jnp.int32))
     if key.get("sinks"):
         specs = specs + (sd((hq,), jnp.float32),)
@@ -185,6 +189,10 @@ def example_inputs(key: dict, rng: np.random.Generator) -> tuple[jax.Array, ...]
         x = rng.standard_normal(spec.shape).astype(np.float32)
         if spec.dtype == jnp.int8:
             return jnp.asarray(np.clip(np.round(x * 40), -127, 127), jnp.int8)
+        if spec.dtype == jnp.uint32:  # a packed cache: random bfloat16 K and V
+            from rpa.layout import pack_words
+
+            return pack_words(jnp.asarray(x, jnp.bfloat16), jnp.asarray(rng.standard_normal(spec.shape), jnp.bfloat16))
         return jnp.asarray(x, spec.dtype)
 
     out = [rand(sp) for sp in specs[:4]] + [jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray(cu),

@@ -47,10 +47,21 @@ def test_issue_cycles_bind_when_the_core_is_slower_than_its_dmas():
     assert 1.0e9 < v6e.clock_hz < 2.5e9 and chip("v5p").cores_per_device == 2
 
 
-def test_rpa_on_v5p_prefers_two_head_blocks():
+def test_rpa_on_v5p_keeps_both_cores_busy():
+    """v5p's megacore: a packed bfloat16 cache splits each group's sequences between the two cores
+    (core_splits 0 = the device's cores); an int8 cache splits head blocks."""
+    import dataclasses
+
     from rpa import tuning
 
     key = tuning.make_key("bfloat16", "bfloat16", 32, 8, 128, 128, 64, 32768)
     best = min(tuning.search_space(key, "v5p"),
                key=lambda bs: predict(tuning.cost(key, bs, "v5p"), "v5p").seconds)
-    assert best["decode_kv_heads"] <= 4  # 8 KV heads in one block would leave a core idle
+    assert tuning.cost(key, best, "v5p").parallel_tiles == 2
+    one_core = dataclasses.replace(tuning.BlockSizes.from_dict(best), core_splits=1).to_dict()
+    assert predict(tuning.cost(key, one_core, "v5p"), "v5p").seconds > 1.5 * predict(tuning.cost(key, best, "v5p"),
+                                                                                       "v5p").seconds
+    key8 = tuning.make_key("bfloat16", "int8", 32, 8, 128, 128, 64, 32768)
+    best8 = min(tuning.search_space(key8, "v5p"),
+                key=lambda bs: predict(tuning.cost(key8, bs, "v5p"), "v5p").seconds)
+    assert best8["decode_kv_heads"] <= 4  # 8 KV heads in one block would leave a core idle

@@ -107,7 +107,7 @@ def test_rpa_on_gpu_reads_the_gpu_table(on_h100, monkeypatch, rng):
 
     monkeypatch.setattr(gpu, "ragged_paged_attention_gpu", fake_kernel)
     t, hq, hkv, d, ps = 64, 32, 8, 128, 16
-    cache = jnp.asarray(rng.standard_normal(rpa.kv_cache_shape(40, ps, hkv, d)), jnp.bfloat16)
+    cache = jnp.asarray(rng.standard_normal(rpa.kv_cache_shape(40, ps, hkv, d, jnp.bfloat16)), jnp.bfloat16)
     assert cache.shape == (40, 2, hkv, ps, d)  # the running chip's layout is the GPU one
     q = jnp.asarray(rng.standard_normal((t, hq, d)), jnp.bfloat16)
     k = jnp.asarray(rng.standard_normal((t, hkv, d)), jnp.bfloat16)

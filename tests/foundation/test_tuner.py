@@ -58,6 +58,7 @@ def test_write_table_merges_and_lookup_reads_it(tmp_path, monkeypatch):
     assert data["schema_version"] == 1 and len(data["entries"]) == 1
     prov = data["entries"][0]["provenance"]
     assert prov["source"] == "model" and prov["predicted_us"] <= prov["default_predicted_us"]
+    assert prov["bundle_counts"] is False  # no stored libtpu bundle counts for the fake kernel
     monkeypatch.setattr(lk, "table_path", lambda gen, kernel: tmp_path / gen / f"{kernel}.json")
     lk.clear_cache()
     sizes, match = lk.lookup("fake", KEY, "v5p")
@@ -81,8 +82,13 @@ def test_cli_run_show_check(tmp_path, capsys, monkeypatch):
     table = json.loads((tmp_path / "v5e" / "fake.json").read_text())
     table["entries"][0]["block_sizes"]["block_q"] = 12  # not a multiple of 8 rows: Mosaic rejects it
     (tmp_path / "v5e" / "fake.json").write_text(json.dumps(table))
-    results = cli.check_entries(["v5e"], ["fake"], root=tmp_path)
+    results = cli.check_entries(["v5e"], ["fake"], root=tmp_path, record=True)
     assert sum(r[3] is not None for r in results) == 1
+    # --record: each entry's provenance says what the check found, with the libtpu version and date
+    checks = [e["provenance"]["check"] for e in json.loads((tmp_path / "v5e" / "fake.json").read_text())["entries"]]
+    assert sorted(c["compiles"] for c in checks) == [False, True]
+    assert all(c["libtpu"] == cli.libtpu_version() and c["date"] for c in checks)
+    assert "error" in next(c for c in checks if not c["compiles"])
 
 
 @pytest.mark.aot

@@ -82,10 +82,11 @@ def make_inputs(b: RaggedBatch, shape: Shape, rng, *, q_dtype=jnp.bfloat16, kv_d
     pages = (b.num_pages, b.page_size, hkv, d)
     kp = quantize_store(rng.standard_normal(pages), kv_dtype, k_scale)
     vp = quantize_store(rng.standard_normal(pages), kv_dtype, v_scale)
-    cache = np.array(rpa.pack_kv(kp, vp))
+    rows = slot_rows(rpa.pack_kv(kp, vp), hkv, d)
     keep = slots(b, new=False)
     poison = -128 if jnp.dtype(kv_dtype) == jnp.int8 else np.nan
-    cache[~keep] = np.asarray(poison).astype(cache.dtype)
+    rows[~keep] = np.asarray(poison).astype(rows.dtype)
+    cache = from_slot_rows(rows, jnp.dtype(kv_dtype))
     sk = jnp.asarray(rng.standard_normal(hq) * 2.0, jnp.float32) if sinks else None
     return q, k, v, jnp.asarray(cache), sk
 
@@ -101,6 +102,27 @@ def run_both(b: RaggedBatch, shape: Shape, inputs, *, block_sizes=SMALL_BLOCKS, 
     return jax.block_until_ready(out), jax.block_until_ready(new_cache), ref_out, rk, rv
 
 
+def slot_rows(cache, num_kv_heads: int, head_dim: int) -> np.ndarray:
+    """A TPU-layout cache as [P, page_size, 2*Hkv, Dp] (K of head h at row 2h, V at 2h+1) in its value
+    dtype: a packed (uint32) cache is split into its bfloat16 halves; the others are that already."""
+    cache = np.asarray(cache)
+    if cache.dtype != np.uint32:
+        return cache.copy()
+    dp = rpa.layout.padded_head_dim(head_dim)
+    words = cache.reshape(cache.shape[0], -1, num_kv_heads, 1, dp)
+    halves = np.concatenate([words & 0xFFFF, words >> 16], axis=3).astype(np.uint16)
+    return halves.view(jnp.bfloat16).reshape(cache.shape[0], -1, 2 * num_kv_heads, dp)
+
+
+def from_slot_rows(rows: np.ndarray, kv_dtype) -> jax.Array:
+    """The inverse of slot_rows: the cache the kernel takes for `kv_dtype` values."""
+    if rpa.kv_cache_spec(1, 1, 1, 128, kv_dtype, layout="tpu").dtype != jnp.uint32:
+        return jnp.asarray(rows)
+    p, page, two_h, dp = rows.shape
+    bits = rows.view(np.uint16).astype(np.uint32).reshape(p, page, two_h // 2, 2, dp)
+    return jnp.asarray((bits[:, :, :, 0] | (bits[:, :, :, 1] << 16)).reshape(p, -1, 128))
+
+
 def _bits(x) -> np.ndarray:
     a = np.asarray(x)
     return a.view(np.uint8).reshape(*a.shape, a.dtype.itemsize)
@@ -111,7 +133,7 @@ def check(b: RaggedBatch, shape: Shape, inputs, results, *, tol=None):
     q, k, v, cache, _ = inputs
     out, new_cache, ref_out, rk, rv = results
     n = int(b.cu_q_lens[b.num_seqs])
-    tol = tol if tol is not None else tolerance(q.dtype, cache.dtype)
+    tol = tol if tol is not None else tolerance(q.dtype, rpa.layout.cache_dtype(cache))
     assert out.shape == q.shape and out.dtype == q.dtype
     if n:
         err = rel_error(out[:n], ref_out[:n])
@@ -119,8 +141,8 @@ def check(b: RaggedBatch, shape: Shape, inputs, results, *, tol=None):
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))), "non-finite output (padding rows included)"
 
     d = shape.head_dim
-    got = _bits(new_cache)
-    before = _bits(cache)
+    got = _bits(slot_rows(new_cache, shape.num_kv_heads, shape.head_dim))
+    before = _bits(slot_rows(cache, shape.num_kv_heads, shape.head_dim))
     written = slots(b, new=True)
     # every slot that is not written: bit-for-bit unchanged (all lanes, all heads, K and V)
     assert np.array_equal(got[~written], before[~written]), "cache changed outside the written slots"

@@ -41,7 +41,7 @@ def specs(hq, hkv, d, *, num_tokens=NUM_TOKENS, max_seqs=MAX_SEQS, max_len=MAX_L
     num_pages = num_pages or max_seqs * pps
     sd = jax.ShapeDtypeStruct
     out = [sd((num_tokens, hq, d), jnp.bfloat16), sd((num_tokens, hkv, d), jnp.bfloat16),
-           sd((num_tokens, hkv, d), jnp.bfloat16), sd(rpa.kv_cache_shape(num_pages, ps, hkv, d, kv_dtype), kv_dtype),
+           sd((num_tokens, hkv, d), jnp.bfloat16), rpa.kv_cache_spec(num_pages, ps, hkv, d, kv_dtype),
            sd((max_seqs,), jnp.int32), sd((max_seqs, pps), jnp.int32), sd((max_seqs + 1,), jnp.int32),
            sd((3,), jnp.int32)]
     if sinks:
@@ -101,14 +101,31 @@ def test_page_sizes_and_head_dims_compile(page_size, kv_dtype, head_dim):
 
 @pytest.mark.parametrize("hq", [32, 16])
 def test_head_blocks_compile(hq):
-    """Head blocks of 4 KV heads (a parallel grid axis: the two cores of a v5p split it)."""
+    """Head blocks of 4 KV heads on an int8 cache (a parallel grid axis: the two cores of a v5p split it)."""
     bs = rpa.BlockSizes(decode_kv_pages=8, decode_kv_heads=4, prefill_q=128, prefill_kv_pages=2,
                         prefill_kv_heads=4, mixed_q=32, mixed_kv_pages=4, mixed_kv_heads=4)
 
     def fn(*a):
-        return rpa.ragged_paged_attention(*a, block_sizes=bs, vmem_limit_bytes=48 << 20)
+        return rpa.ragged_paged_attention(*a, block_sizes=bs, vmem_limit_bytes=48 << 20, k_scale=0.05, v_scale=0.05,
+                                          implementation="pallas")
 
-    compile_for(fn, specs(hq, 8, 128, num_tokens=128, max_seqs=32, max_len=4096), "v5p")
+    compiled = compile_for(fn, specs(hq, 8, 128, num_tokens=128, max_seqs=32, max_len=4096, kv_dtype=jnp.int8), "v5p")
+    assert compiled.as_text().count("tpu_custom_call") >= 3
+
+
+@pytest.mark.parametrize("bounds_checks", [True, False])
+def test_packed_cache_split_between_cores_compiles(bounds_checks):
+    """A packed bfloat16 cache on v5p: each group's sequences in two parts (the megacore's parallel
+    grid axis); with and without libtpu's DMA bounds checks."""
+    bs = rpa.BlockSizes(decode_kv_pages=8, prefill_q=128, prefill_kv_pages=2, mixed_q=32, mixed_kv_pages=4,
+                        core_splits=2)
+
+    def fn(*a):
+        return rpa.ragged_paged_attention(*a, block_sizes=bs, dma_bounds_checks=bounds_checks,
+                                          implementation="pallas")
+
+    compiled = compile_for(fn, specs(32, 8, 128, num_tokens=128, max_seqs=32, max_len=4096), "v5p")
+    assert compiled.as_text().count("tpu_custom_call") >= 3
 
 
 @pytest.mark.parametrize("gen", ["v5e", "tpu7x"])
@@ -127,8 +144,9 @@ def test_donated_cache_is_updated_in_place():
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         compiled = jax.jit(step_fn({}), donate_argnums=3).lower(*abstract).compile()
     cache_shape = ",".join(str(x) for x in args[3].shape)
-    copies = [ln for ln in compiled.as_text().splitlines()
-              if re.search(rf"= bf16\[{cache_shape}\][^ ]* copy\(", ln)]
+    text = compiled.as_text()
+    assert args[3].dtype == jnp.uint32 and re.search(rf"u32\[{cache_shape}\]", text)  # the pattern can match
+    copies = [ln for ln in text.splitlines() if re.search(rf"= u32\[{cache_shape}\][^ ]* copy\(", ln)]
     assert not copies, copies
 
 
@@ -145,4 +163,5 @@ def test_model_report_configurations_compile(gen):
 
 def test_specs_are_consistent():
     s = specs(32, 8, 128)
-    assert s[3].shape == (MAX_SEQS * MAX_LEN // 128, 128, 16, 128) and np.prod(s[5].shape) * 4 < 900 * 1024
+    assert s[3].shape == (MAX_SEQS * MAX_LEN // 128, 128 * 8, 128) and s[3].dtype == jnp.uint32  # packed bf16
+    assert np.prod(s[5].shape) * 4 < 900 * 1024

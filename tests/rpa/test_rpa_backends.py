@@ -17,10 +17,14 @@ from tests.rpa.harness import Shape, batch_from_lengths, make_inputs
 
 def test_gpu_layout_shape_and_round_trip(rng):
     assert rpa.kv_cache_shape(6, 16, 2, 80, jnp.bfloat16, layout="gpu") == (6, 2, 2, 16, 80)
-    assert rpa.kv_cache_shape(6, 16, 2, 80, jnp.bfloat16, layout="tpu") == (6, 16, 4, 128)
-    assert rpa.kv_cache_shape(6, 16, 2, 80) == (6, 16, 4, 128)  # CPU host: the TPU layout
+    assert rpa.kv_cache_shape(6, 16, 2, 80, jnp.bfloat16, layout="tpu") == (6, 32, 128)  # packed uint32
+    assert rpa.kv_cache_shape(6, 16, 2, 80, jnp.int8, layout="tpu") == (6, 16, 4, 128)
+    assert rpa.kv_cache_shape(6, 16, 2, 80, jnp.bfloat16) == (6, 32, 128)  # CPU host: the TPU layout
+    assert rpa.kv_cache_spec(6, 16, 2, 80, jnp.bfloat16, layout="gpu").dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="layout"):
-        rpa.kv_cache_shape(6, 16, 2, 80, layout="cuda")
+        rpa.kv_cache_shape(6, 16, 2, 80, jnp.bfloat16, layout="cuda")
+    with pytest.raises(ValueError, match="^dtype"):
+        rpa.kv_cache_shape(6, 16, 2, 80, None)
     kp = jnp.asarray(rng.standard_normal((6, 16, 2, 80)), jnp.bfloat16)
     vp = jnp.asarray(rng.standard_normal((6, 16, 2, 80)), jnp.bfloat16)
     cache = rpa.pack_kv(kp, vp, layout="gpu")

@@ -151,11 +151,14 @@ def test_layout_helpers_validate(rng):
     v = jnp.asarray(rng.standard_normal((3, 16, 2, 80)), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"^v_pages:"):
         rpa.pack_kv(k, v[:, :8])
-    packed = rpa.pack_kv(k, v)
-    assert packed.shape == rpa.kv_cache_shape(3, 16, 2, 80, jnp.bfloat16) == (3, 16, 4, 128)
-    k2, v2 = rpa.unpack_kv(packed, 2, 80)
-    assert np.array_equal(np.asarray(k2, np.float32), np.asarray(k, np.float32))
-    assert np.array_equal(np.asarray(v2, np.float32), np.asarray(v, np.float32))
-    assert not np.asarray(packed[..., 80:], np.float32).any()
-    with pytest.raises(ValueError, match=r"^kv_cache:"):
-        rpa.unpack_kv(packed, 3, 80)
+    for kv, shape, stored in ((k, (3, 32, 128), jnp.uint32), (k.astype(jnp.float32), (3, 16, 4, 128), jnp.float32)):
+        cache = rpa.pack_kv(kv, v.astype(kv.dtype))
+        spec = rpa.kv_cache_spec(3, 16, 2, 80, kv.dtype)
+        assert cache.shape == spec.shape == rpa.kv_cache_shape(3, 16, 2, 80, kv.dtype) == shape
+        assert cache.dtype == spec.dtype == stored
+        k2, v2 = rpa.unpack_kv(cache, 2, 80)
+        assert np.array_equal(np.asarray(k2, np.float32), np.asarray(k, np.float32))
+        assert np.array_equal(np.asarray(v2, np.float32), np.asarray(v, np.float32))
+        assert not np.asarray(cache[..., 80:]).any()
+        with pytest.raises(ValueError, match=r"^kv_cache:"):
+            rpa.unpack_kv(cache, 3, 80)

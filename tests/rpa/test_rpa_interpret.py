@@ -8,6 +8,8 @@ bit-exact outside the written slots and equal to the reference inside them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -135,10 +137,32 @@ HEAD_BLOCKS = Shape(num_q_heads=16, num_kv_heads=8, head_dim=128, num_tokens=40,
 @given(batch=_batches(shape=HEAD_BLOCKS, max_q=10), seed=SEEDS)
 @settings(max_examples=3)
 def test_head_blocks(batch, seed):
-    """Two head blocks (a parallel grid axis): each writes its own rows of the slots and the output."""
+    """Two head blocks (a parallel grid axis) on an int8 cache (a packed bfloat16 cache is read all heads
+    at once): each writes its own rows of the slots and the output."""
     bs = rpa.BlockSizes(decode_kv_pages=3, decode_kv_heads=4, prefill_q=16, prefill_kv_pages=2, prefill_kv_heads=4,
                         mixed_q=8, mixed_kv_pages=1, mixed_kv_heads=4)
+    _run(batch, seed, HEAD_BLOCKS, block_sizes=bs, inputs_kw=dict(kv_dtype=jnp.int8, k_scale=0.03, v_scale=0.02),
+         k_scale=0.03, v_scale=0.02, tol=1.5e-2)
+
+
+@given(batch=_batches(shape=HEAD_BLOCKS, max_q=10), seed=SEEDS)
+@settings(max_examples=4)
+def test_core_splits(batch, seed):
+    """A packed cache with each group's sequences in two parts (the megacore grid axis): every part
+    writes its own sequences' slots and output rows; the last part the padding rows."""
+    bs = dataclasses.replace(SMALL_BLOCKS, core_splits=2)
     _run(batch, seed, HEAD_BLOCKS, block_sizes=bs)
+
+
+def test_head_block_of_a_packed_cache_falls_back(rng):
+    """A head block smaller than Hkv on a packed cache: not a kernel config (NotImplementedError under
+    implementation="pallas")."""
+    b = batch_from_lengths([1, 5], [9, 20], decode_end=1, prefill_end=2, shape=HEAD_BLOCKS, rng=rng)
+    q, k, v, cache, _ = make_inputs(b, HEAD_BLOCKS, rng)
+    meta = tuple(jnp.asarray(x) for x in (b.kv_lens, b.page_indices, b.cu_q_lens, b.distribution))
+    with pytest.raises(NotImplementedError, match="packed"):
+        rpa.ragged_paged_attention(q, k, v, cache, *meta, block_sizes=rpa.BlockSizes(decode_kv_heads=4),
+                                   interpret=True, implementation="pallas")
 
 
 def test_default_block_sizes(rng):

@@ -4,6 +4,7 @@ the search space, the tuning-module protocol and the modelled MBU / MFU report."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,10 @@ HBM = ("any", "hbm")
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("window", [None, 21])
-def test_traffic_matches_kernel_dmas(window):
-    """simulate()/traffic() count exactly the bytes and DMAs the kernel issues, on several batches."""
+@pytest.mark.parametrize("window,splits", [(None, 1), (21, 1), (None, 2)])
+def test_traffic_matches_kernel_dmas(window, splits):
+    """simulate()/traffic() count exactly the bytes and DMAs the kernel issues, on several batches
+    (a packed cache; its sequences split in two parts too)."""
     shape = Shape(head_dim=80)
     rng = np.random.default_rng(3)
     batches = [([1, 1, 1], [17, 64, 3], 3, 3), ([20, 9], [20, 90], 0, 2), ([1, 14, 0, 6], [33, 14, 5, 71], 1, 2)]
@@ -59,15 +61,17 @@ def test_traffic_matches_kernel_dmas(window):
         b = batch_from_lengths(q_lens, kv_lens, decode_end=d0, prefill_end=d1, shape=shape, rng=rng)
         inputs = make_inputs(b, shape, rng)
         kw = {} if window is None else {"sliding_window": window}
+        blocks = dataclasses.replace(SMALL_BLOCKS, core_splits=splits)
         with recorded_dmas() as log:
-            run_both(b, shape, inputs, **kw)
+            run_both(b, shape, inputs, block_sizes=blocks, **kw)
         read = sum(n for src, _, n in log if src in HBM)
         written = sum(n for _, dst, n in log if dst in HBM)
         dims = dict(num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                     sliding_window=window)
-        sim = traffic_model.simulate(b, SMALL_BLOCKS, **dims)
+        sim = traffic_model.simulate(b, blocks, **dims)
         assert (sim["kernel_read"], sim["kernel_write"], sim["dmas"]) == (read, written, len(log)), (q_lens, kv_lens)
-        t = traffic_model.traffic(b, SMALL_BLOCKS, **dims)
+        assert sim["loops"]["decode"]["grid_steps"] == splits
+        t = traffic_model.traffic(b, blocks, **dims)
         assert t.bytes_read == read + sim["prologue_read"] and t.bytes_written == written + sim["prologue_write"]
         assert t.dmas == len(log) and t.useful_bytes <= t.bytes_moved and t.useful_flops <= t.flops
 
@@ -101,7 +105,7 @@ def test_default_block_sizes_fit_vmem(gen):
                 if gen:
                     assert limit <= chip(gen).vmem_bytes
                 for name, (bq, _pages, heads) in rpa.BlockSizes.from_dict(bs).groups(hkv).items():
-                    assert heads in config.head_block_options(hq, hkv), (name, heads)
+                    assert heads in config.head_block_options(hq, hkv, kvdt), (name, heads)
                     assert bq == 1 or bq % 8 == 0
 
 
