@@ -206,7 +206,7 @@ def _identity(kernel: str, key: dict, block_sizes: dict) -> str:
     part of it from revision 2 on."""
     from autotune.registry import tuning_module
 
-    revision = getattr(tuning_module(kernel, "v6e"), "KERNEL_REVISION", 1)
+    revision = getattr(tuning_module(kernel), "KERNEL_REVISION", 1)  # the TPU module's
     parts = [kernel, {k: v for k, v in key.items() if k != "workload"}, block_sizes]
     text = json.dumps(parts + ([revision] if revision > 1 else []), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]

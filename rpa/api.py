@@ -39,7 +39,7 @@ def _pages(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[int, 
     if layout.cache_layout(kv_cache) == "gpu":
         return int(kv_cache.shape[0]), int(kv_cache.shape[3])
     if layout.is_packed(kv_cache):
-        per_slot = max(1, num_kv_heads) * layout.padded_head_dim(max(1, head_dim)) // 128
+        per_slot = layout.packed_rows_per_slot(max(1, num_kv_heads), max(1, head_dim))
         return int(kv_cache.shape[0]), max(1, int(kv_cache.shape[1]) // per_slot)
     return int(kv_cache.shape[0]), int(kv_cache.shape[1])
 

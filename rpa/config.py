@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up, sublane_tile
 from autotune.protocol import BlockConfig
-from rpa.layout import PACKED_STORAGE, storage_dtype
+from rpa.layout import packs
 
 GROUPS = ("decode", "prefill", "mixed")
 ALL_KV_HEADS = 0  # a head block of every KV head
@@ -69,11 +69,6 @@ def key_dims(key: Mapping[str, Any]) -> dict:
     return {"num_q_heads": int(key["num_q_heads"]), "num_kv_heads": int(key["num_kv_heads"]),
             "head_dim": int(key["head_dim"]), "q_dtype": jnp.dtype(key.get("q_dtype", "bfloat16")).name,
             "kv_dtype": jnp.dtype(key.get("kv_dtype", "bfloat16")).name}
-
-
-def packs(kv_dtype: object) -> bool:
-    """Whether the TPU layout stores `kv_dtype` values packed (bfloat16 K and V in one uint32 word)."""
-    return storage_dtype(kv_dtype, layout="tpu").name == PACKED_STORAGE
 
 
 def head_block_options(num_q_heads: int, num_kv_heads: int, kv_dtype: object) -> list[int]:

@@ -62,7 +62,8 @@ PACKED_STORAGE = "uint32"  # a TPU-layout cache of this dtype holds bfloat16 K/V
 PACKED_VALUES = "bfloat16"  # the value dtype the TPU layout packs
 
 __all__ = ["LAYOUTS", "PACKED_STORAGE", "SUPPORTED_CACHE_DTYPES", "cache_dtype", "cache_layout", "gpu_kv_cache_shape",
-           "is_packed", "kv_cache_shape", "kv_cache_spec", "pack_kv", "pad_head_dim", "padded_head_dim",
+           "is_packed", "kv_cache_shape", "kv_cache_spec", "pack_kv", "packed_rows_per_slot", "packs", "pad_head_dim",
+           "padded_head_dim",
            "quantize_store", "storage_dtype", "unpack_kv"]
 
 
@@ -169,6 +170,24 @@ def pad_head_dim(x: jax.Array) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
 
+def packs(dtype: object) -> bool:
+    """Whether the TPU layout stores `dtype` values packed (bfloat16 K and V in one uint32 word).
+
+    Args:
+      dtype: a K/V value dtype (uint32 is read as packed bfloat16).
+    Returns:
+      True for bfloat16 (and uint32).
+    Raises:
+      ValueError naming dtype when it is not supported.
+    """
+    return storage_dtype(dtype, layout="tpu").name == PACKED_STORAGE
+
+
+def packed_rows_per_slot(num_kv_heads: int, head_dim: int) -> int:
+    """128-lane uint32 rows one slot (token) takes in a packed cache: Hkv x Dp / 128."""
+    return int(num_kv_heads) * padded_head_dim(head_dim) // LANES
+
+
 def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: object, *,
                    layout: str | None = None) -> tuple:
     """Shape of a cache of `dtype` values in `layout` ("tpu" | "gpu"; None: the running chip's, the TPU
@@ -193,7 +212,7 @@ def kv_cache_shape(num_pages: int, page_size: int, num_kv_heads: int, head_dim: 
     if _layout(layout) == "gpu":
         return gpu_kv_cache_shape(num_pages, page_size, num_kv_heads, head_dim)
     if stored.name == PACKED_STORAGE:
-        return (int(num_pages), int(page_size) * int(num_kv_heads) * padded_head_dim(head_dim) // LANES, LANES)
+        return (int(num_pages), int(page_size) * packed_rows_per_slot(num_kv_heads, head_dim), LANES)
     return (int(num_pages), int(page_size), 2 * int(num_kv_heads), padded_head_dim(head_dim))
 
 
@@ -249,7 +268,7 @@ def pack_kv(k_pages: jax.Array, v_pages: jax.Array, *, layout: str | None = None
     num_pages, page_size, hkv, d = k_pages.shape
     if _layout(layout) == "gpu":
         return jnp.stack([k_pages, v_pages], axis=1).transpose(0, 1, 3, 2, 4)
-    if storage_dtype(k_pages.dtype, layout="tpu").name == PACKED_STORAGE:
+    if packs(k_pages.dtype):
         return pad_head_dim(pack_words(k_pages, v_pages)).reshape(num_pages, -1, LANES)
     return pad_head_dim(jnp.stack([k_pages, v_pages], axis=3).reshape(num_pages, page_size, 2 * hkv, d))
 
@@ -273,8 +292,7 @@ def unpack_kv(kv_cache: jax.Array, num_kv_heads: int, head_dim: int) -> tuple[ja
                              f"heads and head_dim {head_dim}")
         return kv_cache[:, 0].transpose(0, 2, 1, 3), kv_cache[:, 1].transpose(0, 2, 1, 3)
     if is_packed(kv_cache):
-        per_slot = num_kv_heads * padded_head_dim(head_dim) // LANES
-        if kv_cache.ndim != 3 or kv_cache.shape[1] % per_slot or kv_cache.shape[2] != LANES:
+        if kv_cache.ndim != 3 or kv_cache.shape[1] % packed_rows_per_slot(num_kv_heads, head_dim) or kv_cache.shape[2] != LANES:
             raise ValueError(f"kv_cache: shape {kv_cache.shape} is not a packed cache of {num_kv_heads} KV heads "
                              f"and head_dim {head_dim}")
         words = kv_cache.reshape(kv_cache.shape[0], -1, num_kv_heads, padded_head_dim(head_dim))[..., :head_dim]
@@ -302,6 +320,6 @@ def new_kv_rows(k: jax.Array, v: jax.Array, stored_dtype: object, *, k_scale: fl
     values = _checked_dtype(stored_dtype)
     kq = quantize_store(k, values, k_scale)
     vq = quantize_store(v, values, v_scale)
-    if storage_dtype(values, layout="tpu").name == PACKED_STORAGE:
+    if packs(values):
         return pad_head_dim(pack_words(kq, vq)).reshape(-1, LANES)
     return pad_head_dim(jnp.stack([kq, vq], axis=2).reshape(t, 2 * hkv, d))

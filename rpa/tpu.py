@@ -8,8 +8,9 @@ Shapes (the wrapper `ragged_paged_attention_tpu` builds them from the public arg
     kv_new   the new tokens' K/V in the cache's form (packed: u32[T*Hkv*C, 128]; else [T, 2*Hkv, Dp] in
              the cache dtype), made by the XLA prologue that also quantizes and pads
     out      [T, Hq, Dp]            in q's dtype
-    kv_lens i32[S], cu_q_lens i32[S+1]: scalar-prefetched into SMEM; distribution i32[6]: the three
-    group ends, then each group's split point (core_splits = 2) also scalar-prefetched;
+    kv_lens i32[S], cu_q_lens i32[S+1]: scalar-prefetched into SMEM; distribution i32[3]: the three
+    group ends (i32[6] when a packed cache's sequences are split: then each group's split point),
+    also scalar-prefetched;
     page_indices i32[S, pages_per_seq]: scalar-prefetched (flattened) when it fits SMEM
     (config.page_table_in_smem), else left in HBM and one sequence's row at a time DMA'd into an
     SMEM double buffer, the next sequence's row in flight; sinks f32[Hq] in SMEM (optional).
@@ -117,7 +118,7 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
     precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
     packed = static.packed
     lane_chunks = q_buf.shape[-1] // 128  # C: 128-lane rows per (slot, head) of a packed cache
-    rows_per_slot = static.num_kv_heads * lane_chunks  # packed: 32-bit rows per slot
+    rows_per_slot = layout.packed_rows_per_slot(static.num_kv_heads, q_buf.shape[-1])  # packed: Hkv x C
     head_block = 0 if packed else pl.program_id(0)
     if heads_per_block == static.num_kv_heads:
         kv_rows, q_heads = slice(None), slice(None)
@@ -451,8 +452,8 @@ def group_call(q: jax.Array, kv_new: jax.Array, kv_cache: jax.Array, out: jax.Ar
                static: GroupStatic, vmem_limit_bytes: int | None,
                interpret: object) -> tuple[jax.Array, jax.Array]:
     """One pallas_call for one sequence group (q [T, Hq, Dp], kv_new and the cache in the TPU layout,
-    `out` [T, Hq, Dp] or None for the first call, distribution i32[6]); returns (out, kv_cache), both
-    updated in place."""
+    `out` [T, Hq, Dp] or None for the first call, distribution i32[3], or i32[6] with the split points);
+    returns (out, kv_cache), both updated in place."""
     heads_per_block, q_per_kv = static.kv_heads, static.q_per_kv
     padded_dim = q.shape[2]
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
@@ -544,10 +545,10 @@ def ragged_paged_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cach
     check_supported(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, kv_dtype=layout.cache_dtype(kv_cache),
                     groups=groups, core_splits=splits)
     q_padded = layout.pad_head_dim(q)
-    page_size = int(kv_cache.shape[1]) // (num_kv_heads * q_padded.shape[2] // 128 if packed else 1)
-    bqs = tuple(groups[name][0] for name in GROUPS)
-    # the group ends, then each group's split point (where its second part starts)
-    distribution = jnp.concatenate([distribution, split_points(kv_lens, cu_q_lens, distribution, bqs, xp=jnp)])
+    page_size = int(kv_cache.shape[1]) // (layout.packed_rows_per_slot(num_kv_heads, head_dim) if packed else 1)
+    if splits > 1:  # the group ends, then each group's split point (where its second part starts)
+        bqs = tuple(groups[name][0] for name in GROUPS)
+        distribution = jnp.concatenate([distribution, split_points(kv_lens, cu_q_lens, distribution, bqs, xp=jnp)])
     kv_new = layout.new_kv_rows(k, v, kv_cache.dtype, k_scale=k_scale, v_scale=v_scale)
     sinks_f32 = None if sinks is None else jnp.asarray(sinks, jnp.float32)
     out = None

@@ -13,7 +13,8 @@ import numpy as np
 
 from autotune.cost_model import Traffic
 from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
-from rpa.config import BlockSizes, LoopBounds, packs, page_table_in_smem, split_points
+from rpa.config import BlockSizes, LoopBounds, page_table_in_smem, split_points
+from rpa.layout import packs
 
 LOOP_COUNTS = ("kv_steps", "token_chunks", "live_chunks", "q_chunks")
 
@@ -131,25 +132,27 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
     heaviest = 0
     sizes = BlockSizes.from_any(block_sizes)
     groups = sizes.groups(num_kv_heads)
-    if packs(kv_dtype):  # every head at once; each group's sequences in `blocks` parts (the kernel's split)
+    packed = packs(kv_dtype)
+    if packed:  # every head at once; each group's sequences in `blocks` parts (the kernel's split)
         blocks = sizes.core_splits or cores
-        split = split_points(b["kv_lens"], b["cu"], b["dist"], tuple(t[0] for t in groups.values()), xp=np)
+        split = (split_points(b["kv_lens"], b["cu"], b["dist"], tuple(t[0] for t in groups.values()), xp=np)
+                 if blocks > 1 else None)
     for gi, (group, (bq, kv_pages, heads)) in enumerate(groups.items()):
-        heads = num_kv_heads if packs(kv_dtype) else heads  # the kernel takes no smaller head block there
+        heads = num_kv_heads if packed else heads  # the kernel takes no smaller head block there
         q_row = heads * q_per_kv * dim * q_bytes
         loops = LoopBounds(bq, kv_pages, b["page_size"], q_per_kv, sliding_window)
         shape = dict(kv_row=2 * heads * dim * kv_bytes, q_row=q_row, flops_per_key=2 * 2 * q_per_kv * dim * heads)
-        if packs(kv_dtype):
-            cuts = (bounds[gi], int(split[gi]) if blocks > 1 else bounds[gi + 1], bounds[gi + 1])
-            parts = [_group(b, range(cuts[i], cuts[i + 1]), loops, **shape) for i in range(2)]
-            total = {name: parts[0][name] + parts[1][name] for name in parts[0]}
+        if packed:
+            cuts = (bounds[gi], int(split[gi]), bounds[gi + 1]) if blocks > 1 else (bounds[gi], bounds[gi + 1])
+            parts = [_group(b, range(lo, hi), loops, **shape) for lo, hi in zip(cuts, cuts[1:])]
+            total = {name: sum(p[name] for p in parts) for name in parts[0]}
         else:
             blocks = num_kv_heads // heads
             g = _group(b, range(bounds[gi], bounds[gi + 1]), loops, **shape)
             total = {name: blocks * x for name, x in g.items()}
         if gi == 2:  # zero the padding rows (each head block its own heads; a packed cache's last part all)
             tail = b["num_tokens"] - int(b["cu"][bounds[3]])
-            per_block = 1 if packs(kv_dtype) else blocks
+            per_block = 1 if packed else blocks
             total["kernel_write"] += per_block * tail * q_row
             total["dmas"] += per_block * cdiv(tail, bq) if tail > 0 else 0
         # the grid steps of the group with the most work are what a megacore device splits

@@ -116,7 +116,7 @@ def slot_rows(cache, num_kv_heads: int, head_dim: int) -> np.ndarray:
 
 def from_slot_rows(rows: np.ndarray, kv_dtype) -> jax.Array:
     """The inverse of slot_rows: the cache the kernel takes for `kv_dtype` values."""
-    if rpa.kv_cache_spec(1, 1, 1, 128, kv_dtype, layout="tpu").dtype != jnp.uint32:
+    if not rpa.layout.packs(kv_dtype):
         return jnp.asarray(rows)
     p, page, two_h, dp = rows.shape
     bits = rows.view(np.uint16).astype(np.uint32).reshape(p, page, two_h // 2, 2, dp)
