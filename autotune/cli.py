@@ -260,8 +260,7 @@ def check_entries(gens: Iterable[str], kernels: Iterable[str], sample: int | Non
             path = (root or ROOT) / gen / f"{kernel}.json"
             if not path.is_file():
                 continue
-            table = json.loads(path.read_text())
-            entries = table["entries"]
+            entries = json.loads(path.read_text())["entries"]
             if sample is not None and len(entries) > sample:
                 entries = rng.sample(entries, sample)
             module = tuning_module(kernel)

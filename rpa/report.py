@@ -12,7 +12,7 @@ from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS, chip
 from autotune.tables import lookup
 from rpa.config import BlockSizes, chunk_sizes, make_key
-from rpa.traffic_model import issue_cycles, simulate, traffic, uniform_batch
+from rpa.traffic_model import issue_cycles, simulate, traffic_of, uniform_batch
 
 LLAMA3_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, q_dtype="bfloat16", kv_dtype="bfloat16")
 
@@ -67,9 +67,10 @@ def model_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = L
                 bs, match = lookup("rpa", key, gen)
             bundles = (llo.kernel_bundles if compile else llo.cached_bundles)("rpa", key, bs, gen)
             kw = dict(dims, cores=chip(gen).cores_per_device)
-            t = traffic(batch, bs, **kw)
+            sim = simulate(batch, bs, **kw)
+            t = traffic_of(sim)
             if bundles:
-                t = dataclasses.replace(t, issue_cycles=issue_cycles(simulate(batch, bs, **kw)["loops"], bundles))
+                t = dataclasses.replace(t, issue_cycles=issue_cycles(sim["loops"], bundles))
             p = predict(t, gen)
             rows.append(dict(generation=gen, scenario=name, page_size=batch["page_size"], match=match,
                              block_sizes=dict(bs), seconds=p.seconds, mbu=p.mbu, mfu=p.mfu, bound=p.bound,

@@ -189,8 +189,13 @@ def traffic(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_he
       interleaves, quantizes and pads the new K/V. useful_bytes / useful_flops: the minimal work
       (MBU / MFU).
     """
-    s = simulate(batch, block_sizes, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                 q_dtype=q_dtype, kv_dtype=kv_dtype, sliding_window=sliding_window, cores=cores)
+    return traffic_of(simulate(batch, block_sizes, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                               head_dim=head_dim, q_dtype=q_dtype, kv_dtype=kv_dtype, sliding_window=sliding_window,
+                               cores=cores))
+
+
+def traffic_of(s: Mapping[str, Any]) -> Traffic:
+    """The Traffic of one simulate() result (what traffic() returns), for callers that also need its loops."""
     return Traffic(bytes_read=s["kernel_read"] + s["prologue_read"],
                    bytes_written=s["kernel_write"] + s["prologue_write"], flops=s["flops"],
                    grid_steps=s["grid_steps"] + s["kv_steps"], dmas=s["dmas"],

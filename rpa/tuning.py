@@ -22,7 +22,7 @@ from autotune.hardware import MiB, chip
 from autotune.kernel_util import cdiv, next_power_of_2, round_up
 from rpa.config import BlockSizes, group_vmem_bytes, head_block_options, key_dims, make_key, vmem_bytes
 from rpa.report import LLAMA3_8B, model_key, model_report, recommended_page_size  # noqa: F401 - model_report re-exported
-from rpa.traffic_model import traffic, uniform_batch
+from rpa.traffic_model import uniform_batch
 
 # Bumped when the kernel's code changes its bundle counts (autotune.llo keys stored counts by it).
 # 2: packed bfloat16 cache (strided 32-bit loads), sequences split between megacore cores.
@@ -106,13 +106,13 @@ def cost(key: dict, block_sizes: dict, generation: str | None = None) -> Traffic
     """traffic() of the key's representative batch, with the issue cycles of libtpu's bundle counts
     (rpa.traffic_model.issue_cycles) where this config's are stored."""
     from autotune import llo
-    from rpa.traffic_model import issue_cycles, simulate
+    from rpa.traffic_model import issue_cycles, simulate, traffic_of
 
     batch, window = representative_batch(key), key.get("sliding_window") or None
     kw = dict(sliding_window=window, cores=chip(generation).cores_per_device if generation else 1, **key_dims(key))
-    t = traffic(batch, block_sizes, **kw)
-    loops = lambda: simulate(batch, block_sizes, **kw)["loops"]
-    return llo.with_issue_cycles("rpa", key, block_sizes, generation, t, lambda b: issue_cycles(loops(), b))
+    sim = simulate(batch, block_sizes, **kw)
+    return llo.with_issue_cycles("rpa", key, block_sizes, generation, traffic_of(sim),
+                                 lambda b: issue_cycles(sim["loops"], b))
 
 
 # ---------------------------------------------------------------- inputs, kernel, reference (shared with the GPU)
