@@ -163,6 +163,10 @@ def test_head_block_of_a_packed_cache_falls_back(rng):
     with pytest.raises(NotImplementedError, match="packed"):
         rpa.ragged_paged_attention(q, k, v, cache, *meta, block_sizes=rpa.BlockSizes(decode_kv_heads=4),
                                    interpret=True, implementation="pallas")
+    # more parts than the two cores of a megacore: named, and not a kernel config either
+    with pytest.raises(NotImplementedError, match="^core_splits"):
+        rpa.ragged_paged_attention(q, k, v, cache, *meta, block_sizes=rpa.BlockSizes(core_splits=3),
+                                   interpret=True, implementation="pallas")
 
 
 def test_default_block_sizes(rng):
