@@ -5,7 +5,7 @@ the two, plus a fixed cost per grid step that neither hides (the pipeline's DMA 
 cycles per extra step in libtpu's static estimate of a copy kernel, KERNEL-NOTES section 1):
 
     t = (max(memory, core) + min(memory, core) / steps + grid_steps * step_overhead / cores) * megacore_imbalance
-    memory = bytes_moved / hbm_bandwidth,  core = issue_cycles / clock / cores
+    memory = bytes_moved / hbm_bandwidth,  core = max(issue_cycles / clock / cores, useful_flops / peak)
 
 min(memory, core) / steps is the pipeline's fill and drain: with its blocks double-buffered, a
 core's first step waits for its first DMA and its last step's work follows its last DMA, so over
@@ -17,7 +17,9 @@ issue_cycles is the VLIW bundles the call issues: libtpu's final bundle dump of 
 cycle, so it is a lower bound on the core's time that sees the vector, scalar and DMA-issue work
 the roofline cannot. MXU pushes are bundles too, so it replaces the FLOP count's time (which pads
 rows to the MXU's and overstates a decode matmul: quantized_matmul at M 1 on v5e, 76 us of padded
-MXU time against 50 us of bundles and libtpu's estimate of 49-52 us). Where a call
+MXU time against 50 us of bundles and libtpu's estimate of 49-52 us); the useful FLOPs at peak stay a
+floor, since a prefill matmul issues fewer bundles than its MXU work takes (tpu7x, 1024 x 2880 x 5120
+int8: 25.6k bundles, 57.6k cycles of MXU work at peak, libtpu's estimate 68.9k). Where a call
 has no bundle counts (no libtpu, or not asked for) the core's time is the MXU-ideal time plus the
 DMA descriptor cost: `flops / peak_rate + dmas * dma_overhead / cores`.
 
@@ -56,7 +58,7 @@ class Traffic:
     useful_bytes: int | None = None  # the minimal bytes (MBU's numerator); default: bytes moved
     useful_flops: int | None = None  # the minimal FLOPs (MFU's numerator); default: flops
     parallel_tiles: int | None = None  # iterations of the grid's parallel axes (None: no split modelled)
-    issue_cycles: float | None = None  # VLIW bundles issued (static LLO bundles x trip counts); None: not read
+    issue_cycles: float | None = None  # VLIW bundles issued, summed over the device's cores (static LLO bundles x trip counts); None: not read
 
     @property
     def bytes_moved(self) -> int:
@@ -112,7 +114,11 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
     over = traffic.grid_steps * spec.grid_step_overhead_s / cores
     if traffic.issue_cycles is not None and spec.clock_hz:
         issue = traffic.issue_cycles / spec.clock_hz / cores
-        core = issue  # the MXU pushes are bundles too (the padded-FLOP count overstates them)
+        # The MXU pushes are bundles too (the padded-FLOP count overstates a decode matmul), but a
+        # bundle count below the useful FLOPs' time at peak cannot be run in that time: the MXU binds.
+        useful = traffic.useful_flops if traffic.useful_flops is not None else traffic.flops
+        comp = useful / peak
+        core = max(issue, comp)
     else:
         issue = traffic.dmas * spec.dma_overhead_s / cores
         core = comp + issue

@@ -39,6 +39,9 @@ from typing import Any
 from autotune import static_estimate
 
 DUMP_FLAGS = "--xla_jf_dump_to={directory} --xla_jf_dump_llo_text=true"
+# What the stored counts hold; counts stored by another version are compiled again. 2: the regions a
+# pipelined loop's index skips (Loop.guarded / guard_runs); 3: guards kept in scalars followed.
+PARSER_VERSION = 3
 # address, optional control marker (LB: loop body, LH: header, LE: exit, PB/PF: predicated region,
 # CT: control target), one ">" per enclosing loop, then the bundle in braces.
 _BUNDLE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+(?:([A-Z]{2}))?\s*:\s*(>*)\s*(\{.*)$")
@@ -46,6 +49,20 @@ _MXU = re.compile(r"= vmat(?:mul|push|prep|res)")
 _ENTRY = re.compile(r"entry bundle: %(\S+) = custom-call")
 _EXIT = re.compile(r"scmp\.[a-z]+\.s32\.totalorder %\w+, (-?\d+) /\* loop exit test")
 _DMA = re.compile(r"= dma\.(?:hbm_to_vmem|vmem_to_hbm|hbm_to_hbm|vmem_to_vmem)")
+# A software-pipelined grid loop (Pallas' BlockSpec pipeline) runs steps + 2 iterations, one stage
+# each of three steps (fetch, compute, write back); a stage's region is skipped by a branch on the
+# iteration index in the fill and drain iterations. These read such guards: the loop's index (its
+# sphi), predicates compared with a constant and combined, and the branch around the region.
+_PHI = re.compile(r"%(\w+) = sphi")
+_COMPARE = re.compile(r"%(\w+) = scmp\.(ge|gt|lt|le|eq|ne)\.s32\.totalorder %(\w+), (-?\d+)(?!\s*/\* loop exit)")
+_COMBINE = re.compile(r"%(\w+) = (pnand|pand|por|pnor) %(\w+), %(\w+)")
+_SKIP = re.compile(r"sbr\.rel \((!?)%(\w+)\) target = \$region(\d+)")
+_NEGATE = re.compile(r"%(\w+) = pneg %(\w+)")
+_SELECT = re.compile(r"%(\w+) = scalar_select /\*predicate=\*/%(\w+), /\*on_true=\*/1, /\*on_false=\*/0")
+_CMP = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "lt": lambda a, b: a < b,
+        "le": lambda a, b: a <= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
+_JOIN = {"pand": lambda a, b: a and b, "pnand": lambda a, b: not (a and b),
+         "por": lambda a, b: a or b, "pnor": lambda a, b: not (a or b)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +77,19 @@ class Loop:
     dmas: int  # DMA issues (HBM / VMEM copies; not the SMEM metadata copies) outside nested loops
     trips: int | None = None  # iterations per entry when the exit test compares with a constant
     parent: int | None = None  # index of the enclosing loop in KernelBundles.loops
+    # Regions of the body a branch on the loop's index skips in some iterations (a pipelined grid
+    # loop's stages): (iterations of `trips` that run the region, own bundles in it), one per region.
+    guarded: tuple[tuple[int, int], ...] = ()
+    guard_runs: int | None = None  # this loop lies in such a region of its parent: the parent
+    # iterations (of the parent's trips) that reach it
+
+    def own_executions(self, executions: float) -> float:
+        """Own bundles issued when the body runs `executions` times (guarded regions run their
+        share of the iterations)."""
+        if not self.guarded or not self.trips:
+            return self.own_bundles * executions
+        skipped = sum(n * (self.trips - runs) for runs, n in self.guarded)
+        return (self.own_bundles * self.trips - skipped) * executions / self.trips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +118,13 @@ class KernelBundles:
     def executions(self, index: int) -> tuple[int, bool]:
         """(times loop `index`'s body runs per kernel entry, whether every trip count on the way is
         static): its trips times its ancestors' (a loop whose trip count is read at run time counts 1)."""
-        n, static = 1, True
-        at: int | None = index
-        while at is not None:
-            lp = self.loops[at]
-            n *= lp.trips or 1
-            static &= lp.trips is not None
-            at = lp.parent
+        lp = self.loops[index]
+        n, static = lp.trips or 1, lp.trips is not None
+        while lp.parent is not None:
+            parent = self.loops[lp.parent]
+            n *= lp.guard_runs if lp.guard_runs is not None else (parent.trips or 1)
+            static &= parent.trips is not None
+            lp = parent
         return n, static
 
     def static_bundles(self) -> tuple[int, bool]:
@@ -104,9 +134,9 @@ class KernelBundles:
         total, static = self.total - sum(lp.bundles for lp in self.loops if lp.parent is None), True
         for i, lp in enumerate(self.loops):
             n, ok = self.executions(i)
-            total += lp.own_bundles * n
+            total += lp.own_executions(n)
             static &= ok
-        return total, static
+        return round(total), static
 
     def issued_bundles(self, entries: float, runs: Mapping[int, float]) -> float:
         """Bundles the kernel issues when entered `entries` times (its grid steps) and loop i's body
@@ -115,9 +145,15 @@ class KernelBundles:
         executions: dict[int, float] = {}
         total = (self.total - sum(lp.bundles for lp in self.loops if lp.parent is None)) * entries
         for i, lp in enumerate(self.loops):  # a parent comes before its children
-            outer = entries if lp.parent is None else executions[lp.parent]
+            if lp.parent is None:
+                outer = entries
+            else:
+                parent = self.loops[lp.parent]
+                outer = executions[lp.parent]
+                if lp.guard_runs is not None and parent.trips:
+                    outer = outer * lp.guard_runs / parent.trips
             executions[i] = runs[i] if i in runs else outer * (lp.trips or 1)
-            total += lp.own_bundles * executions[i]
+            total += lp.own_executions(executions[i])
         return total
 
     def ancestors(self, index: int) -> list[int]:
@@ -133,7 +169,8 @@ class KernelBundles:
 
     @classmethod
     def from_dict(cls, d: dict) -> KernelBundles:
-        return cls(d["name"], int(d["total"]), tuple(Loop(**lp) for lp in d["loops"]), d.get("estimated_cycles"))
+        loops = tuple(Loop(**{**lp, "guarded": tuple(tuple(g) for g in lp.get("guarded", ()))}) for lp in d["loops"])
+        return cls(d["name"], int(d["total"]), loops, d.get("estimated_cycles"))
 
 
 def parse_bundles(text: str, name: str = "") -> KernelBundles:
@@ -162,6 +199,7 @@ def parse_bundles(text: str, name: str = "") -> KernelBundles:
     if not rows:
         raise ValueError(f"no bundles in the dump of {name or 'the kernel'}")
     loops: list[Loop] = []
+    spans: list[tuple[int, list[tuple[int, int, int]]]] = []
     open_loops: list[tuple[int, int]] = []  # (index in loops, row where it ends) of enclosing loops
     for i, (address, starts, d, _) in enumerate(rows):
         if not starts or d == 0:
@@ -171,14 +209,73 @@ def parse_bundles(text: str, name: str = "") -> KernelBundles:
             end += 1
         own = [r for r in rows[i:end] if r[2] == d]
         exits = [int(m.group(1)) for r in own for m in _EXIT.finditer(r[3])]
+        trips = exits[-1] if len(exits) == 1 and exits[-1] > 0 else None
         open_loops = [(j, e) for j, e in open_loops if e > i and loops[j].depth < d]
         loops.append(Loop(start=address, depth=d, bundles=end - i, own_bundles=len(own),
                           mxu_ops=sum(len(_MXU.findall(r[3])) for r in own),
                           dmas=sum(len(_DMA.findall(r[3])) for r in own),
-                          trips=exits[-1] if len(exits) == 1 and exits[-1] > 0 else None,
-                          parent=open_loops[-1][0] if open_loops else None))
+                          trips=trips, parent=open_loops[-1][0] if open_loops else None))
         open_loops.append((len(loops) - 1, end))
+        if trips is not None:
+            spans.append((len(loops) - 1, _guarded_spans(rows, i, end, d, trips)))
+    for index, found in spans:  # regions of a loop's body its index skips, and the loops inside them
+        loop_rows = {lp.start: k for k, lp in enumerate(loops)}
+        guarded = []
+        for runs, first, last in found:
+            guarded.append((runs, sum(1 for r in rows[first:last] if r[2] == loops[index].depth)))
+            for r in rows[first:last]:
+                child = loop_rows.get(r[0])
+                if child is not None and r[1] and loops[child].parent == index:
+                    loops[child] = dataclasses.replace(loops[child], guard_runs=runs)
+        loops[index] = dataclasses.replace(loops[index], guarded=tuple(guarded))
     return KernelBundles(name, len(rows), tuple(loops))
+
+
+def _guarded_spans(rows: list[tuple[int, bool, int, str]], first: int, end: int, depth: int,
+                   trips: int) -> list[tuple[int, int, int]]:
+    """Regions of one loop body (rows first..end) that a forward branch on the loop's own index
+    skips in some iterations: (iterations of `trips` that run the region, its first row, the row
+    after it). Predicates are followed through compares with constants, their pand / pnand / por /
+    pnor / pneg, and a 0 / 1 scalar_select of one compared with 0; anything else (a spill to SMEM)
+    is not a guard, and its region counts every iteration."""
+    phis = {m.group(1) for r in rows[first:end] if r[2] == depth for m in _PHI.finditer(r[3])}
+    preds: dict[str, Callable[[int], bool]] = {}
+    held: dict[str, Callable[[int], bool]] = {}  # a predicate kept as a 0 / 1 scalar (register pressure)
+    found = []
+    for k in range(first, end):
+        if rows[k][2] != depth:
+            continue
+        text = rows[k][3]
+        for m in _COMPARE.finditer(text):
+            op, c = _CMP[m.group(2)], int(m.group(4))
+            if m.group(3) in phis:
+                preds[m.group(1)] = lambda i, op=op, c=c: op(i, c)
+            elif m.group(3) in held and c == 0 and m.group(2) in ("ne", "eq"):
+                was, ne = held[m.group(3)], m.group(2) == "ne"
+                preds[m.group(1)] = lambda i, was=was, ne=ne: was(i) == ne
+        for m in _NEGATE.finditer(text):
+            negated = preds.get(m.group(2))
+            if negated is not None:
+                preds[m.group(1)] = lambda i, a=negated: not a(i)
+        for m in _SELECT.finditer(text):
+            if m.group(2) in preds:
+                held[m.group(1)] = preds[m.group(2)]
+        for m in _COMBINE.finditer(text):
+            a, b = preds.get(m.group(3)), preds.get(m.group(4))
+            if a is not None and b is not None:
+                join = _JOIN[m.group(2)]
+                preds[m.group(1)] = lambda i, a=a, b=b, join=join: join(a(i), b(i))
+        for m in _SKIP.finditer(text):
+            pred = preds.get(m.group(2))
+            if pred is None:
+                continue
+            target = re.compile(rf"Start/End empty region {m.group(3)}\b")
+            last = next((j for j in range(k + 1, end) if rows[j][2] == depth and target.search(rows[j][3])), None)
+            if last is None:
+                continue
+            negated = bool(m.group(1))  # the branch is taken (the region skipped) when pred != negated
+            found.append((sum(1 for i in range(trips) if pred(i) == negated), k + 1, last))
+    return found
 
 
 def read_dump(directory: str | os.PathLike) -> dict[str, KernelBundles]:
@@ -224,14 +321,15 @@ def _store(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=64)
 def _parsed_store(path: Path, stamp: int | None) -> dict:
-    fresh = {"libtpu": libtpu_version(), "entries": {}}
+    fresh = {"libtpu": libtpu_version(), "parser": PARSER_VERSION, "entries": {}}
     if stamp is None:
         return fresh
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return fresh
-    return data if data.get("libtpu") == libtpu_version() else fresh
+    same = data.get("libtpu") == libtpu_version() and data.get("parser", 1) == PARSER_VERSION
+    return data if same else fresh
 
 
 def cached_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *,
@@ -338,7 +436,14 @@ def with_issue_cycles(kernel: str, key: dict, block_sizes: dict, generation: str
     bundles = cached_bundles(kernel, key, block_sizes, generation)
     if not bundles:
         return traffic
-    cycles = issue(bundles) if issue is not None else sum(kb.static_bundles()[0] for kb in bundles.values())
+    if issue is not None:
+        cycles = issue(bundles)
+    else:
+        # The dump is one core's program: on a megacore its grid loop runs that core's share of the
+        # parallel tiles (v5p: 2 + 2 trips of a 4-step grid, not 4 + 2), so the device issues it on
+        # every core that has a tile (Traffic.issue_cycles is summed over the cores).
+        busy = min(chip(generation).cores_per_device, traffic.parallel_tiles or 1)
+        cycles = busy * sum(kb.static_bundles()[0] for kb in bundles.values())
     return dataclasses.replace(traffic, issue_cycles=float(cycles))
 
 
