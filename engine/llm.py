@@ -18,7 +18,7 @@ import uuid
 import jax
 import jax.numpy as jnp
 
-from engine import weights
+from engine import distributed, parallel, weights
 from engine.config import CheckpointError, load_config
 from engine.kv_cache import PageAllocator
 from engine.metrics import Metrics
@@ -70,12 +70,31 @@ class LLM:
                  num_pages: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  backend: str = "auto", quantization: str | None = None, kv_cache_dtype: str = "auto",
                  compile_cache_dir=None, dtype: str | None = None, prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.85, warmup: bool = True):
+                 gpu_memory_utilization: float = 0.85, warmup: bool = True, tensor_parallel_size: int = 1,
+                 num_processes: int | None = None, process_id: int | None = None,
+                 coordinator_address: str | None = None):
+        """See the module docstring. tensor_parallel_size: devices the model is split over (one
+        mesh; engine/parallel.py). num_processes / process_id / coordinator_address: several
+        processes (hosts) serving one model through jax.distributed (engine/distributed.py): process
+        0 schedules and serves, the others call follow(); tensor_parallel_size must then cover every
+        device of every process."""
         t_start = time.perf_counter()
+        if (num_processes or 1) > 1 or coordinator_address is not None:
+            distributed.initialize(coordinator_address, num_processes, process_id)
+            if tensor_parallel_size != jax.device_count():
+                raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: with several processes the model is "
+                                 f"split over all {jax.device_count()} devices of the job")
+            distributed.check_same_config(dict(
+                model=str(model_dir), max_model_len=max_model_len, page_size=page_size, num_pages=num_pages,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, backend=backend,
+                quantization=quantization, kv_cache_dtype=kv_cache_dtype, dtype=dtype, prefix_caching=prefix_caching,
+                tensor_parallel_size=tensor_parallel_size))
         if compile_cache_dir is not None:
             enable_compile_cache(compile_cache_dir)
         self.model_dir = str(model_dir)
         self.config = cfg = load_config(model_dir)
+        # The mesh first: a size that does not split the model fails before anything is loaded.
+        self.layout = None if tensor_parallel_size == 1 else parallel.plan(cfg, tensor_parallel_size)
         self.ops = Ops(backend)
         self.tokenizer = Tokenizer(model_dir, cfg)
         if max_model_len > cfg.max_position_embeddings:
@@ -94,8 +113,14 @@ class LLM:
         reader = weights.CheckpointReader(model_dir)
         # Committed to one device, so every leaf has the same sharding at warm-up and while serving
         # (a weight that is committed only later, e.g. by a quantization step, would recompile the step).
-        self.params = jax.device_put(load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype),
-                                     jax.devices()[0])
+        self.param_specs = None
+        if self.layout is None:
+            params = load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype)
+            self.params = jax.device_put(params, jax.devices()[0])
+        else:  # loaded and reordered in host memory: each chip then receives only its shard
+            with jax.default_device(parallel.host_device()):
+                params = load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype)
+                self.params, self.param_specs = parallel.shard_params(params, cfg, self.layout)
         t_loaded = time.perf_counter()
 
         page_size = page_size or (16 if self.ops.backend == "reference" else 32)
@@ -113,7 +138,7 @@ class LLM:
         self.runner = ModelRunner(cfg, self.params, self.ops, page_size=page_size, num_pages=num_pages,
                                   max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
-                                  kv_scales=kv_scales)
+                                  kv_scales=kv_scales, layout=self.layout, param_specs=self.param_specs)
         self.metrics = Metrics()
         self.lock = threading.RLock()
         self._seqs: dict[str, Sequence] = {}
@@ -131,17 +156,17 @@ class LLM:
                  self.runner.counter.compiles, self.runner.counter.persistent_cache_hits)
 
     def _default_num_pages(self, page_size, kv_dtype, pages_per_seq, max_num_seqs, utilization):
+        kv_heads = self.config.num_kv_heads if self.layout is None else self.layout.kv_heads  # per device
         per_page = self.config.num_layers * self.ops.kv_cache_bytes_per_page(
-            page_size, self.config.num_kv_heads, self.config.head_dim, kv_dtype)
-        stats = None
+            page_size, kv_heads, self.config.head_dim, kv_dtype)
+        device = jax.devices()[0] if self.layout is None else self.layout.mesh.devices.flat[0]
         try:
-            stats = jax.devices()[0].memory_stats()
+            stats = device.memory_stats()
         except Exception:  # noqa: BLE001 - CPU backends may not report memory
             stats = None
-        if stats and stats.get("bytes_limit"):
-            free = stats["bytes_limit"] * utilization - stats.get("bytes_in_use", 0)
-            # keep room for activations of the largest step
-            return max(pages_per_seq, int(free // per_page))
+        if stats and stats.get("bytes_limit"):  # after the weights (this device's shard) are placed
+            return kv_pages_that_fit(stats["bytes_limit"], stats.get("bytes_in_use", 0), utilization, per_page,
+                                     pages_per_seq)
         return pages_per_seq * min(max_num_seqs, 8)
 
     # ------------------------------------------------------------------ requests
@@ -272,6 +297,35 @@ class LLM:
             self.step()
         return [self.pop_finished(i) for i in ids]
 
+    # ------------------------------------------------------------------ several processes
+    def follow(self) -> int:
+        """A follower process (process_id > 0): run the leader's steps until it shuts down; returns
+        the steps run. Raises RuntimeError when the processes sampled different tokens."""
+        steps = self.runner.follow()
+        self._agree()
+        jax.distributed.shutdown()  # with the leader's (a barrier): neither outlives the other's service
+        return steps
+
+    def shutdown(self) -> None:
+        """The leader: stop the followers, check that every process sampled the same tokens
+        (RuntimeError if not) and leave jax.distributed (the engine cannot step after it). A no-op
+        with one process."""
+        channel = self.runner.channel
+        if channel is None or not channel.leader:
+            return
+        channel.stop()
+        self._agree()
+        jax.distributed.shutdown()
+
+    def _agree(self) -> None:
+        channel = self.runner.channel
+        sums = channel.agree()
+        if len(set(sums)) != 1:
+            raise RuntimeError(f"the processes sampled different tokens over {channel.steps} steps "
+                               f"(checksums by process: {sums})")
+        log.info("process %d: %d steps; all %d processes sampled identical tokens (crc32 %08x)",
+                 jax.process_index(), channel.steps, len(sums), sums[0])
+
     # ------------------------------------------------------------------ statistics
     def stats(self) -> dict:
         r, s, a = self.runner, self.scheduler, self.allocator
@@ -282,6 +336,33 @@ class LLM:
                     compiles_after_warmup=r.compiles_after_warmup, token_buckets=list(r.buckets),
                     table_lookups=r.table_summary, startup_seconds=self.startup_seconds,
                     warmup_seconds=self.warmup_seconds)
+
+
+def kv_pages_that_fit(bytes_limit: int, bytes_in_use: int, utilization: float, bytes_per_page: int,
+                      pages_per_seq: int) -> int:
+    """KV pages one device holds next to what is already on it (its shard of the weights).
+
+    Args:
+      bytes_limit, bytes_in_use: the device's memory_stats().
+      utilization: the share of bytes_limit the engine may use (gpu_memory_utilization).
+      bytes_per_page: one page of every layer's cache on this device (its KV heads).
+      pages_per_seq: pages of one max_model_len sequence.
+    Returns:
+      The page count.
+    Raises:
+      ValueError: not even one sequence fits; the message gives the figures.
+    """
+    free = bytes_limit * utilization - bytes_in_use
+    pages = int(free // bytes_per_page)
+    if pages < pages_per_seq:
+        gib = 2.0**30
+        raise ValueError(
+            f"the model does not fit: {bytes_in_use / gib:.2f} GiB in use per device after loading the weights, of "
+            f"{bytes_limit / gib:.2f} GiB x gpu_memory_utilization {utilization} = {bytes_limit * utilization / gib:.2f} "
+            f"GiB; one max_model_len sequence needs {pages_per_seq} KV pages of {bytes_per_page / 2**20:.2f} MiB per "
+            f"device ({pages_per_seq * bytes_per_page / gib:.2f} GiB), {max(free, 0) / gib:.2f} GiB are left "
+            "(raise tensor_parallel_size, quantize, or lower max_model_len)")
+    return pages
 
 
 def enable_compile_cache(path) -> None:

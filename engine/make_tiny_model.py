@@ -184,7 +184,7 @@ def _random(rng, shape, kind, np_dtype):
 
 
 def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
-                like: str | None = None, shard_bytes: int = 4 << 30, **overrides: Any) -> Path:
+                like: str | None = None, shard_bytes: int = 4 << 30, weights: bool = True, **overrides: Any) -> Path:
     """Write a random-weight checkpoint.
 
     Args:
@@ -194,6 +194,8 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
       seed: the weights' seed.
       like: a full-size model of this preset's shapes instead (LIKE's names).
       shard_bytes: the largest safetensors shard.
+      weights: False writes the config and tokenizer only (for ShapeReader: AOT compiles of a
+        full-size model's step need its shapes, not its weights).
       **overrides: TINY's dims to change (hidden=..., layers=...).
     Returns:
       The checkpoint's directory.
@@ -219,6 +221,7 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
         if dtype == "float32":
             dtype = "bfloat16"
+        dims.update(overrides)
         tok_vocab = 512
     else:
         if arch not in ARCHS:
@@ -251,13 +254,14 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
         written.append((tmp, list(current), size))
         current, size = {}, 0
 
-    for name, shape, kind in specs:
+    for name, shape, kind in (specs if weights else []):
         arr = _random(rng, shape, kind, np_dtype)
         if current and size + arr.nbytes > shard_bytes:
             flush()
         current[name] = arr
         size += arr.nbytes
-    flush()
+    if weights:
+        flush()
     if len(written) == 1:
         written[0][0].rename(out / "model.safetensors")
     else:
@@ -280,6 +284,30 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
          "chat_template": sp["template"], "model_max_length": cfg["max_position_embeddings"],
          "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     return out
+
+
+class ShapeReader:
+    """engine.weights.CheckpointReader's interface over a checkpoint directory's config.json alone:
+    get() gives zeros of each tensor's shape in the config's dtype, meant to be called under
+    jax.eval_shape (so nothing is allocated: engine/aot.py compiles a full-size step this way)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        cfg = json.loads((self.dir / "config.json").read_text())
+        family = {v: k for k, v in ARCHS.items()}[cfg["architectures"][0]]
+        self.dtype = cfg.get("torch_dtype", "float32")
+        self._shapes = {name: shape for name, shape, _ in _tensor_specs(family, cfg)}
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def has(self, name: str) -> bool:
+        return name in self._shapes
+
+    def get(self, name: str):
+        import jax.numpy as jnp
+
+        return jnp.zeros(self._shapes[name], self.dtype)
 
 
 def build_parser() -> ArgumentParser:

@@ -37,10 +37,13 @@ BACKENDS = ("auto", "reference", "interpret", "pallas")
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    from autotune.protocol import device_backend
+
+    device = device_backend()[0]  # a compile-only TPU mesh in scope (engine/aot.py) counts as its TPU
     if backend == "auto":
         # GPU kernels are opt-in (backend="pallas") until the engine's GPU run is measured (issue 9)
-        return "pallas" if jax.default_backend() == "tpu" else "reference"
-    if backend == "pallas" and jax.default_backend() not in ("tpu", "gpu"):
+        return "pallas" if device == "tpu" else "reference"
+    if backend == "pallas" and device not in ("tpu", "gpu"):
         raise ValueError(f"backend 'pallas': this library's kernels need a TPU or a Hopper GPU; the default "
                          f"device is {jax.default_backend()!r} (use backend='reference' or 'auto')")
     return backend
@@ -128,20 +131,33 @@ class Ops:
                                           interpret=self.interpret, **kw)
 
     def moe(self, x: jax.Array, router_logits: jax.Array, w_gate_up, w_down, *, top_k: int, renormalize: bool,
-            block_sizes: dict | None = None) -> jax.Array:
+            block_sizes: dict | None = None, expert_offset: jax.Array | None = None) -> jax.Array:
         """Softmax top-k routed experts of silu(x @ gate) * (x @ up) @ down.
 
         Args:
-          x: [T, D]; router_logits: [T, E]; w_gate_up: [E, D, 2F]; w_down: [E, F, D] (arrays or
-            quant.QuantizedTensor); block_sizes: the gmm calls' block sizes (None: table lookup).
+          x: [T, D]; router_logits: [T, E]; w_gate_up: [E_local, D, 2F]; w_down: [E_local, F, D]
+            (arrays or quant.QuantizedTensor); block_sizes: the gmm calls' block sizes (None: table
+            lookup); expert_offset: None (the weights hold every expert), or the first expert the
+            weights hold (a shard of the experts; the result is that shard's part of the sum).
         Returns:
           [T, D] in x's dtype.
         """
         kw = dict(top_k=top_k, renormalize=renormalize, scoring="softmax", activation="silu")
         if self.backend == "reference":
-            return reference_fused_moe(x, router_logits, w_gate_up, w_down, **kw)
-        return moe.fused_moe(x, router_logits, w_gate_up, w_down, block_sizes=block_sizes, interpret=self.interpret,
-                             **kw)
+            return reference_fused_moe(x, router_logits, w_gate_up, w_down, expert_offset=0 if expert_offset is None else expert_offset, **kw)
+        if expert_offset is None:
+            return moe.fused_moe(x, router_logits, w_gate_up, w_down, block_sizes=block_sizes,
+                                 interpret=self.interpret, **kw)
+        from moe import routing
+        from moe.api import expert_layer, gmm_keys, moe_block_sizes
+
+        e_local, d, two_f = w_gate_up.shape
+        weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring="softmax")
+        keys = gmm_keys(x.shape[0], d, two_f // 2, e_local, top_k, x.dtype, w_gate_up, w_down, "silu")
+        y = expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=expert_offset,
+                         num_experts=router_logits.shape[-1], activation="silu", keys=keys,
+                         block_sizes=moe_block_sizes(block_sizes), interpret=self.interpret)
+        return y.astype(x.dtype)
 
     def linear(self, x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
         """x @ w (+ bias).

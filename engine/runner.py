@@ -15,8 +15,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from engine import kernel_tables
+from engine import distributed, kernel_tables, parallel
 from engine.compile_counter import counter
 from engine.config import ModelConfig, rope_inv_freq
 from engine.models.decoder import forward
@@ -47,8 +49,15 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, ops: Ops, *, page_size: int, num_pages: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype, kv_scales=None):
+                 max_num_seqs: int, max_num_batched_tokens: int, kv_dtype, kv_scales=None,
+                 layout: parallel.Layout | None = None, param_specs=None, materialize: bool = True):
+        """layout / param_specs: tensor parallelism (engine/parallel.py: plan, shard_params), or None
+        (one device). materialize=False keeps the caches abstract (ShapeDtypeStructs with their
+        shardings): for compiling the step ahead of time on a compile-only mesh (engine/aot.py)."""
         self.cfg, self.params, self.ops = cfg, params, ops
+        self.layout, self.param_specs = layout, param_specs
+        # several processes: the leader's step inputs reach the others through this (engine/distributed.py)
+        self.channel = distributed.StepChannel() if jax.process_count() > 1 else None
         self.page_size, self.num_pages = page_size, num_pages
         self.pages_per_seq = -(-max_model_len // page_size)
         self.max_num_seqs = max_num_seqs
@@ -58,9 +67,7 @@ class ModelRunner:
         self.inv_freq = rope_inv_freq(cfg)
         self.counter = counter()
         # Committed to the device like the step's outputs, so warm-up compiles what serving runs.
-        self.caches = jax.device_put([ops.init_kv_cache(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
-                                                        self.kv_dtype) for _ in range(cfg.num_layers)],
-                                     jax.devices()[0])
+        self.caches = self._init_caches(num_pages, materialize)
         self.lookups: list[kernel_tables.Lookup] = []
         self._bs: dict[int, tuple] | None = None  # bucket -> (rpa, gmm) block sizes: plan_block_sizes
         self._fns: dict[int, object] = {}
@@ -71,18 +78,43 @@ class ModelRunner:
         self.padded_tokens = 0
         self.step_seconds = 0.0
 
+    def _init_caches(self, num_pages: int, materialize: bool = True):
+        """Every layer's zeroed cache: on the device, or per device of the mesh (a leading mesh axis
+        holding each device's KV heads); or their ShapeDtypeStructs (materialize=False)."""
+        cfg, layout = self.cfg, self.layout
+        kv_heads = cfg.num_kv_heads if layout is None else layout.kv_heads
+
+        def one_layer():
+            return self.ops.init_kv_cache(num_pages, self.page_size, kv_heads, cfg.head_dim, self.kv_dtype)
+
+        if layout is None:
+            if not materialize:
+                return [jax.eval_shape(one_layer) for _ in range(cfg.num_layers)]
+            return jax.device_put([one_layer() for _ in range(cfg.num_layers)], jax.devices()[0])
+        shapes = jax.eval_shape(one_layer)
+        sharding = NamedSharding(layout.mesh, P(parallel.AXES))
+        if not materialize:
+            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layout.size, *a.shape), a.dtype, sharding=sharding),
+                               shapes)
+            return [one for _ in range(cfg.num_layers)]
+        make = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros((layout.size, *a.shape), a.dtype), shapes),
+                       out_shardings=jax.tree.map(lambda _: sharding, shapes))
+        return [make() for _ in range(cfg.num_layers)]
+
     # ------------------------------------------------------------------ kernels' block sizes
     def plan_block_sizes(self) -> None:
         """Look up every bucket's kernel block sizes (kept for the "pallas" / "interpret" backends)."""
         from autotune import detect
 
-        gen = detect()
+        gen = detect()  # the device, or the compile-only mesh in scope
         dtype = self.params["embed"].dtype
         moe_layer = next((lay for lay in self.params["layers"] if "router" in lay), None)
         self._bs = {}
         for b in self.buckets:
-            lk = kernel_tables.rpa_lookup(b, q_dtype=dtype, kv_dtype=self.kv_dtype, num_q_heads=self.cfg.num_heads,
-                                          num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
+            heads = (self.cfg.num_heads, self.cfg.num_kv_heads) if self.layout is None else (
+                self.layout.heads, self.layout.kv_heads)  # the kernel sees one device's heads
+            lk = kernel_tables.rpa_lookup(b, q_dtype=dtype, kv_dtype=self.kv_dtype, num_q_heads=heads[0],
+                                          num_kv_heads=heads[1], head_dim=self.cfg.head_dim,
                                           page_size=self.page_size, max_model_len=self.pages_per_seq * self.page_size,
                                           generation=gen)
             self.lookups.append(lk)
@@ -104,15 +136,30 @@ class ModelRunner:
         fn = self._fns.get(bucket)
         if fn is None:
             attn_bs, moe_bs = (self._bs or {}).get(bucket, (None, None))
-            fwd = functools.partial(forward, cfg=self.cfg, ops=self.ops, inv_freq=self.inv_freq,
-                                    kv_scales=self.kv_scales, attn_block_sizes=attn_bs, moe_block_sizes=moe_bs)
+            layout = self.layout
+            fwd = functools.partial(forward, ops=self.ops, inv_freq=self.inv_freq, kv_scales=self.kv_scales,
+                                    attn_block_sizes=attn_bs, moe_block_sizes=moe_bs)
+            if layout is None:
+                fwd = functools.partial(fwd, cfg=self.cfg)
+            else:
+                fwd = functools.partial(fwd, cfg=parallel.local_config(self.cfg, layout),
+                                        par=parallel.MeshCollectives(layout))
 
             def step(params, caches, batch, samp):
+                if layout is not None:  # one device's shard: its weights, its cache
+                    params = parallel.local_params(params)
+                    caches = jax.tree.map(lambda a: a[0], caches)
                 logits, caches = fwd(params, caches, batch)
                 tokens, logprobs = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["seeds"],
                                           samp["counters"], samp["any_filter"])
+                if layout is not None:
+                    caches = jax.tree.map(lambda a: a[None], caches)
                 return tokens, logprobs, caches
 
+            if layout is not None:
+                cache_specs = jax.tree.map(lambda _: P(parallel.AXES), self.caches)
+                step = parallel.shard_map(step, layout.mesh, in_specs=(self.param_specs, cache_specs, P(), P()),
+                                          out_specs=(P(), P(), cache_specs))
             fn = jax.jit(step, donate_argnums=(1,))
             self._fns[bucket] = fn
         return fn
@@ -134,10 +181,14 @@ class ModelRunner:
             self.plan_block_sizes()
         t0 = time.perf_counter()
         before = self.counter.compiles
-        for b in self.buckets:
-            batch, samp = self._empty_inputs(b, self._seqs(b))
-            tokens, _, self.caches = self._step_fn(b)(self.params, self.caches, batch, samp)
-            jax.block_until_ready(tokens)
+        for b in self.buckets:  # every process, in the same order (the step's collectives pair them up)
+            batch, samp = self._inputs_for(b)
+            if self.channel is not None:  # the channel's own collectives compile here too
+                if self.channel.leader:
+                    self.channel.send(b, batch, samp)
+                else:
+                    _, batch, samp = self.channel.receive(self._inputs_for)
+            tokens, _ = self._run(b, batch, samp)
         jax.block_until_ready(self.caches)
         self.baseline_compiles = self.counter.compiles
         secs = time.perf_counter() - t0
@@ -183,13 +234,36 @@ class ModelRunner:
         batch["distribution"][:] = (n_dec, len(items), len(items))
         samp["any_filter"] = np.bool_(any_filter)
         t0 = time.perf_counter()
-        tokens, logprobs, self.caches = self._step_fn(t)(self.params, self.caches, batch, samp)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        if self.channel is not None:
+            self.channel.send(t, batch, samp)
+        tokens, logprobs = self._run(t, batch, samp)
+        if self.channel is not None:
+            self.channel.record(tokens)
         self.step_seconds += time.perf_counter() - t0
         self.steps += 1
         self.real_tokens += n_tok
         self.padded_tokens += t
         return tokens[:len(items)], logprobs[:len(items)]
+
+    def _inputs_for(self, bucket: int):
+        return self._empty_inputs(bucket, self._seqs(bucket))
+
+    def _run(self, bucket: int, batch: dict, samp: dict) -> tuple[np.ndarray, np.ndarray]:
+        """One compiled step; host (tokens, logprobs) of every row."""
+        if self.layout is not None and jax.process_count() > 1:  # global arrays of the same host values
+            batch, samp = parallel.replicate((batch, samp), self.layout.mesh)
+        tokens, logprobs, self.caches = self._step_fn(bucket)(self.params, self.caches, batch, samp)
+        return np.asarray(tokens), np.asarray(logprobs)
+
+    def follow(self) -> int:
+        """A follower process: run the steps the leader sends until it stops; returns the steps run."""
+        if self.channel is None or self.channel.leader:
+            raise RuntimeError("follow() is for the follower processes of a multi-process engine")
+        while (step := self.channel.receive(self._inputs_for)) is not None:
+            bucket, batch, samp = step
+            tokens, _ = self._run(bucket, batch, samp)
+            self.channel.record(tokens)
+        return self.channel.steps
 
     @property
     def padding_waste(self) -> float:

@@ -53,6 +53,8 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                     help="compute dtype (default: the checkpoint's torch_dtype)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="do not share KV pages between prompts")
+    ap.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                    help="devices the model is split over (tensor / expert parallel over one mesh)")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -67,7 +69,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 backend=args.backend, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 compile_cache_dir=args.compile_cache_dir, dtype=args.dtype,
-                prefix_caching=not args.no_prefix_caching)
+                prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+                **{k: getattr(args, k) for k in ("num_processes", "process_id", "coordinator_address")
+                   if getattr(args, k, None) is not None})
 
 
 def make_llm(ap: argparse.ArgumentParser, model_dir: str | Path, args: argparse.Namespace) -> LLM:
@@ -103,6 +107,12 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
     ap.add_argument("--log-level", default="info", choices=LOG_LEVELS, type=str.lower, help="logging level")
     engine_args(ap)
+    multi = ap.add_argument_group("several hosts (jax.distributed; process 0 serves, the others follow)")
+    multi.add_argument("--num-processes", type=positive_int, default=None,
+                       help="processes in the job (default: one, or what JAX detects on a TPU pod)")
+    multi.add_argument("--process-id", type=int, default=None, help="this process's index, 0 being the server")
+    multi.add_argument("--coordinator-address", default=None,
+                       help="host:port of process 0's coordination service (default: detected on a TPU pod)")
     return ap
 
 
@@ -121,7 +131,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from engine.server import create_app
 
+    if args.process_id is not None and args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+        ap.error(f"argument --process-id: {args.process_id} is outside [0, --num-processes={args.num_processes})")
     llm = make_llm(ap, args.model, args)
+    if llm.runner.channel is not None and not llm.runner.channel.leader:
+        llm.follow()  # until the server (process 0) shuts down
+        return
     app = create_app(llm, args.served_model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 

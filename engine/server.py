@@ -335,6 +335,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         engine.start()
         yield
         engine.stop()
+        llm.shutdown()  # several processes: stop the followers, check they sampled the same tokens
 
     app = FastAPI(title="pallaskit engine", lifespan=lifespan)
     app.state.engine = engine

@@ -48,13 +48,17 @@ def route(router_logits: ArrayLike, top_k: int, *, renormalize: bool = True,
 
 
 def fused_moe(x: ArrayLike, router_logits: ArrayLike, w_gate_up: Any, w_down: Any, *, top_k: int,
-              renormalize: bool = True, scoring: str = "softmax", activation: str = "silu") -> jax.Array:
+              renormalize: bool = True, scoring: str = "softmax", activation: str = "silu",
+              expert_offset: int | jax.Array = 0) -> jax.Array:
     """The mixture-of-experts layer (see the module docstring).
 
     Args:
       x: [T, D]; router_logits: [T, E]; w_gate_up: [E, D, 2F] (gate columns first); w_down: [E, F, D]
         (arrays or quantized tensors); top_k, renormalize, scoring: as in `route`;
       activation: "silu" or "gelu".
+      expert_offset: the global id of w_gate_up's first expert when the weights hold a shard of the
+        experts (router_logits still cover all E); the other experts contribute nothing, so the
+        shards' outputs sum to the layer's (expert parallelism).
     Returns:
       [T, D] in x.dtype.
     """
@@ -71,7 +75,7 @@ def fused_moe(x: ArrayLike, router_logits: ArrayLike, w_gate_up: Any, w_down: An
 
     def add_expert(out: jax.Array, expert: tuple) -> tuple[jax.Array, None]:
         e, w_gu_e, w_dn_e = expert
-        coef = jnp.sum(jnp.where(experts == e, weights, 0.0), axis=-1)  # [T]: 0 if not routed to e
+        coef = jnp.sum(jnp.where(experts == e + expert_offset, weights, 0.0), axis=-1)  # [T]: 0 if not routed to e
         gate = jnp.dot(xf, w_gu_e[:, :f], precision=hi)
         up = jnp.dot(xf, w_gu_e[:, f:], precision=hi)
         h = glu(GLU_OF[activation], gate, up)

@@ -19,9 +19,11 @@ import numpy as np
 
 from engine.config import CheckpointError, ModelConfig
 from engine.ops import AttentionMeta, Ops
+from engine.parallel import Collectives
 from engine.weights import CheckpointReader, maybe_quantize
 
 log = logging.getLogger("engine")
+SINGLE_DEVICE = Collectives()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +51,18 @@ def load_params(reader: CheckpointReader, cfg: ModelConfig, spec: ArchSpec, dtyp
                                   f"config.json implies {tuple(shape)}")
         return arr
 
+    def xp(arr):  # host arrays are joined on the host; a ShapeReader's (under jax.eval_shape) by jnp
+        return np if isinstance(arr, np.ndarray) else jnp
+
     def dev(arr):
-        return jnp.asarray(np.asarray(arr).astype(np.float32) if arr.dtype != dtype else arr, dtype=dtype)
+        if isinstance(arr, np.ndarray) and arr.dtype != dtype:
+            arr = arr.astype(np.float32)
+        return jnp.asarray(arr, dtype=dtype)
 
     def linear_t(names, in_dim, out_dims):
         """Concatenate Hugging Face [out, in] weights along out, transpose to [in, out]."""
         parts = [get(n, (o, in_dim)) for n, o in zip(names, out_dims)]
-        w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        w = parts[0] if len(parts) == 1 else xp(parts[0]).concatenate(parts, axis=0)
         return dev(w).T
 
     d, h, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -75,7 +82,8 @@ def load_params(reader: CheckpointReader, cfg: ModelConfig, spec: ArchSpec, dtyp
         layer["wqkv"] = maybe_quantize(linear_t(qkv, d, [h * hd, kvh * hd, kvh * hd]), qdtype)
         layer["wo"] = maybe_quantize(linear_t([p + "self_attn.o_proj.weight"], h * hd, [d]), qdtype)
         if cfg.attention_bias:
-            layer["bqkv"] = dev(np.concatenate([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            biases = [get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            layer["bqkv"] = dev(xp(biases[0]).concatenate(biases))
             if reader.has(p + "self_attn.o_proj.bias"):
                 layer["bo"] = dev(get(p + "self_attn.o_proj.bias"))
         if spec.qk_norm:
@@ -85,9 +93,10 @@ def load_params(reader: CheckpointReader, cfg: ModelConfig, spec: ArchSpec, dtyp
             e, f = cfg.num_experts, cfg.moe_intermediate_size
             layer["router"] = linear_t([p + spec.router + ".weight"], d, [e])
             g, u, dn = (p + n + ".weight" for n in spec.experts)
-            gate_up = np.stack([np.concatenate([get(g.format(e=j), (f, d)), get(u.format(e=j), (f, d))]).T
-                                for j in range(e)])  # [E, D, 2F]
-            down = np.stack([get(dn.format(e=j), (d, f)).T for j in range(e)])  # [E, F, D]
+            first = get(g.format(e=0), (f, d))
+            gate_up = xp(first).stack([xp(first).concatenate([get(g.format(e=j), (f, d)), get(u.format(e=j), (f, d))]).T
+                                       for j in range(e)])  # [E, D, 2F]
+            down = xp(first).stack([get(dn.format(e=j), (d, f)).T for j in range(e)])  # [E, F, D]
             layer["w_gate_up"], layer["w_down"] = dev(gate_up), dev(down)
         else:
             f = cfg.intermediate_size
@@ -95,8 +104,8 @@ def load_params(reader: CheckpointReader, cfg: ModelConfig, spec: ArchSpec, dtyp
             layer["w_gate_up"] = maybe_quantize(linear_t([g, u], d, [f, f]), qdtype)
             layer["w_down"] = maybe_quantize(linear_t([dn], f, [d]), qdtype)
             if cfg.mlp_bias:
-                layer["b_gate_up"] = dev(np.concatenate([get(g.replace(".weight", ".bias")),
-                                                         get(u.replace(".weight", ".bias"))]))
+                b_gate, b_up = get(g.replace(".weight", ".bias")), get(u.replace(".weight", ".bias"))
+                layer["b_gate_up"] = dev(xp(b_gate).concatenate([b_gate, b_up]))
                 layer["b_down"] = dev(get(dn.replace(".weight", ".bias")))
         params["layers"].append(layer)
     return params
@@ -126,14 +135,18 @@ def apply_rope(x, cos, sin):
 
 
 def forward(params, caches, batch, *, cfg: ModelConfig, ops: Ops, inv_freq, kv_scales=None,
-            attn_block_sizes=None, moe_block_sizes=None):
+            attn_block_sizes=None, moe_block_sizes=None, par: Collectives = SINGLE_DEVICE):
     """One step: batch holds token_ids [T], positions [T], kv_lens [S], page_indices [S, P], cu_q_lens [S+1],
-    distribution [3], logits_indices [S]. Returns (float32 logits [S, V], updated caches)."""
+    distribution [3], logits_indices [S]. Returns (float32 logits [S, V], updated caches).
+
+    Under tensor parallelism (engine/parallel.py) it runs on one device's shard: cfg gives the local
+    heads, `par` the mesh's collectives (an all-reduce after o and down, the vocabulary-parallel
+    embedding and logits, the local experts' offset)."""
     t = batch["token_ids"].shape[0]
     h, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     dtype = params["embed"].dtype
     meta = AttentionMeta(batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"], batch["distribution"])
-    x = params["embed"][batch["token_ids"]]
+    x = par.embed(params["embed"], batch["token_ids"])
     cos, sin = rope_cos_sin(batch["positions"], inv_freq, dtype)
     k_scale, v_scale = kv_scales if kv_scales is not None else (None, None)
     new_caches = []
@@ -150,18 +163,25 @@ def forward(params, caches, batch, *, cfg: ModelConfig, ops: Ops, inv_freq, kv_s
         attn, cache = ops.attention(q, k, v, caches[i], meta, sm_scale=cfg.sm_scale, k_scale=k_scale,
                                     v_scale=v_scale, block_sizes=attn_block_sizes)
         new_caches.append(cache)
-        x = x + ops.linear(attn.reshape(t, h * hd), layer["wo"], layer.get("bo"))
+        x = x + _add_bias(par.all_reduce(ops.linear(attn.reshape(t, h * hd), layer["wo"])), layer.get("bo"))
         r = rms_norm(x, layer["post_norm"], eps)
         if "router" in layer:
             router_logits = ops.linear(r, layer["router"])
-            y = ops.moe(r, router_logits, layer["w_gate_up"], layer["w_down"], top_k=cfg.num_experts_per_tok,
-                        renormalize=cfg.norm_topk_prob, block_sizes=moe_block_sizes)
+            offset = par.expert_offset(layer["w_gate_up"].shape[0], router_logits.shape[-1])
+            y = par.all_reduce(ops.moe(r, router_logits, layer["w_gate_up"], layer["w_down"],
+                                       top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
+                                       block_sizes=moe_block_sizes, expert_offset=offset))
         else:
             gu = ops.linear(r, layer["w_gate_up"], layer.get("b_gate_up"))
             f = gu.shape[-1] // 2
-            y = ops.linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], layer["w_down"], layer.get("b_down"))
+            y = _add_bias(par.all_reduce(ops.linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], layer["w_down"])),
+                          layer.get("b_down"))
         x = x + y.astype(dtype)
     last = rms_norm(x[batch["logits_indices"]], params["final_norm"], eps)
     head = params["lm_head"] if params["lm_head"] is not None else params["embed"].T
-    logits = ops.linear(last, head).astype(jnp.float32)
+    logits = par.gather_vocab(ops.linear(last, head)).astype(jnp.float32)
     return logits, new_caches
+
+
+def _add_bias(y, bias):
+    return y if bias is None else y + bias.astype(y.dtype)
