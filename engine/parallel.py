@@ -218,7 +218,7 @@ def host_device() -> jax.Device | None:
     """The host's CPU device (weights are split there before they go to the chips), or None where
     JAX was started without the CPU platform (then the default device)."""
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]  # this process's: with several, devices() lists all
     except RuntimeError:
         return None
 
