@@ -32,14 +32,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model_dir: Path, port: int, coordinator: int, logs: Path) -> list[subprocess.Popen]:
+def _start(model_dir: Path, port: int, coordinator: int, logs: Path,
+           extra: tuple[list[str], list[str]] = ([], [])) -> list[subprocess.Popen]:
     env = dict(subprocess_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE.items()]
     procs = []
     for pid in (0, 1):
         cmd = [sys.executable, "-m", "engine.serve", "--model", str(model_dir), "--port", str(port),
                "--backend", "reference", "--tensor-parallel-size", "8", "--num-processes", "2",
-               "--process-id", str(pid), "--coordinator-address", f"127.0.0.1:{coordinator}", *flags]
+               "--process-id", str(pid), "--coordinator-address", f"127.0.0.1:{coordinator}", *flags, *extra[pid]]
         out = open(logs / f"process{pid}.log", "w")  # noqa: SIM115 - closed with the process
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
     return procs
@@ -116,3 +117,16 @@ def test_a_dead_process_ends_the_other_with_an_error(model_dir, tmp_path):
     log = (tmp_path / "process1.log").read_text()
     assert procs[1].returncode != 0, log[-3000:]
     assert waited < 120
+
+
+def test_processes_started_with_different_options_are_refused(model_dir, tmp_path):
+    procs = _start(model_dir, _free_port(), _free_port(), tmp_path, extra=([], ["--max-num-seqs", "2"]))
+    try:
+        for p in procs:
+            p.wait(timeout=180)
+    finally:
+        _stop(procs)
+    for i, p in enumerate(procs):
+        log = (tmp_path / f"process{i}.log").read_text()
+        assert p.returncode == 2, log[-3000:]  # a usage error, before anything is loaded
+        assert "processes [1] were started with engine options that differ from process 0's" in log, log[-3000:]
