@@ -27,6 +27,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import operator
 import os
 import re
 import subprocess
@@ -59,8 +60,7 @@ _COMBINE = re.compile(r"%(\w+) = (pnand|pand|por|pnor) %(\w+), %(\w+)")
 _SKIP = re.compile(r"sbr\.rel \((!?)%(\w+)\) target = \$region(\d+)")
 _NEGATE = re.compile(r"%(\w+) = pneg %(\w+)")
 _SELECT = re.compile(r"%(\w+) = scalar_select /\*predicate=\*/%(\w+), /\*on_true=\*/1, /\*on_false=\*/0")
-_CMP = {"ge": lambda a, b: a >= b, "gt": lambda a, b: a > b, "lt": lambda a, b: a < b,
-        "le": lambda a, b: a <= b, "eq": lambda a, b: a == b, "ne": lambda a, b: a != b}
+_CMP = {name: getattr(operator, name) for name in ("ge", "gt", "lt", "le", "eq", "ne")}
 _JOIN = {"pand": lambda a, b: a and b, "pnand": lambda a, b: not (a and b),
          "por": lambda a, b: a or b, "pnor": lambda a, b: not (a or b)}
 
@@ -218,8 +218,8 @@ def parse_bundles(text: str, name: str = "") -> KernelBundles:
         open_loops.append((len(loops) - 1, end))
         if trips is not None:
             spans.append((len(loops) - 1, _guarded_spans(rows, i, end, d, trips)))
+    loop_rows = {lp.start: k for k, lp in enumerate(loops)}
     for index, found in spans:  # regions of a loop's body its index skips, and the loops inside them
-        loop_rows = {lp.start: k for k, lp in enumerate(loops)}
         guarded = []
         for runs, first, last in found:
             guarded.append((runs, sum(1 for r in rows[first:last] if r[2] == loops[index].depth)))

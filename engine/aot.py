@@ -113,7 +113,7 @@ def compile_step(model_dir: str | Path, topology: str, tensor_parallel_size: int
         replicated = NamedSharding(mesh, P())
         hbm = chip(generation).hbm_bytes
         for b in buckets or runner.buckets:
-            batch, samp = runner._empty_inputs(b, runner._seqs(b))
+            batch, samp = runner._inputs_for(b)
             batch, samp = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype,
                                                                       sharding=replicated), (batch, samp))
             t0 = time.perf_counter()

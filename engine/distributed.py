@@ -16,6 +16,7 @@ import zlib
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("engine")
 
@@ -37,18 +38,12 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
         raise ValueError(f"process_id: {process_id} is outside [0, num_processes={num_processes})")
     if jax.distributed.is_initialized():
         return
-    if jax.config.jax_platforms == "cpu" or (jax.config.jax_platforms is None and _cpu_only()):
+    if jax.config.jax_platforms == "cpu":  # (set from JAX_PLATFORMS when jax starts)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
-
-
-def _cpu_only() -> bool:
-    import os
-
-    return os.environ.get("JAX_PLATFORMS", "") == "cpu"
 
 
 def check_same_config(options: dict) -> None:
@@ -59,10 +54,7 @@ def check_same_config(options: dict) -> None:
     """
     import json
 
-    from jax.experimental import multihost_utils
-
-    mine = zlib.crc32(json.dumps(options, sort_keys=True, default=str).encode())
-    sums = [int(c) for c in multihost_utils.process_allgather(np.array([mine], np.int64)).ravel()]
+    sums = _every_process(zlib.crc32(json.dumps(options, sort_keys=True, default=str).encode()))
     differ = [i for i, c in enumerate(sums) if c != sums[0]]
     if differ:
         raise ValueError(f"processes {differ} were started with engine options that differ from process 0's "
@@ -84,15 +76,11 @@ class StepChannel:
 
     def send(self, bucket: int, batch: dict, samp: dict) -> None:
         """Leader: announce a step of `bucket` tokens and its inputs."""
-        from jax.experimental import multihost_utils
-
         multihost_utils.broadcast_one_to_all(np.array([STEP, bucket], np.int32))
         multihost_utils.broadcast_one_to_all(_to_wire(batch, samp))
 
     def stop(self) -> None:
         """Leader: tell the followers to leave their loop."""
-        from jax.experimental import multihost_utils
-
         multihost_utils.broadcast_one_to_all(np.array([STOP, 0], np.int32))
 
     def receive(self, empty_inputs) -> tuple[int, dict, dict] | None:
@@ -101,8 +89,6 @@ class StepChannel:
         Args:
           empty_inputs: bucket -> (batch, samp) of that bucket's shapes (ModelRunner._inputs_for).
         """
-        from jax.experimental import multihost_utils
-
         command, bucket = (int(v) for v in multihost_utils.broadcast_one_to_all(np.zeros(2, np.int32)))
         if command == STOP:
             return None
@@ -117,10 +103,12 @@ class StepChannel:
 
     def agree(self) -> list[int]:
         """Every process's checksum (a collective); the leader checks they are equal."""
-        from jax.experimental import multihost_utils
+        return _every_process(self.checksum)
 
-        sums = [int(c) for c in multihost_utils.process_allgather(np.array([self.checksum], np.int64)).ravel()]
-        return sums
+
+def _every_process(value: int) -> list[int]:
+    """One int from every process, in process order (a collective)."""
+    return [int(c) for c in multihost_utils.process_allgather(np.array([value], np.int64)).ravel()]
 
 
 def _to_wire(batch: dict, samp: dict) -> dict:

@@ -156,9 +156,9 @@ class LLM:
                  self.runner.counter.compiles, self.runner.counter.persistent_cache_hits)
 
     def _default_num_pages(self, page_size, kv_dtype, pages_per_seq, max_num_seqs, utilization):
-        kv_heads = self.config.num_kv_heads if self.layout is None else self.layout.kv_heads  # per device
-        per_page = self.config.num_layers * self.ops.kv_cache_bytes_per_page(
-            page_size, kv_heads, self.config.head_dim, kv_dtype)
+        local = self.config if self.layout is None else parallel.local_config(self.config, self.layout)
+        per_page = self.config.num_layers * self.ops.kv_cache_bytes_per_page(  # per device: its KV heads
+            page_size, local.num_kv_heads, self.config.head_dim, kv_dtype)
         device = jax.devices()[0] if self.layout is None else self.layout.mesh.devices.flat[0]
         try:
             stats = device.memory_stats()

@@ -144,20 +144,15 @@ class Ops:
         """
         kw = dict(top_k=top_k, renormalize=renormalize, scoring="softmax", activation="silu")
         if self.backend == "reference":
-            return reference_fused_moe(x, router_logits, w_gate_up, w_down, expert_offset=0 if expert_offset is None else expert_offset, **kw)
+            offset = 0 if expert_offset is None else expert_offset
+            return reference_fused_moe(x, router_logits, w_gate_up, w_down, expert_offset=offset, **kw)
         if expert_offset is None:
             return moe.fused_moe(x, router_logits, w_gate_up, w_down, block_sizes=block_sizes,
                                  interpret=self.interpret, **kw)
-        from moe import routing
-        from moe.api import expert_layer, gmm_keys, moe_block_sizes
+        from moe.parallel import expert_shard
 
-        e_local, d, two_f = w_gate_up.shape
-        weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring="softmax")
-        keys = gmm_keys(x.shape[0], d, two_f // 2, e_local, top_k, x.dtype, w_gate_up, w_down, "silu")
-        y = expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=expert_offset,
-                         num_experts=router_logits.shape[-1], activation="silu", keys=keys,
-                         block_sizes=moe_block_sizes(block_sizes), interpret=self.interpret)
-        return y.astype(x.dtype)
+        return expert_shard(x, router_logits, w_gate_up, w_down, expert_offset=expert_offset, block_sizes=block_sizes,
+                            interpret=self.interpret, **kw).astype(x.dtype)
 
     def linear(self, x: jax.Array, w, bias: jax.Array | None = None) -> jax.Array:
         """x @ w (+ bias).

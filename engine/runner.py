@@ -56,6 +56,8 @@ class ModelRunner:
         shardings): for compiling the step ahead of time on a compile-only mesh (engine/aot.py)."""
         self.cfg, self.params, self.ops = cfg, params, ops
         self.layout, self.param_specs = layout, param_specs
+        # what one device's shard of the step sees (its heads); the model's config on one device
+        self.local_cfg = cfg if layout is None else parallel.local_config(cfg, layout)
         # several processes: the leader's step inputs reach the others through this (engine/distributed.py)
         self.channel = distributed.StepChannel() if jax.process_count() > 1 else None
         self.page_size, self.num_pages = page_size, num_pages
@@ -81,11 +83,10 @@ class ModelRunner:
     def _init_caches(self, num_pages: int, materialize: bool = True):
         """Every layer's zeroed cache: on the device, or per device of the mesh (a leading mesh axis
         holding each device's KV heads); or their ShapeDtypeStructs (materialize=False)."""
-        cfg, layout = self.cfg, self.layout
-        kv_heads = cfg.num_kv_heads if layout is None else layout.kv_heads
+        cfg, layout = self.local_cfg, self.layout
 
         def one_layer():
-            return self.ops.init_kv_cache(num_pages, self.page_size, kv_heads, cfg.head_dim, self.kv_dtype)
+            return self.ops.init_kv_cache(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
 
         if layout is None:
             if not materialize:
@@ -111,10 +112,9 @@ class ModelRunner:
         moe_layer = next((lay for lay in self.params["layers"] if "router" in lay), None)
         self._bs = {}
         for b in self.buckets:
-            heads = (self.cfg.num_heads, self.cfg.num_kv_heads) if self.layout is None else (
-                self.layout.heads, self.layout.kv_heads)  # the kernel sees one device's heads
-            lk = kernel_tables.rpa_lookup(b, q_dtype=dtype, kv_dtype=self.kv_dtype, num_q_heads=heads[0],
-                                          num_kv_heads=heads[1], head_dim=self.cfg.head_dim,
+            lk = kernel_tables.rpa_lookup(b, q_dtype=dtype, kv_dtype=self.kv_dtype,  # one device's heads
+                                          num_q_heads=self.local_cfg.num_heads,
+                                          num_kv_heads=self.local_cfg.num_kv_heads, head_dim=self.cfg.head_dim,
                                           page_size=self.page_size, max_model_len=self.pages_per_seq * self.page_size,
                                           generation=gen)
             self.lookups.append(lk)
@@ -137,13 +137,10 @@ class ModelRunner:
         if fn is None:
             attn_bs, moe_bs = (self._bs or {}).get(bucket, (None, None))
             layout = self.layout
-            fwd = functools.partial(forward, ops=self.ops, inv_freq=self.inv_freq, kv_scales=self.kv_scales,
-                                    attn_block_sizes=attn_bs, moe_block_sizes=moe_bs)
-            if layout is None:
-                fwd = functools.partial(fwd, cfg=self.cfg)
-            else:
-                fwd = functools.partial(fwd, cfg=parallel.local_config(self.cfg, layout),
-                                        par=parallel.MeshCollectives(layout))
+            fwd = functools.partial(forward, cfg=self.local_cfg, ops=self.ops, inv_freq=self.inv_freq,
+                                    kv_scales=self.kv_scales, attn_block_sizes=attn_bs, moe_block_sizes=moe_bs)
+            if layout is not None:
+                fwd = functools.partial(fwd, par=parallel.MeshCollectives(layout))
 
             def step(params, caches, batch, samp):
                 if layout is not None:  # one device's shard: its weights, its cache

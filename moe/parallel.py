@@ -37,6 +37,32 @@ def _local(w):
     return w
 
 
+def expert_shard(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array | QuantizedTensor,
+                 w_down: jax.Array | QuantizedTensor, *, expert_offset: jax.Array | int, top_k: int,
+                 renormalize: bool = True, scoring: str = "softmax", activation: str = "silu",
+                 block_sizes: dict | None = None, interpret: object = False, implementation: str | None = None,
+                 keys: dict | None = None) -> jax.Array:
+    """Inside a shard_map: one device's experts' part of fused_moe (the shards' parts sum to it).
+
+    Args:
+      x: [T, D]; router_logits: [T, E] (every expert).
+      w_gate_up: [G_local, D, 2F], w_down: [G_local, F, D]: experts [expert_offset, expert_offset +
+        G_local) (arrays or QuantizedTensors whose static shape may still say E).
+      keys: the two gmm calls' table keys (default: from the local shapes).
+      the rest: as moe.fused_moe's.
+    Returns:
+      f32 [T, D].
+    """
+    w_gate_up, w_down = _local(w_gate_up), _local(w_down)
+    if keys is None:
+        (g_local, d, two_f), _, _ = _rhs_info(w_gate_up, "w_gate_up")
+        keys = gmm_keys(x.shape[0], d, two_f // 2, g_local, top_k, x.dtype, w_gate_up, w_down, activation)
+    weights, experts = routing.top_k_routing(router_logits, top_k, renormalize=renormalize, scoring=scoring)
+    return expert_layer(x, weights, experts, w_gate_up, w_down, group_offset=expert_offset,
+                        num_experts=router_logits.shape[-1], activation=activation, keys=keys,
+                        block_sizes=moe_block_sizes(block_sizes), interpret=interpret, implementation=implementation)
+
+
 def fused_moe_expert_parallel(x: jax.Array, router_logits: jax.Array, w_gate_up: jax.Array | QuantizedTensor,
                               w_down: jax.Array | QuantizedTensor, *, top_k: int, mesh: jax.sharding.Mesh,
                               axis_name: str, renormalize: bool = True, scoring: str = "softmax",
@@ -65,13 +91,11 @@ def fused_moe_expert_parallel(x: jax.Array, router_logits: jax.Array, w_gate_up:
     bs = moe_block_sizes(block_sizes)
 
     def shard(x, logits, w_gu, w_dn):
-        w_gu, w_dn = _local(w_gu), _local(w_dn)
-        assert _rhs_info(w_gu, "w_gate_up")[0][0] == g_local
+        assert _rhs_info(_local(w_gu), "w_gate_up")[0][0] == g_local
         offset = (jax.lax.axis_index(axis_name) * g_local).astype(jnp.int32)
-        weights, experts = routing.top_k_routing(logits, top_k, renormalize=renormalize, scoring=scoring)
-        part = expert_layer(x, weights, experts, w_gu, w_dn, group_offset=offset, num_experts=e,
-                            activation=activation, keys=keys, block_sizes=bs, interpret=interpret,
-                            implementation=implementation)
+        part = expert_shard(x, logits, w_gu, w_dn, expert_offset=offset, top_k=top_k, renormalize=renormalize,
+                            scoring=scoring, activation=activation, block_sizes=bs, interpret=interpret,
+                            implementation=implementation, keys=keys)
         return jax.lax.psum(part, axis_name)
 
     specs = (P(), P(), P(axis_name), P(axis_name))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,12 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.make_tiny_model import write_model
-from tests.engine.conftest import subprocess_env
+from tests.engine.conftest import free_port, subprocess_env
 from tests.engine.tp_worker import DIMS
 
 openai = pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = dict(max_model_len=64, page_size=4, num_pages=24, max_num_seqs=4, max_num_batched_tokens=24)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(model_dir: Path, port: int, coordinator: int, logs: Path,
@@ -79,7 +72,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_two_processes_serve_the_single_process_output(model_dir, tmp_path):
-    port, coordinator = _free_port(), _free_port()
+    port, coordinator = free_port(), free_port()
     procs = _start(model_dir, port, coordinator, tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -104,7 +97,7 @@ def test_two_processes_serve_the_single_process_output(model_dir, tmp_path):
 
 
 def test_a_dead_process_ends_the_other_with_an_error(model_dir, tmp_path):
-    port, coordinator = _free_port(), _free_port()
+    port, coordinator = free_port(), free_port()
     procs = _start(model_dir, port, coordinator, tmp_path)
     try:
         _wait_healthy(f"http://127.0.0.1:{port}", procs, tmp_path)
@@ -120,7 +113,7 @@ def test_a_dead_process_ends_the_other_with_an_error(model_dir, tmp_path):
 
 
 def test_processes_started_with_different_options_are_refused(model_dir, tmp_path):
-    procs = _start(model_dir, _free_port(), _free_port(), tmp_path, extra=([], ["--max-num-seqs", "2"]))
+    procs = _start(model_dir, free_port(), free_port(), tmp_path, extra=([], ["--max-num-seqs", "2"]))
     try:
         for p in procs:
             p.wait(timeout=180)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -14,15 +13,10 @@ import urllib.request
 import pytest
 
 from engine import LLM
+from tests.engine.conftest import free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +26,7 @@ def server(tiny_models):
     llm = LLM(tiny_models["llama"], max_model_len=256, page_size=8, num_pages=128, max_num_seqs=16,
               max_num_batched_tokens=32, backend="reference")
     app = create_app(llm, "tiny-llama")
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
