@@ -13,14 +13,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autotune.hardware import GENERATIONS, TPU_GENERATIONS, UnknownChipError, chip, detect, parse_generation
+from autotune.hardware import GENERATIONS, TPU_GENERATIONS, chip, detect
 from autotune.llo import libtpu_version
-from autotune.presets import MODEL_PRESETS, preset
+from autotune.presets import MODEL_PRESETS, TENSOR_PARALLEL_SIZES, presets
 from autotune.quiet import (
     ArgumentParser,
     Progress,
     existing_dir,
     existing_file,
+    generation_type,
     non_negative_int,
     positive_int,
     run_command,
@@ -38,7 +39,8 @@ def _keys(kernel: str, args: argparse.Namespace) -> list[dict]:
         keys = [k for k in data if isinstance(k, dict)] if isinstance(data, list) else data.get(kernel, [])
     else:
         names = list(MODEL_PRESETS) if "all" in args.model else args.model
-        keys = [k for name in names for k in tuning_module(kernel).keys_for_preset(preset(name))]
+        sizes = tuple(getattr(args, "tensor_parallel", None) or TENSOR_PARALLEL_SIZES)
+        keys = [k for p in presets(names, sizes) for k in tuning_module(kernel).keys_for_preset(p)]
     seen, out = set(), []
     for k in keys:
         ident = json.dumps(k, sort_keys=True)
@@ -309,30 +311,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def generation_type(choices: tuple[str, ...], extra: tuple[str, ...] = ()) -> Callable[[str], str]:
-    """argparse type: a generation among `choices` (any spelling parse_generation knows), or an `extra` word.
-
-    Args:
-      choices: the generations accepted.
-      extra: literal values also accepted ("all").
-    Returns:
-      The type function; it returns the generation key (or the extra word).
-    """
-
-    def parse(text: str) -> str:
-        if text in extra:
-            return text
-        try:
-            gen = parse_generation(text)
-        except UnknownChipError:
-            gen = None
-        if gen not in choices:
-            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(choices + extra)})")
-        return gen
-
-    return parse
-
-
 def shapes_file(text: str) -> str:
     """argparse type: a JSON file holding a list of table keys, or {kernel: [keys]}."""
     existing_file(text)
@@ -355,6 +333,10 @@ def _run_parser(sub: argparse._SubParsersAction, kernels: list[str]) -> None:
     grp.add_argument("--model", nargs="+", choices=sorted(MODEL_PRESETS) + ["all"], metavar="MODEL",
                      help=f"named model preset(s), or all: {', '.join(sorted(MODEL_PRESETS))}")
     grp.add_argument("--shapes", type=shapes_file, help="JSON file: a list of table keys (or {kernel: [keys]})")
+    run.add_argument("--tensor-parallel", nargs="+", type=positive_int, metavar="N",
+                     help="with --model: the per-device shapes of these tensor-parallel sizes (default: "
+                          f"{' '.join(map(str, TENSOR_PARALLEL_SIZES))}; sizes that do not split a model "
+                          "are skipped)")
     run.add_argument("--budget", type=positive_int,
                      help="candidates per key, optuna TPE beyond it (default: sweep every candidate)")
     run.add_argument("--limit", type=positive_int, help="tune only the first N keys (smoke runs; default: all)")

@@ -47,6 +47,16 @@ class ChipSpec:
     # device (libtpu compile-only topologies: v4:1x1x1 has 2 devices, tpu7x:2x2x1 has 8 for 4 chips);
     # v5p's megacore is one device of 2 cores. A device gets its share of HBM bandwidth and peak rate.
     devices_per_chip: int = 1
+    # Inter-chip interconnect: bidirectional bytes/s per chip (datasheet; None: no ICI figure, GPUs).
+    # A collective over the slice runs at half of it per chip: the datasheets' "all-reduce bandwidth
+    # per Pod" is chips x ici_bytes_per_s / 2 on v5e and v6e. Each ring step also pays a hop latency.
+    ici_bytes_per_s: float | None = None
+    ici_hop_latency_s: float = 1e-6
+
+    @property
+    def collective_bytes_per_s(self) -> float | None:
+        """Bytes per second one chip moves in a ring collective (half the bidirectional ICI)."""
+        return None if self.ici_bytes_per_s is None else self.ici_bytes_per_s / 2
 
     @property
     def clock_hz(self) -> float:
@@ -91,25 +101,34 @@ _AOT_SEEN = "libtpu 0.0.51 compile-only runs on this project's CPU host (Compile
 # 1.05 GHz is also the published figure (Jouppi et al., ISCA 2023).
 _CLOCK = ("clock: per-core bf16 peak / (MXUs x rows x cols x 2 FLOPs per cycle), MXU count per core read "
           "from libtpu estimated_cycles of a bf16 Pallas matmul (static LLO, this project's host, 2026-12-05)")
+_ICI = ("ICI: bidirectional inter-chip interconnect bandwidth per chip, Cloud TPU system-architecture pages "
+        "(v5e 400 GB/s, v6e 800 GB/s, v5p and tpu7x 1200 GB/s); v4 derived from its all-reduce bandwidth "
+        "per Pod (1.1 PB/s over 4096 chips, x2 as on v5e/v6e: ~537 GB/s); ~1 us per ring hop: estimate, "
+        "not measured")
 _STEP = ("~0.35 us per grid step: libtpu static cycle estimate (+~540 cycles/step on v5e), KERNEL-NOTES 1; "
          "~0.03 us to issue one DMA descriptor (estimate: ~50 scalar cycles; DMAs in flight overlap)")
 
 CHIPS: dict[str, ChipSpec] = {
     "v4": ChipSpec(
         "v4", "tpu", 32 * 10**9, 1.2e12, 275e12, 275e12, None, 16 * MiB, 16 * MiB, (128, 128), 4, 2,
-        0.35e-6, 0.03e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK), devices_per_chip=2),
+        0.35e-6, 0.03e-6, "v4:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI), devices_per_chip=2,
+        ici_bytes_per_s=537e9),
     "v5e": ChipSpec(
         "v5e", "tpu", 16 * 10**9, 819e9, 197e12, 394e12, None, 128 * MiB, 16 * MiB, (128, 128), 4, 1,
-        0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK)),
+        0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI),
+        ici_bytes_per_s=400e9),
     "v5p": ChipSpec(
         "v5p", "tpu", 95 * 10**9, 2.765e12, 459e12, 918e12, None, 64 * MiB, 16 * MiB, (128, 128), 4, 2,
-        0.35e-6, 0.03e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK)),
+        0.35e-6, 0.03e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI),
+        ici_bytes_per_s=1200e9),
     "v6e": ChipSpec(
         "v6e", "tpu", 32 * 10**9, 1.64e12, 918e12, 1836e12, None, 128 * MiB, 32 * MiB, (256, 256), 4, 1,
-        0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK)),
+        0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI),
+        ici_bytes_per_s=800e9),
     "tpu7x": ChipSpec(
         "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 4, 2,
-        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK), devices_per_chip=2),
+        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI), devices_per_chip=2,
+        ici_bytes_per_s=1200e9),
     "h100": ChipSpec(
         "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, HOPPER_SMEM_PER_BLOCK, HOPPER_SMEM_PER_BLOCK, (0, 0), 0, 132,
         3e-6, 0.0, None,

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 MODEL_PRESETS: dict[str, dict] = {
-    "llama3-8b": dict(hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, layers=32),
-    "llama3-70b": dict(hidden=8192, num_heads=64, num_kv_heads=8, head_dim=128, intermediate=28672, layers=80),
-    "qwen3-8b": dict(hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=12288, layers=36),
-    "qwen3-32b": dict(hidden=5120, num_heads=64, num_kv_heads=8, head_dim=128, intermediate=25600, layers=64),
-    "qwen3-30b-a3b": dict(hidden=2048, num_heads=32, num_kv_heads=4, head_dim=128, layers=48,
+    "llama3-8b": dict(vocab=128256, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, layers=32),
+    "llama3-70b": dict(vocab=128256, hidden=8192, num_heads=64, num_kv_heads=8, head_dim=128, intermediate=28672, layers=80),
+    "qwen3-8b": dict(vocab=151936, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=12288, layers=36),
+    "qwen3-32b": dict(vocab=151936, hidden=5120, num_heads=64, num_kv_heads=8, head_dim=128, intermediate=25600, layers=64),
+    "qwen3-30b-a3b": dict(vocab=151936, hidden=2048, num_heads=32, num_kv_heads=4, head_dim=128, layers=48,
                           num_experts=128, moe_intermediate=768, top_k=8),
-    "mixtral-8x7b": dict(hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, layers=32,
+    "mixtral-8x7b": dict(vocab=32000, hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, layers=32,
                          num_experts=8, moe_intermediate=14336, top_k=2),
-    "deepseek-v2-lite": dict(hidden=2048, num_heads=16, num_kv_heads=16, head_dim=128, layers=27,
+    "deepseek-v2-lite": dict(vocab=102400, hidden=2048, num_heads=16, num_kv_heads=16, head_dim=128, layers=27,
                              num_experts=64, moe_intermediate=1408, top_k=6),
-    "gpt-oss-20b": dict(hidden=2880, num_heads=64, num_kv_heads=8, head_dim=64, layers=24, num_experts=32,
+    "gpt-oss-20b": dict(vocab=201088, hidden=2880, num_heads=64, num_kv_heads=8, head_dim=64, layers=24, num_experts=32,
                         moe_intermediate=2880, top_k=4, sliding_window=128, sinks=True),
 }
 
@@ -23,6 +23,57 @@ MODEL_PRESETS: dict[str, dict] = {
 DECODE_BATCHES = (16, 64)
 TOKEN_BUDGETS = (256, 512, 1024, 2048, 4096, 8192)
 MODEL_LENGTHS = (1024, 4096, 16384, 32768, 131072)
+
+
+# Tensor-parallel sizes whose per-device shapes the tables cover (engine.serve --tensor-parallel-size).
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+
+
+def split(size: int, *, num_heads: int, num_kv_heads: int, num_experts: int = 0) -> tuple[int, int, int]:
+    """What one device holds under the engine's `size`-way Megatron split (engine.parallel).
+
+    Query heads split `size` ways; KV heads split too, or are replicated (one per device) when
+    `size` exceeds them; experts split over min(E, size) devices, each expert's width over the rest.
+    The caller checks divisibility (engine.parallel.plan names what does not split).
+
+    Returns:
+      (query heads, KV heads, expert-parallel ways ep) per device; ep is 1 for a dense model.
+    """
+    ep = min(num_experts, size) if num_experts else 1
+    return num_heads // size, max(1, num_kv_heads // size), ep
+
+
+def per_device(p: dict, size: int) -> dict | None:
+    """Preset `p` as one device of a `size`-way tensor-parallel slice sees it (heads, widths and
+    experts per device), named "<name>/tp<size>"; None when the engine would refuse that split."""
+    if size == 1:
+        return p
+    h, kvh, e = p["num_heads"], p["num_kv_heads"], p.get("num_experts", 0)
+    if h % size or (kvh % size and size % kvh):
+        return None
+    heads, kv_heads, ep = split(size, num_heads=h, num_kv_heads=kvh, num_experts=e)
+    out = {**p, "name": f"{p['name']}/tp{size}", "tensor_parallel": size, "num_heads": heads,
+           "num_kv_heads": kv_heads}
+    if "intermediate" in p:
+        if p["intermediate"] % size:
+            return None
+        out["intermediate"] = p["intermediate"] // size
+    if e:
+        if (e % size and size % e) or p["moe_intermediate"] % (size // ep):
+            return None
+        out["num_experts"], out["moe_intermediate"] = e // ep, p["moe_intermediate"] // (size // ep)
+    return out
+
+
+def presets(names: list[str], sizes: tuple[int, ...] = TENSOR_PARALLEL_SIZES) -> list[dict]:
+    """The named presets at every tensor-parallel size in `sizes` that splits them (per device)."""
+    out = []
+    for name in names:
+        for size in sizes:
+            p = per_device(preset(name), size)
+            if p is not None:
+                out.append(p)
+    return out
 
 
 def preset(name: str) -> dict:

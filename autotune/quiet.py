@@ -273,3 +273,29 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def generation_type(choices: tuple[str, ...], extra: tuple[str, ...] = ()) -> Callable[[str], str]:
+    """argparse type: a generation among `choices` (any spelling parse_generation knows), or an `extra` word.
+
+    Args:
+      choices: the generations accepted.
+      extra: literal values also accepted ("all").
+    Returns:
+      The type function; it returns the generation key (or the extra word).
+    """
+
+    from autotune.hardware import UnknownChipError, parse_generation
+
+    def parse(text: str) -> str:
+        if text in extra:
+            return text
+        try:
+            gen = parse_generation(text)
+        except UnknownChipError:
+            gen = None
+        if gen not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(choices + extra)})")
+        return gen
+
+    return parse

@@ -111,6 +111,10 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     paths = kernels.write_outputs(df, out)
     print(kernels.summary(df, paths), end="")
+    if args.model_only and args.kernel in (None, "rpa") and args.shape_set in ("all", "decode-heavy"):
+        steps = kernels.slice_steps()
+        steps.to_csv(out / "slices.csv", index=False)
+        print(kernels.slice_summary(steps), end="")
     return 0
 
 

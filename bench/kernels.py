@@ -291,6 +291,49 @@ def roofline_plot(df: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+# Decode steps on a slice (autotune.step_model): (preset, generation, tensor-parallel chips).
+SLICE_CASES = (("llama3-8b", "v5e", 1), ("llama3-8b", "v5e", 4), ("llama3-8b", "v5e", 8), ("llama3-70b", "v6e", 8))
+
+
+def slice_steps(cases: tuple = SLICE_CASES, *, batch: int = 64, context: int = 2048) -> pd.DataFrame:
+    """The modelled decode step of each (preset, generation, chips) case: tokens/s of the slice, the
+    step's parts and the per-device footprint (source "model": autotune.step_model).
+
+    Args:
+      cases: (preset name, generation, tensor_parallel_size) triples.
+      batch, context: decode sequences per step and their KV length.
+    Returns:
+      One row per case.
+    """
+    import pandas as pd
+
+    from autotune.step_model import decode_step
+
+    rows = []
+    for name, gen, tp in cases:
+        r = decode_step(name, gen, tp, batch=batch, context=context)
+        rows.append({"model": name, "slice": f"{gen}-{tp}", "tensor_parallel": tp, "batch": batch, "context": context,
+                     "source": "model", "step_ms": r.seconds * 1e3, "tokens_per_s": r.tokens_per_s,
+                     **{f"{k}_ms": v * 1e3 for k, v in r.parts.items()},
+                     "collective_MB": r.collective_bytes / 1e6, "weights_GiB": r.weight_bytes / 2**30,
+                     "kv_GiB": r.kv_bytes / 2**30, "hbm_GiB": r.hbm_bytes / 2**30, "fits": r.fits})
+    return pd.DataFrame(rows)
+
+
+def slice_summary(df: pd.DataFrame) -> str:
+    """slice_steps()'s rows as a short markdown table (per device footprints, model)."""
+    lines = [f"decode step on a slice (model; batch {df['batch'].iloc[0]}, context {df['context'].iloc[0]}, "
+             "bf16 weights; per device: weights + KV against HBM):",
+             "| model | slice | tokens/s | step ms | attention ms | projections ms | collectives ms | fits |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in df.iterrows():
+        fit = "yes" if r["fits"] else f"no ({r['weights_GiB']:.1f} + {r['kv_GiB']:.1f} > {r['hbm_GiB']:.1f} GiB)"
+        lines.append(f"| {r['model']} | {r['slice']} | {r['tokens_per_s']:.0f} | {r['step_ms']:.2f} | "
+                     f"{r['attention_ms']:.2f} | {r['projections_ms'] + r['moe_ms']:.2f} | {r['collectives_ms']:.2f} | "
+                     f"{fit} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(df: pd.DataFrame, out: Path) -> list[Path]:
     """Write kernels.csv, kernels.json, kernels.md (the whole table) and roofline.png.
 

@@ -53,18 +53,20 @@ def rpa_lookup(bucket: int, *, q_dtype: DTypeLike, kv_dtype: DTypeLike, num_q_he
 
 
 def moe_lookups(bucket: int, x_dtype: DTypeLike, w_gate_up: Any, w_down: Any, top_k: int,
-                generation: str | None) -> Lookup:
+                generation: str | None, *, shards: tuple[int, int] = (1, 1)) -> Lookup:
     """The gmm table's answers for fused_moe's gate/up and down calls at T = bucket.
 
     Args:
       bucket: the step's token count T; x_dtype: the dtype of x [T, D].
-      w_gate_up: [E, D, 2F] and w_down: [E, F, D] (arrays or quant.QuantizedTensor).
+      w_gate_up: [E, D, 2F] and w_down: [E, F, D] (arrays or quant.QuantizedTensor), every expert.
       top_k: experts per token; generation: the chip generation (None: no chip).
+      shards: (ways the experts split, ways each expert's width F splits): one device's calls see
+        E / shards[0] experts of width F / shards[1] (engine.parallel.Layout's experts and inner).
     Returns:
       The Lookup: keys and block sizes {"gate_up": ..., "down": ...}, and the worst match of the two.
     """
     e, d, two_f = w_gate_up.shape
-    keys = gmm_keys(bucket, d, two_f // 2, e, top_k, x_dtype, w_gate_up, w_down, "silu")
+    keys = gmm_keys(bucket, d, two_f // 2 // shards[1], e // shards[0], top_k, x_dtype, w_gate_up, w_down, "silu")
     found = {name: _lookup("gmm", key, generation) for name, key in keys.items()}
     matches = [match for _, match in found.values()]
     worst = "default" if "default" in matches else "nearest" if "nearest" in matches else "exact"

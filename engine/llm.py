@@ -25,7 +25,7 @@ from engine.metrics import Metrics
 from engine.models import spec_for
 from engine.models.decoder import load_params
 from engine.ops import Ops
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, token_buckets
 from engine.sampler import SamplingParams
 from engine.scheduler import Scheduler, Sequence, Status
 from engine.tokenizer import Detokenizer, Tokenizer
@@ -72,12 +72,14 @@ class LLM:
                  compile_cache_dir=None, dtype: str | None = None, prefix_caching: bool = True,
                  gpu_memory_utilization: float = 0.85, warmup: bool = True, tensor_parallel_size: int = 1,
                  num_processes: int | None = None, process_id: int | None = None,
-                 coordinator_address: str | None = None):
+                 coordinator_address: str | None = None, scan_layers: bool = True):
         """See the module docstring. tensor_parallel_size: devices the model is split over (one
         mesh; engine/parallel.py). num_processes / process_id / coordinator_address: several
         processes (hosts) serving one model through jax.distributed (engine/distributed.py): process
         0 schedules and serves, the others call follow(); tensor_parallel_size must then cover every
-        device of every process."""
+        device of every process. scan_layers: the step scans over stacked runs of identical layers
+        (one compiled layer body each; engine/layer_groups.py); False unrolls every layer (the same
+        tokens, a longer compile)."""
         t_start = time.perf_counter()
         if (num_processes or 1) > 1 or coordinator_address is not None:
             distributed.initialize(coordinator_address, num_processes, process_id)
@@ -121,9 +123,13 @@ class LLM:
             with jax.default_device(parallel.host_device()):
                 params = load_params(reader, cfg, spec_for(cfg.family), self.dtype, qdtype)
                 self.params, self.param_specs = parallel.shard_params(params, cfg, self.layout)
+        del params  # self.params holds the weights; the runner's layer stacking frees the per-layer arrays
         t_loaded = time.perf_counter()
 
-        page_size = page_size or (16 if self.ops.backend == "reference" else 32)
+        if not page_size:  # the kernels: the page size their tables are tuned at (rpa.report)
+            from rpa.report import recommended_page_size
+
+            page_size = 16 if self.ops.backend == "reference" else recommended_page_size(max_model_len)
         pages_per_seq = -(-max_model_len // page_size)
         if num_pages is None:
             num_pages = self._default_num_pages(page_size, kv_dtype, pages_per_seq, max_num_seqs,
@@ -134,11 +140,14 @@ class LLM:
         max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
         self.allocator = PageAllocator(num_pages, page_size, prefix_caching=prefix_caching)
         self.scheduler = Scheduler(self.allocator, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                   buckets=token_buckets(max_num_batched_tokens))
         self.runner = ModelRunner(cfg, self.params, self.ops, page_size=page_size, num_pages=num_pages,
                                   max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
-                                  kv_scales=kv_scales, layout=self.layout, param_specs=self.param_specs)
+                                  kv_scales=kv_scales, layout=self.layout, param_specs=self.param_specs,
+                                  scan_layers=scan_layers)
+        self.params, self.param_specs = self.runner.params, self.runner.param_specs
         self.metrics = Metrics()
         self.lock = threading.RLock()
         self._seqs: dict[str, Sequence] = {}
@@ -372,7 +381,13 @@ def enable_compile_cache(path) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
+    cache_log = logging.getLogger("jax._src.compilation_cache")
+    level = cache_log.level
+    cache_log.setLevel(logging.WARNING)  # its "Resetting cache" INFO line is noise on the console
+    try:
+        cc.reset_cache()
+    finally:
+        cache_log.setLevel(level)
 
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams", "StepOutput", "CheckpointError"]

@@ -62,9 +62,9 @@ grass is green. Rivers flow to the sea; mountains rise above the clouds; stars s
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=384,
             experts=4, top_k=2, moe_intermediate=32)
 
-LIKE = {  # full-size shapes (autotune.presets names) and their families / vocabularies
-    "llama3-8b": ("llama", 128256), "llama3-70b": ("llama", 128256), "qwen3-8b": ("qwen3", 151936),
-    "qwen3-32b": ("qwen3", 151936), "qwen3-30b-a3b": ("qwen3_moe", 151936), "mixtral-8x7b": ("mixtral", 32000),
+LIKE = {  # full-size shapes (autotune.presets names; vocabularies there too) and their families
+    "llama3-8b": "llama", "llama3-70b": "llama", "qwen3-8b": "qwen3", "qwen3-32b": "qwen3",
+    "qwen3-30b-a3b": "qwen3_moe", "mixtral-8x7b": "mixtral",
 }
 
 
@@ -209,8 +209,9 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
 
         if like not in LIKE:
             raise ValueError(f"--like {like!r}: known {', '.join(LIKE)}")
-        arch, vocab = LIKE[like]
+        arch = LIKE[like]
         p = preset(like)
+        vocab = p["vocab"]
         dims = dict(hidden=p["hidden"], layers=p["layers"], heads=p["num_heads"], kv_heads=p["num_kv_heads"],
                     head_dim=p["head_dim"], intermediate=p.get("intermediate", p.get("moe_intermediate", 0)),
                     vocab=vocab, experts=p.get("num_experts", 0), top_k=p.get("top_k", 0),
@@ -289,7 +290,7 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
 class ShapeReader:
     """engine.weights.CheckpointReader's interface over a checkpoint directory's config.json alone:
     get() gives zeros of each tensor's shape in the config's dtype, meant to be called under
-    jax.eval_shape (so nothing is allocated: engine/aot.py compiles a full-size step this way)."""
+    jax.eval_shape (so nothing is allocated: engine/precompile.py compiles a full-size step this way)."""
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)

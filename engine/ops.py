@@ -39,7 +39,7 @@ def resolve_backend(backend: str) -> str:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     from autotune.protocol import device_backend
 
-    device = device_backend()[0]  # a compile-only TPU mesh in scope (engine/aot.py) counts as its TPU
+    device = device_backend()[0]  # a compile-only TPU mesh in scope (engine/precompile.py) counts as its TPU
     if backend == "auto":
         # GPU kernels are opt-in (backend="pallas") until the engine's GPU run is measured (issue 9)
         return "pallas" if device == "tpu" else "reference"

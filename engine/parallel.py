@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autotune.presets import split
 from engine.config import ModelConfig
 
 AXES = ("expert", "model")
@@ -82,18 +83,17 @@ def plan(cfg: ModelConfig, size: int, devices: list | None = None) -> Layout:
     dense_layers = [i for i in range(cfg.num_layers) if not cfg.layer_is_moe(i)]
     if dense_layers and cfg.intermediate_size % size:
         raise ValueError(f"{name}={size} does not divide the intermediate size {cfg.intermediate_size}")
-    ep = 1
+    heads, kv_heads, ep = split(size, num_heads=h, num_kv_heads=kvh, num_experts=cfg.num_experts if cfg.is_moe else 0)
     if cfg.is_moe:
         e = cfg.num_experts
         if e % size and size % e:
             raise ValueError(f"{name}={size}: the {e} experts neither split over {size} devices nor "
                              f"{size} over them")
-        ep = min(e, size)
         if cfg.moe_intermediate_size % (size // ep):
             raise ValueError(f"{name}={size}: {size // ep} devices per expert do not divide the expert width "
                              f"{cfg.moe_intermediate_size}")
     mesh = Mesh(np.array(devices[:size]).reshape(ep, size // ep), AXES)
-    return Layout(size, ep, h // size, max(1, kvh // size), mesh)
+    return Layout(size, ep, heads, kv_heads, mesh)
 
 
 # ------------------------------------------------------------------------------------ parameters
@@ -248,14 +248,16 @@ def shardings(specs: Any, mesh: Mesh) -> Any:
 
 
 def local_params(params: dict) -> dict:
-    """Inside the shard_map: quantized tensors' static shapes made the local ones."""
+    """Inside the shard_map: quantized tensors' static shapes made the local ones (a stacked layer
+    group's leading axis is not part of them: engine/layer_groups.py)."""
     import quant
 
     def fix(w):
         if not isinstance(w, quant.QuantizedTensor):
             return w
+        lead = w.values.ndim - len(w.shape)  # stacked layer axes in front of the logical shape
         k = w.values.shape[-2] * (2 if w.packed else 1)
-        shape = (*w.values.shape[:-2], k, w.values.shape[-1])
+        shape = (*w.values.shape[lead:-2], k, w.values.shape[-1])
         bk = k if w.block_size[0] == w.shape[-2] else w.block_size[0]
         return dataclasses.replace(w, shape=shape, block_size=(bk, w.block_size[1]))
 

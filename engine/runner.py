@@ -2,14 +2,16 @@
 
 A step's T tokens are padded to a token bucket and its sequences to S = min(bucket, max_num_seqs)
 rows; the kernels treat rows past num_seqs and tokens past cu_q_lens[num_seqs] as padding, so one
-executable per token bucket serves every batch mix that fits it. Buckets step by at most a quarter
-(8, 16, 24, ..., 64, 80, 96, 112, 128, 160, 192, ...): padding 130 tokens costs 160, not 256.
+executable per token bucket serves every batch mix that fits it (token_buckets: 16 programs for a
+2048-token budget, compiled concurrently at start-up).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -18,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from engine import distributed, kernel_tables, parallel
+from engine import distributed, kernel_tables, layer_groups, parallel
 from engine.compile_counter import counter
 from engine.config import ModelConfig, rope_inv_freq
 from engine.models.decoder import forward
@@ -29,13 +31,20 @@ from engine.scheduler import StepPlan
 log = logging.getLogger("engine")
 
 
-def token_buckets(max_tokens: int, min_bucket: int = 8) -> list[int]:
-    """Multiples of 8 from min_bucket to max_tokens, each at most 25% above the previous (and max_tokens)."""
-    out, b = [], min_bucket
+SMALL_BUCKETS = (8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """The compiled steps' token counts: SMALL_BUCKETS below 256 (decode-sized steps: their count is
+    the running sequences', padding them is nearly free next to reading the weights), then powers
+    of two, then max_tokens. Prefill-sized steps fill a bucket exactly (the scheduler gives a
+    chunk's excess back to the next step: engine.scheduler.Scheduler's buckets), so 2048 tokens
+    take 16 programs; `python -m bench.padding` measures the padding on bench serve's datasets."""
+    out = [b for b in SMALL_BUCKETS if b < max_tokens]
+    b = 512
     while b < max_tokens:
         out.append(b)
-        step = max(8, (1 << (b.bit_length() - 1)) // 4)
-        b += step
+        b *= 2
     out.append(max_tokens)
     return out
 
@@ -50,12 +59,21 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, ops: Ops, *, page_size: int, num_pages: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, kv_dtype, kv_scales=None,
-                 layout: parallel.Layout | None = None, param_specs=None, materialize: bool = True):
+                 layout: parallel.Layout | None = None, param_specs=None, materialize: bool = True,
+                 scan_layers: bool = True):
         """layout / param_specs: tensor parallelism (engine/parallel.py: plan, shard_params), or None
         (one device). materialize=False keeps the caches abstract (ShapeDtypeStructs with their
-        shardings): for compiling the step ahead of time on a compile-only mesh (engine/aot.py)."""
-        self.cfg, self.params, self.ops = cfg, params, ops
-        self.layout, self.param_specs = layout, param_specs
+        shardings): for compiling the step ahead of time on a compile-only mesh (engine/precompile.py).
+        scan_layers: stack runs of identical layers and scan over them (engine/layer_groups.py; one
+        compiled layer body per run, its caches one page pool); False unrolls every layer. The
+        per-layer params passed in are consumed by the stacking (read self.params afterwards)."""
+        self.cfg, self.ops = cfg, ops
+        self.layout = layout
+        if scan_layers:
+            params, param_specs = layer_groups.stack(params, param_specs, None if layout is None else layout.mesh)
+        self.params, self.param_specs = params, param_specs
+        # layers per cache: a group's pool, or 1 per layer (unrolled)
+        self.cache_layers = layer_groups.group_sizes(params) if scan_layers else [1] * cfg.num_layers
         # what one device's shard of the step sees (its heads); the model's config on one device
         self.local_cfg = cfg if layout is None else parallel.local_config(cfg, layout)
         # several processes: the leader's step inputs reach the others through this (engine/distributed.py)
@@ -69,10 +87,13 @@ class ModelRunner:
         self.inv_freq = rope_inv_freq(cfg)
         self.counter = counter()
         # Committed to the device like the step's outputs, so warm-up compiles what serving runs.
+        self.materialized = materialize
         self.caches = self._init_caches(num_pages, materialize)
         self.lookups: list[kernel_tables.Lookup] = []
         self._bs: dict[int, tuple] | None = None  # bucket -> (rpa, gmm) block sizes: plan_block_sizes
-        self._fns: dict[int, object] = {}
+        self._fns: dict[int, object] = {}  # bucket -> the jitted step
+        self._compiled: dict[int, object] = {}  # bucket -> its executable (compile_buckets)
+        self.compile_seconds: dict[int, float] = {}
         self.baseline_compiles: int | None = None
         # statistics
         self.steps = 0
@@ -81,26 +102,31 @@ class ModelRunner:
         self.step_seconds = 0.0
 
     def _init_caches(self, num_pages: int, materialize: bool = True):
-        """Every layer's zeroed cache: on the device, or per device of the mesh (a leading mesh axis
+        """Every layer's zeroed cache (one page pool of count x num_pages pages per layer group when
+        the layers are scanned): on the device, or per device of the mesh (a leading mesh axis
         holding each device's KV heads); or their ShapeDtypeStructs (materialize=False)."""
         cfg, layout = self.local_cfg, self.layout
 
-        def one_layer():
-            return self.ops.init_kv_cache(num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype)
+        def pool(count):
+            return self.ops.init_kv_cache(count * num_pages, self.page_size, cfg.num_kv_heads, cfg.head_dim,
+                                          self.kv_dtype)
 
         if layout is None:
             if not materialize:
-                return [jax.eval_shape(one_layer) for _ in range(cfg.num_layers)]
-            return jax.device_put([one_layer() for _ in range(cfg.num_layers)], jax.devices()[0])
-        shapes = jax.eval_shape(one_layer)
+                return [jax.eval_shape(functools.partial(pool, n)) for n in self.cache_layers]
+            return jax.device_put([pool(n) for n in self.cache_layers], jax.devices()[0])
         sharding = NamedSharding(layout.mesh, P(parallel.AXES))
         if not materialize:
-            one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((layout.size, *a.shape), a.dtype, sharding=sharding),
-                               shapes)
-            return [one for _ in range(cfg.num_layers)]
-        make = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros((layout.size, *a.shape), a.dtype), shapes),
-                       out_shardings=jax.tree.map(lambda _: sharding, shapes))
-        return [make() for _ in range(cfg.num_layers)]
+            return [jax.tree.map(lambda a: jax.ShapeDtypeStruct((layout.size, *a.shape), a.dtype, sharding=sharding),
+                                 jax.eval_shape(functools.partial(pool, n))) for n in self.cache_layers]
+        caches = []
+        for n in self.cache_layers:
+            shapes = jax.eval_shape(functools.partial(pool, n))
+            make = jax.jit(lambda shapes=shapes: jax.tree.map(lambda a: jnp.zeros((layout.size, *a.shape), a.dtype),
+                                                             shapes),
+                           out_shardings=jax.tree.map(lambda _: sharding, shapes))
+            caches.append(make())
+        return caches
 
     # ------------------------------------------------------------------ kernels' block sizes
     def plan_block_sizes(self) -> None:
@@ -109,7 +135,11 @@ class ModelRunner:
 
         gen = detect()  # the device, or the compile-only mesh in scope
         dtype = self.params["embed"].dtype
-        moe_layer = next((lay for lay in self.params["layers"] if "router" in lay), None)
+        if "layer_groups" in self.params:  # one layer's shapes (abstract: no device copy)
+            layers = [jax.eval_shape(lambda g: jax.tree.map(lambda a: a[0], g), g) for g in self.params["layer_groups"]]
+        else:
+            layers = self.params["layers"]
+        moe_layer = next((lay for lay in layers if "router" in lay), None)
         self._bs = {}
         for b in self.buckets:
             lk = kernel_tables.rpa_lookup(b, q_dtype=dtype, kv_dtype=self.kv_dtype,  # one device's heads
@@ -120,8 +150,9 @@ class ModelRunner:
             self.lookups.append(lk)
             moe_bs = None
             if moe_layer is not None:
+                shards = (1, 1) if self.layout is None else (self.layout.experts, self.layout.inner)
                 mk = kernel_tables.moe_lookups(b, dtype, moe_layer["w_gate_up"], moe_layer["w_down"],
-                                               self.cfg.num_experts_per_tok, gen)
+                                               self.cfg.num_experts_per_tok, gen, shards=shards)
                 self.lookups.append(mk)
                 moe_bs = mk.block_sizes
             self._bs[b] = (lk.block_sizes or None, moe_bs) if self.ops.uses_kernels else (None, None)
@@ -171,13 +202,47 @@ class ModelRunner:
                     any_filter=np.bool_(False))
         return batch, samp
 
-    def warmup(self) -> float:
-        """Compile (or load from the persistent cache) every bucket's step; returns the seconds taken."""
+    def compile_buckets(self, buckets: list[int] | None = None, workers: int | None = None,
+                        progress=None) -> dict[int, float]:
+        """Lower every bucket's step (serially: tracing holds the GIL), then compile them in a thread
+        pool, largest first (XLA's compiler releases the GIL); the executables serve the steps.
+
+        Args:
+          buckets: the buckets to compile (default: all).
+          workers: compile threads (default: one per CPU core, at most one per bucket).
+          progress: called with (bucket, seconds) as each compile finishes, or None.
+        Returns:
+          {bucket: seconds its compile took (wall, overlapping the others')}.
+        """
         _import_config_modules()
         if self._bs is None:
             self.plan_block_sizes()
+        lowered = []
+        for b in sorted(buckets or self.buckets, reverse=True):
+            lowered.append((b, self._step_fn(b).lower(self.params, self.caches, *self._lowering_inputs(b))))
+
+        def one(item):
+            b, low = item
+            t0 = time.perf_counter()
+            return b, low.compile(), time.perf_counter() - t0
+
+        workers = workers or min(len(lowered), os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            for b, compiled, secs in pool.map(one, lowered):
+                self._compiled[b] = compiled
+                self.compile_seconds[b] = secs
+                if progress is not None:
+                    progress(b, secs)
+        return dict(self.compile_seconds)
+
+    def warmup(self) -> float:
+        """Compile (or load from the persistent cache) every bucket's step, then run each once;
+        returns the seconds taken."""
         t0 = time.perf_counter()
         before = self.counter.compiles
+        self.compile_buckets()
+        log.info("compile seconds per bucket (concurrent): %s",
+                 ", ".join(f"{b}: {self.compile_seconds[b]:.1f}" for b in self.buckets))
         for b in self.buckets:  # every process, in the same order (the step's collectives pair them up)
             batch, samp = self._inputs_for(b)
             if self.channel is not None:  # the channel's own collectives compile here too
@@ -242,14 +307,30 @@ class ModelRunner:
         self.padded_tokens += t
         return tokens[:len(items)], logprobs[:len(items)]
 
+    def _lowering_inputs(self, bucket: int) -> tuple:
+        """Inputs to lower the step with: as it takes them, or abstract (replicated on the mesh) when
+        the caches are (materialize=False: a compile-only mesh)."""
+        batch, samp = self._inputs_for(bucket)
+        if self.layout is not None and not self.materialized:
+            rep = NamedSharding(self.layout.mesh, P())
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep),
+                                (batch, samp))
+        return self._device_inputs(batch, samp)
+
+    def _device_inputs(self, batch: dict, samp: dict) -> tuple:
+        """The step's inputs as it takes them: host arrays, or with several processes global arrays
+        of the same host values."""
+        if self.layout is not None and jax.process_count() > 1:
+            return parallel.replicate((batch, samp), self.layout.mesh)
+        return batch, samp
+
     def _inputs_for(self, bucket: int):
         return self._empty_inputs(bucket, self._seqs(bucket))
 
     def _run(self, bucket: int, batch: dict, samp: dict) -> tuple[np.ndarray, np.ndarray]:
         """One compiled step; host (tokens, logprobs) of every row."""
-        if self.layout is not None and jax.process_count() > 1:  # global arrays of the same host values
-            batch, samp = parallel.replicate((batch, samp), self.layout.mesh)
-        tokens, logprobs, self.caches = self._step_fn(bucket)(self.params, self.caches, batch, samp)
+        fn = self._compiled.get(bucket) or self._step_fn(bucket)
+        tokens, logprobs, self.caches = fn(self.params, self.caches, *self._device_inputs(batch, samp))
         return np.asarray(tokens), np.asarray(logprobs)
 
     def follow(self) -> int:

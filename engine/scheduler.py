@@ -90,7 +90,12 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, allocator: PageAllocator, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, buckets: list[int] | None = None, trim_above: int = 64):
+        """buckets: the compiled steps' token buckets (None: no bucket awareness). A step whose
+        token count falls between two buckets of at least `trim_above` tokens gives its last prefill
+        chunk's excess back to the next step instead of padding up (with 16 buckets for 2048
+        tokens, padding stays under 7% of the computed slots on bench serve's datasets, where
+        padding up would waste up to 47%: `python -m bench.padding`)."""
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({max_num_seqs}): every running sequence needs a token slot each step")
@@ -99,6 +104,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.buckets = sorted(buckets or [])
+        self.trim_above = trim_above
         self.waiting: list[Sequence] = []  # sorted by order
         self.running: list[Sequence] = []  # sorted by order
         self.num_preemptions = 0
@@ -202,8 +209,22 @@ class Scheduler:
             budget -= n
 
         items = sorted(planned.values(), key=lambda s: (s.num_new != 1, s.seq.order))
+        self._trim_to_bucket(items)
         self.num_chunked += sum(1 for it in items if not it.samples)
         return StepPlan(items, preempted)
+
+    def _trim_to_bucket(self, items: list[ScheduledSeq]) -> None:
+        """Shorten the last prefill chunk that can give up the excess so the step fills a bucket
+        exactly (see __init__); its pages stay allocated for the next step."""
+        total = sum(it.num_new for it in items)
+        below = [b for b in self.buckets if b <= total]
+        if not below or below[-1] == total or below[-1] < self.trim_above:
+            return
+        excess = total - below[-1]
+        for it in reversed(items):
+            if it.num_new > excess:
+                it.num_new -= excess
+                return
 
     def _prefix_lookup(self, seq: Sequence) -> None:
         tokens = seq.all_ids

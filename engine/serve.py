@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,8 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-model-len", type=positive_int, default=4096,
                     help="longest sequence (prompt + output, tokens); capped at the model's max_position_embeddings")
     ap.add_argument("--page-size", type=positive_int, default=None,
-                    help="tokens per KV-cache page (default: 16 with the reference backend, else 32)")
+                    help="tokens per KV-cache page (default: 16 with the reference backend, else the page size "
+                         "the kernel tables are tuned at: 128 from a 2048-token max_model_len, else 32)")
     ap.add_argument("--num-pages", type=positive_int, default=None,
                     help="KV-cache pages (default: what fits in the device memory)")
     ap.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences running at once, at most")
@@ -49,12 +51,22 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default="auto",
                     help="KV-cache dtype (auto: the model's dtype)")
     ap.add_argument("--compile-cache-dir", default=None,
-                    help="JAX persistent compilation cache directory (default: none)")
+                    help="JAX persistent compilation cache directory (default: pallaskit/jax under the user "
+                         f"cache directory, {default_compile_cache_dir()})")
+    ap.add_argument("--no-compile-cache", action="store_true",
+                    help="compile every bucket at start-up without the persistent compilation cache")
     ap.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                     help="compute dtype (default: the checkpoint's torch_dtype)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="do not share KV pages between prompts")
     ap.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                     help="devices the model is split over (tensor / expert parallel over one mesh)")
+
+
+def default_compile_cache_dir() -> Path:
+    """Where `engine.serve` keeps compiled steps between starts: $XDG_CACHE_HOME (or ~/.cache) /
+    pallaskit/jax. A warm cache turns the start-up compiles into loads."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pallaskit" / "jax"
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -68,7 +80,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_model_len=args.max_model_len, page_size=args.page_size, num_pages=args.num_pages,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 backend=args.backend, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                compile_cache_dir=args.compile_cache_dir, dtype=args.dtype,
+                compile_cache_dir=None if args.no_compile_cache else args.compile_cache_dir or default_compile_cache_dir(),
+                dtype=args.dtype,
                 prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
                 **{k: getattr(args, k) for k in ("num_processes", "process_id", "coordinator_address")
                    if getattr(args, k, None) is not None})

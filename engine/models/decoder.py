@@ -11,6 +11,7 @@ and gate/up fused into one (gate columns first), the layout moe.fused_moe takes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -139,48 +140,76 @@ def forward(params, caches, batch, *, cfg: ModelConfig, ops: Ops, inv_freq, kv_s
     """One step: batch holds token_ids [T], positions [T], kv_lens [S], page_indices [S, P], cu_q_lens [S+1],
     distribution [3], logits_indices [S]. Returns (float32 logits [S, V], updated caches).
 
+    params hold either "layers" (a list of per-layer weights; caches: one per layer), unrolled into
+    the program, or "layer_groups" (engine.layer_groups.stack: stacked weights; caches: one page pool
+    per group), each group one `lax.scan` over its layers: the same arithmetic, one compiled layer
+    body per group.
+
     Under tensor parallelism (engine/parallel.py) it runs on one device's shard: cfg gives the local
     heads, `par` the mesh's collectives (an all-reduce after o and down, the vocabulary-parallel
     embedding and logits, the local experts' offset)."""
-    t = batch["token_ids"].shape[0]
-    h, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     dtype = params["embed"].dtype
     meta = AttentionMeta(batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"], batch["distribution"])
     x = par.embed(params["embed"], batch["token_ids"])
     cos, sin = rope_cos_sin(batch["positions"], inv_freq, dtype)
-    k_scale, v_scale = kv_scales if kv_scales is not None else (None, None)
+    layer_fn = functools.partial(_layer, cfg=cfg, ops=ops, cos=cos, sin=sin, kv_scales=kv_scales,
+                                 attn_block_sizes=attn_block_sizes, moe_block_sizes=moe_block_sizes, par=par)
     new_caches = []
-    for i, layer in enumerate(params["layers"]):
-        r = rms_norm(x, layer["input_norm"], eps)
-        qkv = ops.linear(r, layer["wqkv"], layer.get("bqkv"))
-        q = qkv[:, : h * hd].reshape(t, h, hd)
-        k = qkv[:, h * hd: (h + kvh) * hd].reshape(t, kvh, hd)
-        v = qkv[:, (h + kvh) * hd:].reshape(t, kvh, hd)
-        if "q_norm" in layer:
-            q = rms_norm(q, layer["q_norm"], eps)
-            k = rms_norm(k, layer["k_norm"], eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attn, cache = ops.attention(q, k, v, caches[i], meta, sm_scale=cfg.sm_scale, k_scale=k_scale,
-                                    v_scale=v_scale, block_sizes=attn_block_sizes)
-        new_caches.append(cache)
-        x = x + _add_bias(par.all_reduce(ops.linear(attn.reshape(t, h * hd), layer["wo"])), layer.get("bo"))
-        r = rms_norm(x, layer["post_norm"], eps)
-        if "router" in layer:
-            router_logits = ops.linear(r, layer["router"])
-            offset = par.expert_offset(layer["w_gate_up"].shape[0], router_logits.shape[-1])
-            y = par.all_reduce(ops.moe(r, router_logits, layer["w_gate_up"], layer["w_down"],
-                                       top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
-                                       block_sizes=moe_block_sizes, expert_offset=offset))
-        else:
-            gu = ops.linear(r, layer["w_gate_up"], layer.get("b_gate_up"))
-            f = gu.shape[-1] // 2
-            y = _add_bias(par.all_reduce(ops.linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], layer["w_down"])),
-                          layer.get("b_down"))
-        x = x + y.astype(dtype)
-    last = rms_norm(x[batch["logits_indices"]], params["final_norm"], eps)
+    if "layer_groups" in params:
+        for group, pool in zip(params["layer_groups"], caches):
+            count = jax.tree.leaves(group)[0].shape[0]
+            pages = jax.tree.leaves(pool)[0].shape[0] // count  # each layer's share of the group's pool
+
+            def body(carry, xs, pages=pages):
+                x, pool = carry
+                layer, j = xs
+                layer_meta = dataclasses.replace(meta, page_indices=meta.page_indices + j * pages)
+                x, pool = layer_fn(x, layer, pool, layer_meta)
+                return (x, pool), None
+
+            (x, pool), _ = jax.lax.scan(body, (x, pool), (group, jnp.arange(count, dtype=jnp.int32)))
+            new_caches.append(pool)
+    else:
+        for layer, cache in zip(params["layers"], caches):
+            x, cache = layer_fn(x, layer, cache, meta)
+            new_caches.append(cache)
+    last = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)
     head = params["lm_head"] if params["lm_head"] is not None else params["embed"].T
     logits = par.gather_vocab(ops.linear(last, head)).astype(jnp.float32)
     return logits, new_caches
+
+
+def _layer(x, layer, cache, meta: AttentionMeta, *, cfg: ModelConfig, ops: Ops, cos, sin, kv_scales,
+           attn_block_sizes, moe_block_sizes, par: Collectives):
+    """One decoder layer on x [T, hidden]: returns (x, the layer's updated cache)."""
+    t = x.shape[0]
+    h, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    k_scale, v_scale = kv_scales if kv_scales is not None else (None, None)
+    r = rms_norm(x, layer["input_norm"], eps)
+    qkv = ops.linear(r, layer["wqkv"], layer.get("bqkv"))
+    q = qkv[:, : h * hd].reshape(t, h, hd)
+    k = qkv[:, h * hd: (h + kvh) * hd].reshape(t, kvh, hd)
+    v = qkv[:, (h + kvh) * hd:].reshape(t, kvh, hd)
+    if "q_norm" in layer:
+        q = rms_norm(q, layer["q_norm"], eps)
+        k = rms_norm(k, layer["k_norm"], eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn, cache = ops.attention(q, k, v, cache, meta, sm_scale=cfg.sm_scale, k_scale=k_scale,
+                                v_scale=v_scale, block_sizes=attn_block_sizes)
+    x = x + _add_bias(par.all_reduce(ops.linear(attn.reshape(t, h * hd), layer["wo"])), layer.get("bo"))
+    r = rms_norm(x, layer["post_norm"], eps)
+    if "router" in layer:
+        router_logits = ops.linear(r, layer["router"])
+        offset = par.expert_offset(layer["w_gate_up"].shape[0], router_logits.shape[-1])
+        y = par.all_reduce(ops.moe(r, router_logits, layer["w_gate_up"], layer["w_down"],
+                                   top_k=cfg.num_experts_per_tok, renormalize=cfg.norm_topk_prob,
+                                   block_sizes=moe_block_sizes, expert_offset=offset))
+    else:
+        gu = ops.linear(r, layer["w_gate_up"], layer.get("b_gate_up"))
+        f = gu.shape[-1] // 2
+        y = _add_bias(par.all_reduce(ops.linear(jax.nn.silu(gu[:, :f]) * gu[:, f:], layer["w_down"])),
+                      layer.get("b_down"))
+    return x + y.astype(x.dtype), cache
 
 
 def _add_bias(y, bias):

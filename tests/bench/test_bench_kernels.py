@@ -31,7 +31,14 @@ def test_bench_kernels_model_outputs(tmp_path, capsys, shape_set, kernel):
     assert (tmp_path / "roofline.png").stat().st_size > 1000
     md = (tmp_path / "kernels.md").read_text()
     assert md.startswith("| kernel | case | generation | source |") and md.count("\n") == len(df) + 2
-    out = capsys.readouterr().out  # a summary, not the whole table
+    out, head, slices = capsys.readouterr().out.partition("decode step on a slice (model")
+    assert bool(head) == (shape_set == "decode-heavy")  # the slice table goes with the decode cases
+    if head:
+        steps = pd.read_csv(tmp_path / "slices.csv")
+        assert list(steps["slice"]) == ["v5e-1", "v5e-4", "v5e-8", "v6e-8"] and set(steps["source"]) == {"model"}
+        assert list(steps["fits"]) == [False, True, True, True] and (steps["tokens_per_s"] > 0).all()
+        assert len(slices.splitlines()) == 3 + len(steps) and "| llama3-70b | v6e-8 |" in slices
+    # a summary, not the whole table
     assert out.startswith(f"bench kernels: {len(df)} rows") and md not in out and len(out.splitlines()) <= 12
     assert "table matches: " in out and str(tmp_path / "kernels.csv") in out
 

@@ -96,7 +96,7 @@ def test_quantized_weights_and_kv_cache_serve(tiny_models, quantization, kv):
 
     llm = LLM(tiny_models["mixtral"], max_model_len=32, page_size=8, num_pages=8, max_num_seqs=2,
               max_num_batched_tokens=8, backend="reference", quantization=quantization, kv_cache_dtype=kv)
-    assert isinstance(llm.params["layers"][0]["wqkv"], quant.QuantizedTensor)
+    assert isinstance(llm.params["layer_groups"][0]["wqkv"], quant.QuantizedTensor)
     out = llm.generate([[5, 6, 7, 8, 9]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 4 and all(np.isfinite(out.logprobs))
     assert llm.stats()["compiles_after_warmup"] == 0

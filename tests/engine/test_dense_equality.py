@@ -83,3 +83,27 @@ def test_interpret_backend_matches_dense(tiny_models):
     outs = llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     dense = DenseModel(model_dir)
     assert_token_for_token(outs, [dense.greedy(p, 3) for p in prompts], prompts)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_scanned_and_unrolled_layers_give_identical_tokens(tiny_models, arch):
+    """The layers under lax.scan (stacked weights, one page pool per group) and unrolled give the
+    same greedy tokens and logprobs; qwen3_moe's dense first layer makes two groups."""
+    model_dir = tiny_models[arch]
+    kw = dict(max_model_len=64, page_size=4, num_pages=18, max_num_seqs=4, max_num_batched_tokens=24,
+              backend="reference")
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    scanned = LLM(model_dir, **kw)
+    layers = scanned.config.num_layers
+    assert scanned.runner.cache_layers == ([layers] if arch == "llama" else [1, layers - 1])
+    assert "layers" not in scanned.params
+    prompts = _prompts(scanned.config.vocab_size, np.random.default_rng(11))
+    a = scanned.generate(prompts, sp)
+    st = scanned.stats()
+    assert st["preemptions"] > 0 and st["prefix_cache_hit_rate"] > 0 and st["compiles_after_warmup"] == 0
+    unrolled = LLM(model_dir, scan_layers=False, **kw)
+    assert len(unrolled.params["layers"]) == layers and unrolled.runner.cache_layers == [1] * layers
+    b = unrolled.generate(prompts, sp)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    np.testing.assert_allclose(np.concatenate([o.logprobs for o in a]), np.concatenate([o.logprobs for o in b]),
+                               rtol=1e-5, atol=1e-5)

@@ -43,6 +43,29 @@ def test_table_schema_and_gain(path):
     assert lookup(data["kernel"], key, data["generation"])[1] == "exact"
 
 
+@pytest.mark.parametrize("generation", sorted({p.parent.name for p in TABLES} & set(TPU_GENERATIONS)))
+def test_every_preset_key_is_shipped_for_every_tensor_parallel_size(generation):
+    """Each preset's keys, as one device of a TP 1/2/4/8 slice calls the kernels (the per-device
+    heads, widths and experts the engine's layout gives it), look themselves up exactly."""
+    import warnings
+
+    from autotune.presets import MODEL_PRESETS, TENSOR_PARALLEL_SIZES, presets
+    from autotune.registry import tuning_module
+
+    kernels = sorted({p.stem for p in TABLES if p.parent.name == generation})
+    missing, seen = {}, set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kernel in kernels:
+            for p in presets(list(MODEL_PRESETS), TENSOR_PARALLEL_SIZES):
+                for key in tuning_module(kernel).keys_for_preset(p):
+                    ident = (kernel, json.dumps(key, sort_keys=True))
+                    if ident not in seen and lookup(kernel, key, generation)[1] != "exact":
+                        missing.setdefault(f"{kernel} {p['name']}", []).append(key)
+                    seen.add(ident)
+    assert not missing, {k: len(v) for k, v in missing.items()}
+
+
 @pytest.mark.aot
 @pytest.mark.parametrize("generation", sorted({p.parent.name for p in TABLES} & set(TPU_GENERATIONS)))
 def test_sample_of_shipped_entries_compiles(generation):

@@ -192,7 +192,11 @@ def test_cli_model_presets_are_merged_and_gains_summarised(tmp_path, capsys):
     assert len(idents) == len(set(idents))  # llama3-8b, qwen3-8b and mixtral share attention shapes
     from autotune.presets import preset
     from rpa.tuning import keys_for_preset
-    assert len(keys) == len(keys_for_preset(preset("llama3-8b")))
+    from autotune.presets import TENSOR_PARALLEL_SIZES, per_device
+    # and every tensor-parallel size's per-device shapes (shared by the three as well)
+    assert len(keys) == sum(len(keys_for_preset(per_device(preset("llama3-8b"), n))) for n in TENSOR_PARALLEL_SIZES)
+    one = cli._keys("rpa", cli.argparse.Namespace(shapes=None, model=["llama3-8b"], tensor_parallel=[1]))
+    assert one == keys_for_preset(preset("llama3-8b"))
     rows = [{"kernel": "rpa", "generation": "v5e", "gain": g} for g in (1.0, 1.5, 3.0, float("nan"))]
     (s,) = cli.gain_summary(rows)
     assert s["entries"] == 3 and s["median_gain"] == 1.5 and s["worst_gain"] == 1.0
