@@ -200,6 +200,9 @@ class LLM:
         """Queue a request (a string or token ids); returns its id. ValueError for a bad request."""
         params = params or SamplingParams()
         ids = self._prompt_ids(prompt)
+        if params.top_k > self.config.vocab_size:
+            raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {self.config.vocab_size} "
+                             "(-1 or 0 turn top-k off)")
         rid = request_id or uuid.uuid4().hex
         with self.lock:
             if rid in self._seqs:

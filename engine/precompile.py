@@ -238,10 +238,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'yes' if r.peak_bytes <= r.hbm_bytes else 'NO'} | {coll} |", flush=True)
 
         t0 = time.perf_counter()
-        rows = compile_step(model_dir, topology, tp, buckets=buckets, quantization=args.quantization,
-                            page_size=args.page_size, num_pages=args.num_pages, max_model_len=args.max_model_len,
-                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            scan_layers=args.scan_layers, workers=args.workers, progress=show)
+        try:
+            rows = compile_step(model_dir, topology, tp, buckets=buckets, quantization=args.quantization,
+                                page_size=args.page_size, num_pages=args.num_pages, max_model_len=args.max_model_len,
+                                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                scan_layers=args.scan_layers, workers=args.workers, progress=show)
+        except jax.errors.JaxRuntimeError as err:
+            if "HbmOom" not in str(err):
+                raise
+            print(f"does not fit: libtpu: {str(err).splitlines()[0]} (raise --tensor-parallel-size, quantize, or "
+                  "lower --num-pages)")
+            return 1
         total = time.perf_counter() - t0
     fits = all(r.peak_bytes <= r.hbm_bytes for r in rows)
     tables = sorted({f"{k} {m}" for r in rows for k, m in r.tables.items()})

@@ -33,7 +33,10 @@ class RequestError(ValueError):
 
 
 class AsyncEngine:
-    """Steps the LLM in a thread; per-request asyncio queues receive StepOutputs (or an exception)."""
+    """Steps the LLM in a thread; per-request asyncio queues receive StepOutputs (or an exception).
+
+    A step that raises fails the requests that were running in it (each gets a 500 error) and the
+    loop goes on serving the others and new ones."""
 
     def __init__(self, llm: LLM):
         self.llm = llm
@@ -42,6 +45,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.error: BaseException | None = None
+        self.failed_steps = 0  # steps that raised: their requests failed, the loop went on
 
     def start(self):
         self._thread.start()
@@ -92,13 +96,15 @@ class AsyncEngine:
                 else:
                     self._wake.wait(0.05)
                     self._wake.clear()
-            except Exception as err:  # noqa: BLE001 - fail every waiting request, keep the reason
+            except Exception as err:  # noqa: BLE001 - fail the step's requests, keep serving the rest
                 log.exception("engine step failed")
-                self.error = err
-                for rid in list(self._queues):
+                self.failed_steps += 1
+                with self.llm.lock:
+                    in_step = [seq.request_id for seq in self.llm.scheduler.running]
+                for rid in in_step:
                     self._deliver(rid, err)
+                    self._queues.pop(rid, None)
                     self.llm.abort(rid)
-                return
 
 
 # ------------------------------------------------------------------------------- request parsing
@@ -123,7 +129,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+# Parameters this server does not implement yet, and the values that ask for nothing (accepted).
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
+               "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+               "functions": (None, []), "function_call": (None, "none", "auto")}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 naming a parameter the server would otherwise ignore (never a silent 200)."""
+    for name, harmless in UNSUPPORTED.items():
+        if name in body and body[name] not in harmless:
+            raise RequestError(f"'{name}' is not supported by this server", param=name)
+
+
+def _check_text(value, param: str) -> None:
+    """Every string in a prompt or message must be encodable (a lone surrogate is not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise RequestError(f"'{param}' is not valid Unicode text: {err.reason} at position {err.start}",
+                               param=param) from None
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, param)
+
+
 def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, dict]:
+    _refuse_unsupported(body)
     n = _get(body, "n", int, 1)
     if n != 1:
         raise RequestError("only n=1 is supported", param="n")
@@ -140,6 +173,10 @@ def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, 
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
         raise RequestError("'stop' must be a string or a list of strings", param="stop")
+    stop_ids = _get(body, "stop_token_ids", list, None)
+    if stop_ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise RequestError("'stop_token_ids' must be a list of integers", param="stop_token_ids")
+    _check_text(stop, "stop")
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -148,14 +185,51 @@ def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, 
             top_k=_get(body, "top_k", int, 0),
             seed=_get(body, "seed", int, None),
             stop=stop,
-            stop_token_ids=_get(body, "stop_token_ids", list, None),
+            stop_token_ids=stop_ids,
             ignore_eos=_get(body, "ignore_eos", bool, False),
         )
     except ValueError as err:
-        raise RequestError(str(err)) from None
-    extras = {"stream": _get(body, "stream", bool, False),
+        param = next((p for p in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop") if p in str(err)), None)
+        raise RequestError(str(err), param=param) from None
+    extras = {"explicit_max_tokens": body.get("max_completion_tokens", body.get("max_tokens")) is not None,
+              "stream": _get(body, "stream", bool, False),
               "include_usage": bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))}
     return params, extras
+
+
+def _completion_logprobs_wanted(body: dict) -> bool:
+    """Completions' `logprobs`: null, or an int 0..20 (0: the chosen tokens' log-probabilities)."""
+    lp = body.get("logprobs")
+    if lp is None or lp is False:
+        return False
+    if not isinstance(lp, int) or not 0 <= lp <= 20:
+        raise RequestError(f"'logprobs' must be an integer in [0, 20], got {lp!r}", param="logprobs")
+    if lp > 0:
+        raise RequestError("'logprobs' > 0 (the top alternatives) is not supported by this server yet; 0 returns "
+                           "the chosen tokens' log-probabilities", param="logprobs")
+    return True
+
+
+def _chat_logprobs_wanted(body: dict) -> bool:
+    """Chat's `logprobs` (a bool) and `top_logprobs` (an int 0..20, with logprobs true)."""
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise RequestError(f"'logprobs' must be a boolean, got {lp!r}", param="logprobs")
+    if top is not None:
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+            raise RequestError(f"'top_logprobs' must be an integer in [0, 20], got {top!r}", param="top_logprobs")
+        if not lp:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if top > 0:
+            raise RequestError("'top_logprobs' > 0 is not supported by this server yet", param="top_logprobs")
+    return bool(lp)
+
+
+def _check_room(llm: LLM, n_prompt: int, params: SamplingParams, explicit: bool) -> None:
+    """An explicit max_tokens that cannot fit after the prompt is a 400 naming both numbers."""
+    if explicit and n_prompt + params.max_tokens > llm.max_model_len:
+        raise RequestError(f"max_tokens={params.max_tokens} plus the prompt's {n_prompt} tokens exceeds this "
+                           f"model's context of {llm.max_model_len} tokens", param="max_tokens")
 
 
 def _completion_prompt(body: dict) -> str | list:
@@ -163,6 +237,7 @@ def _completion_prompt(body: dict) -> str | list:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
+    _check_text(prompt, "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         raise RequestError("batched prompts are not supported: send one prompt per request", param="prompt")
     if prompt is None or not isinstance(prompt, (str, list)):
@@ -183,9 +258,12 @@ def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams) -> list[int]:
             parts = m["content"]
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
                 raise RequestError("only text content parts are supported", param="messages")
-            m["content"] = "".join(p.get("text", "") for p in parts)
+            if not all(isinstance(p.get("text"), str) for p in parts):
+                raise RequestError("a text content part needs a string 'text'", param="messages")
+            m["content"] = "".join(p["text"] for p in parts)
         if not isinstance(m.get("content"), str):
             raise RequestError("each message needs a string 'content'", param="messages")
+        _check_text(m["content"], "messages")
     try:
         text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as err:
@@ -250,6 +328,8 @@ async def _read_body(request: Request, name: str) -> dict:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(f"request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
     model = body.get("model")
@@ -268,12 +348,24 @@ def _submit(engine: AsyncEngine, prompt, params: SamplingParams) -> tuple[str, a
         raise RequestError(str(err), param="prompt") from None
 
 
-async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue) -> tuple[list, list, str, str]:
-    """(token ids, logprobs, text, finish reason) of a whole request; aborts it if the handler is cancelled."""
+async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue,
+                   request: Request | None = None) -> tuple[list, list, str, str]:
+    """(token ids, logprobs, text, finish reason) of a whole request; aborts it if the handler is
+    cancelled or the client goes away (checked every quarter second)."""
     toks, lps, text, reason = [], [], "", None
+    checked = time.monotonic()
     try:
         while reason is None:
-            item = await queue.get()
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except TimeoutError:
+                item = None
+            if request is not None and time.monotonic() - checked >= 0.25:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    raise RequestError("client disconnected", 499)
+            if item is None:
+                continue
             if isinstance(item, BaseException):
                 raise RequestError(f"engine error: {item}", 500, type_="server_error")
             toks += item.new_token_ids
@@ -346,6 +438,11 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
     async def _request_error(request, exc: RequestError):  # noqa: RUF029
         return _error(str(exc), exc.status, exc.param, exc.type)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # noqa: RUF029
+        log.error("request %s %s failed: %r", request.method, request.url.path, exc)
+        return _error(f"internal error: {type(exc).__name__}: {exc}", 500, type_="server_error")
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):  # noqa: RUF029
         return _error(f"invalid request: {exc.errors()}")
@@ -370,10 +467,13 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         body = await _read_body(request, name)
         params, extras = sampling_from(body, 16)
         prompt = _completion_prompt(body)
-        want_lp = body.get("logprobs") is not None and body.get("logprobs") is not False
+        want_lp = _completion_logprobs_wanted(body)
         cid = f"cmpl-{uuid.uuid4().hex}"
+        if isinstance(prompt, str):  # off the event loop: a long prompt must not stall other requests
+            prompt = await asyncio.to_thread(llm.tokenizer.encode, prompt)
+        n_prompt = len(prompt)
+        _check_room(llm, n_prompt, params, extras["explicit_max_tokens"])
         rid, queue = _submit(engine, prompt, params)
-        n_prompt = len(llm.tokenizer.encode(prompt)) if isinstance(prompt, str) else len(prompt)
 
         if extras["stream"]:
             def choice(item):
@@ -385,7 +485,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
             return StreamingResponse(_stream_events(engine, rid, queue, head, choice, n_prompt,
                                                     extras["include_usage"]), media_type="text/event-stream")
 
-        toks, lps, text, reason = await _collect(engine, rid, queue)
+        toks, lps, text, reason = await _collect(engine, rid, queue, request)
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason,
                              "logprobs": _completion_logprobs(llm, toks, lps) if want_lp else None}],
@@ -395,11 +495,12 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
     async def chat(request: Request):
         body = await _read_body(request, name)
         params, extras = sampling_from(body, max(1, llm.max_model_len // 2))
-        prompt_ids = _chat_prompt_ids(llm, body, params)
-        want_lp = bool(body.get("logprobs"))
+        want_lp = _chat_logprobs_wanted(body)
+        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, llm, body, params)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        rid, queue = _submit(engine, prompt_ids, params)
         n_prompt = len(prompt_ids)
+        _check_room(llm, n_prompt, params, extras["explicit_max_tokens"])
+        rid, queue = _submit(engine, prompt_ids, params)
 
         if extras["stream"]:
             def choice(item):
@@ -412,7 +513,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
             return StreamingResponse(_stream_events(engine, rid, queue, head, choice, n_prompt,
                                                     extras["include_usage"], first), media_type="text/event-stream")
 
-        toks, lps, text, reason = await _collect(engine, rid, queue)
+        toks, lps, text, reason = await _collect(engine, rid, queue, request)
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                              "logprobs": _chat_logprobs(llm, toks, lps) if want_lp else None}],

@@ -60,7 +60,7 @@ def test_models_health_completion_and_chat(server):
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     assert _get(base + "/health")[0] == 200
     out = client.completions.create(model="tiny-llama", prompt="The quick brown fox", max_tokens=6, temperature=0,
-                                    logprobs=1, extra_body={"ignore_eos": True})
+                                    logprobs=0, extra_body={"ignore_eos": True})
     choice = out.choices[0]
     assert choice.finish_reason == "length" and out.usage.completion_tokens == 6
     assert len(choice.logprobs.token_logprobs) == 6 and all(lp <= 0 for lp in choice.logprobs.token_logprobs)
@@ -162,3 +162,104 @@ def test_malformed_chat_and_client_errors(server):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=2)
     assert _get(base + "/health")[0] == 200  # still serving
+
+
+DEEP = b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "hi", "top_k": 2**31}, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 10**6}, "prompt"),  # past the vocabulary (named in the text)
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 100}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": "x"}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 3}, "logprobs"),  # alternatives: not served yet, never ignored
+    ("/v1/completions", {"prompt": "hi", "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "!"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10**6}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, "seed"),
+    ("/v1/completions", {"prompt": "ab\ud800cd"}, "prompt"),
+    ("/v1/completions", DEEP, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ab\ud800cd"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 50}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": -1}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 3}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+     "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_requests_get_a_4xx_naming_the_parameter_and_the_server_keeps_serving(server, path, body, param):
+    llm, client, base = server
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, payload = _post(base + path, data)
+    assert status == 400, payload
+    err = payload["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param is not None:
+        assert err["param"] == param or param in err["message"], err
+    assert _get(base + "/health")[0] == 200
+    out = client.completions.create(model="tiny-llama", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert llm.stats()["kv_pages_in_use"] == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(server, monkeypatch):
+    """An injected fault in one step: that step's request gets a JSON 500, /health stays 200, and the
+    next request is served as before with every page returned."""
+    llm, client, base = server
+    want = client.completions.create(model="tiny-llama", prompt=[9, 10, 11], max_tokens=4, temperature=0)
+    real = llm.runner.execute
+    calls = {"n": 0}
+
+    def failing(plan):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected device fault")
+        return real(plan)
+
+    monkeypatch.setattr(llm.runner, "execute", failing)
+    status, payload = _post(base + "/v1/completions", json.dumps({"prompt": [1, 2, 3], "max_tokens": 4}).encode())
+    assert status == 500 and payload["error"]["type"] == "server_error" and "injected" in payload["error"]["message"]
+    assert _get(base + "/health")[0] == 200
+    again = client.completions.create(model="tiny-llama", prompt=[9, 10, 11], max_tokens=4, temperature=0)
+    assert again.choices[0].text == want.choices[0].text and calls["n"] > 1
+    assert llm.stats()["kv_pages_in_use"] == 0
+
+
+def test_a_non_streaming_client_that_disconnects_frees_its_pages(server, monkeypatch):
+    """The client closes its connection mid-request: the request is aborted and its pages return."""
+    import socket
+
+    llm, _, base = server
+    real = llm.runner.execute
+
+    def slow(plan):  # 20 ms a step: 240 tokens take ~5 s, the disconnect is seen long before
+        time.sleep(0.02)
+        return real(plan)
+
+    monkeypatch.setattr(llm.runner, "execute", slow)
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 240, "ignore_eos": True}).encode()
+    before = llm.metrics.requests_aborted
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 10
+        while llm.stats()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while (llm.stats()["running"] or llm.stats()["kv_pages_in_use"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = llm.stats()
+    assert st["running"] == 0 and st["kv_pages_in_use"] == 0, st
+    assert llm.metrics.requests_aborted == before + 1  # aborted, not run to its 200 tokens

@@ -190,9 +190,8 @@ def test_cli_model_presets_are_merged_and_gains_summarised(tmp_path, capsys):
     keys = cli._keys("rpa", args)
     idents = [json.dumps(k, sort_keys=True) for k in keys]
     assert len(idents) == len(set(idents))  # llama3-8b, qwen3-8b and mixtral share attention shapes
-    from autotune.presets import preset
+    from autotune.presets import TENSOR_PARALLEL_SIZES, per_device, preset
     from rpa.tuning import keys_for_preset
-    from autotune.presets import TENSOR_PARALLEL_SIZES, per_device
     # and every tensor-parallel size's per-device shapes (shared by the three as well)
     assert len(keys) == sum(len(keys_for_preset(per_device(preset("llama3-8b"), n))) for n in TENSOR_PARALLEL_SIZES)
     one = cli._keys("rpa", cli.argparse.Namespace(shapes=None, model=["llama3-8b"], tensor_parallel=[1]))
