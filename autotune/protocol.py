@@ -86,7 +86,21 @@ class TuningModule(Protocol):
 class BlockConfig:
     """Mixin of the frozen block-size dataclasses: `from_dict`, `to_dict` and `from_any`.
 
-    A dict naming a field the class does not have is a ValueError naming the argument."""
+    A dict naming a field the class does not have is a ValueError naming the argument, and so is an
+    int field that is not a positive int (0 too where the class lists it in ZERO_MEANS: a field whose
+    0 stands for a default, as rpa's "every KV head")."""
+
+    ZERO_MEANS: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.type not in ("int", int):
+                continue
+            v = getattr(self, f.name)
+            low = 0 if f.name in self.ZERO_MEANS else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                want = "a non-negative int (0: the default)" if low == 0 else "a positive int"
+                raise ValueError(f"block_sizes: {type(self).__name__}.{f.name} must be {want}, got {v!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:

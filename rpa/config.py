@@ -33,6 +33,8 @@ class BlockSizes(BlockConfig):
     of one device, 2 on megacore v4 / v5p, else 1); other caches split head blocks between cores.
     """
 
+    ZERO_MEANS = frozenset({"decode_kv_heads", "prefill_kv_heads", "mixed_kv_heads", "core_splits"})
+
     decode_kv_pages: int = 8
     decode_kv_heads: int = ALL_KV_HEADS
     prefill_q: int = 128

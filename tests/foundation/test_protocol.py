@@ -95,3 +95,21 @@ def test_check_implementation():
         assert protocol.check_implementation(ok) == ok
     with pytest.raises(ValueError, match="implementation"):
         protocol.check_implementation("cuda")
+
+
+@pytest.mark.parametrize("bad", [0, -16, 2.5, "8", True])
+def test_block_sizes_must_be_positive_ints_named_in_the_error(bad):
+    """Every family's block-size config refuses a non-positive or non-int size with a ValueError
+    naming block_sizes and the field (0 only where it means a default, as rpa's KV-head blocks)."""
+    from moe.tuning import GmmConfig
+    from quant.tuning import QuantizedMatmulConfig
+    from rpa.config import BlockSizes
+
+    for cls, field, rest in ((GmmConfig, "tm", {"tk": 128, "tn": 128}),
+                             (QuantizedMatmulConfig, "tn", {"tm": 128, "tk": 128}),
+                             (BlockSizes, "prefill_q", {})):
+        with pytest.raises(ValueError, match=rf"block_sizes: {cls.__name__}\.{field}"):
+            cls(**{field: bad, **rest})
+    assert BlockSizes(decode_kv_heads=0, core_splits=0).decode_kv_heads == 0
+    with pytest.raises(ValueError, match="decode_kv_heads"):
+        BlockSizes(decode_kv_heads=-1)
