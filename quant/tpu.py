@@ -47,6 +47,7 @@ def quantize_rows_fast(x, act_quant: str):
     absmax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
     scale = absmax / jax.lax.optimization_barrier(jnp.full_like(absmax, qm))
     scale = jnp.where(scale >= tiny, scale, jnp.float32(1))
+    scale = jnp.where(jnp.any(~jnp.isfinite(xf), axis=-1, keepdims=True), jnp.float32(jnp.nan), scale)  # shows
     q = jnp.clip(xf / scale, -qm, qm)
     if act_quant == "int8":
         return jnp.round(q).astype(jnp.int8), scale

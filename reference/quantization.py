@@ -152,9 +152,13 @@ def _flush_subnormals(x: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(x) < _TINY, jnp.float32(0.0), x)
 
 
-def _safe_scale(absmax: jax.Array, qm: float) -> jax.Array:
+def _safe_scale(absmax: jax.Array, qm: float, nonfinite: jax.Array) -> jax.Array:
+    """absmax / qm; 1 for an all-zero block; NaN for a block holding a NaN or Inf (`nonfinite`), so
+    that it shows in the output instead of quantizing to a finite, wrong value (a max reduction
+    need not propagate NaN)."""
     scale = _divide(absmax, qm)
-    return jnp.where(scale >= _TINY, scale, jnp.float32(1.0))
+    scale = jnp.where(scale >= _TINY, scale, jnp.float32(1.0))
+    return jnp.where(nonfinite, jnp.float32(jnp.nan), scale)
 
 
 def _to_values(q: jax.Array, name: str) -> jax.Array:
@@ -195,7 +199,7 @@ def _quantize_impl(w: jax.Array, name: str, block: tuple[int, int]) -> tuple[jax
     wf = _flush_subnormals(w)
     blocks = wf.reshape(*lead, k // bk, bk, n // bn, bn)
     absmax = jnp.max(jnp.abs(blocks), axis=(-3, -1))  # [..., K//bk, N//bn]
-    scales = _safe_scale(absmax, QMAX[name])
+    scales = _safe_scale(absmax, QMAX[name], jnp.any(~jnp.isfinite(blocks), axis=(-3, -1)))
     q = _divide(blocks, scales[..., :, None, :, None])
     values = _to_values(q, name).reshape(*lead, k, n)
     return values, scales
@@ -262,7 +266,7 @@ def quantize_rows(x: ArrayLike, dtype: DTypeLike) -> tuple[jax.Array, jax.Array]
 def _quantize_rows_impl(x: jax.Array, name: str) -> tuple[jax.Array, jax.Array]:
     xf = _flush_subnormals(x)
     absmax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
-    scales = _safe_scale(absmax, QMAX[name])
+    scales = _safe_scale(absmax, QMAX[name], jnp.any(~jnp.isfinite(xf), axis=-1, keepdims=True))
     return _to_values(_divide(xf, scales), name), scales
 
 

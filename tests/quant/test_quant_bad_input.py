@@ -87,3 +87,27 @@ def test_cpu_fallback_warns_and_matches_reference(x, qw):
         y = quant.quantized_matmul(x, qw, act_quant="int8")
     np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
                                   np.asarray(quantized_matmul_qt(x, qw, act_quant="int8").astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_nonfinite_weights_and_activations_show_in_the_output(poison):
+    """A NaN / Inf weight makes its block's scale NaN (its output column NaN, the others finite);
+    a NaN / Inf activation row with act_quant makes that output row NaN. Never a finite wrong value."""
+    import jax.numpy as jnp
+
+    import quant
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((256, 256)).astype(np.float32)
+    w[17, 5] = poison
+    qw = quant.quantize(jnp.asarray(w), "int8")
+    assert np.isnan(np.asarray(qw.scales)[0, 5]) and np.isfinite(np.delete(np.asarray(qw.scales)[0], 5)).all()
+    x = jnp.asarray(rng.standard_normal((16, 256)), jnp.bfloat16)
+    y = np.asarray(quant.quantized_matmul(x, qw, interpret=True), np.float32)
+    assert np.isnan(y[:, 5]).all() and np.isfinite(np.delete(y, 5, axis=1)).all()
+    xs = np.asarray(rng.standard_normal((16, 256)), np.float32)
+    xs[4, 100] = poison
+    clean = quant.quantize(jnp.asarray(rng.standard_normal((256, 256)).astype(np.float32)), "int8")
+    y = np.asarray(quant.quantized_matmul(jnp.asarray(xs, jnp.bfloat16), clean, act_quant="int8", interpret=True),
+                   np.float32)
+    assert np.isnan(y[4]).all() and np.isfinite(np.delete(y, 4, axis=0)).all()
