@@ -28,6 +28,18 @@ def next_power_of_2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+def dtype_arg(value, arg: str, *, floating: bool = False) -> jnp.dtype:
+    """jnp.dtype(value) for a kernel's dtype argument; a ValueError naming `arg` when it is not a
+    dtype (numpy's TypeError would not say which argument) or, with floating, not a float dtype."""
+    try:
+        dt = jnp.dtype(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{arg}: not a dtype: {value!r}") from err
+    if floating and not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"{arg}: expected a floating dtype, got {dt}")
+    return dt
+
+
 def dtype_bits(dtype) -> int:
     """Bits per element (4 for int4, 8 for float8/int8, ...)."""
     dtype = jnp.dtype(dtype)

@@ -12,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune import protocol
+from autotune.kernel_util import dtype_arg
 from autotune.tables import kernel_block_sizes, lookup
 from moe import routing, tpu, tuning
-from quant.tensor import QuantizedTensor, unpack_int4
+from quant.tensor import QuantizedTensor, check_storage, unpack_int4
 from reference.gmm import gmm as reference_gmm
 
 ACTIVATIONS = tpu.ACTIVATIONS
@@ -32,6 +33,7 @@ def _is_concrete(x: object) -> bool:
 def _rhs_info(rhs: object, name: str = "rhs") -> tuple[tuple, str, int]:
     """(logical shape, dtype name, quant_block: -1 float / 0 per channel / rows per scale)."""
     if isinstance(rhs, QuantizedTensor):
+        check_storage(rhs, name)
         shape = tuple(rhs.shape)
         bk, _ = rhs.block_size
         if len(shape) != 3:
@@ -204,7 +206,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array | QuantizedTensor, group_sizes: jax.Array
     m, k, n, g_local, rhs_dtype, quant_block = _validate_gmm(lhs, rhs, group_sizes, group_offset,
                                                              activation, debug_checks)
     default = lhs.dtype if isinstance(rhs, QuantizedTensor) else jnp.promote_types(lhs.dtype, rhs.dtype)
-    preferred_element_type = jnp.dtype(preferred_element_type or default)
+    preferred_element_type = dtype_arg(preferred_element_type or default, "preferred_element_type", floating=True)
     if m == 0:
         return jnp.zeros((0, n // 2 if activation else n), preferred_element_type)
     key = tuning.make_key(m=m, k=k, n=n, num_groups=g_local, lhs_dtype=lhs.dtype, rhs_dtype=rhs_dtype,

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 
 from autotune import protocol
 from autotune.cost_model import Traffic
+from autotune.kernel_util import dtype_arg
 from autotune.tables import kernel_block_sizes, lookup
 from quant import tuning
-from quant.tensor import QuantizedTensor
+from quant.tensor import QuantizedTensor, check_storage
 from reference import quantization as qref
 from reference.quantized_matmul import quantized_matmul_qt as _reference_qt
 
@@ -36,12 +37,8 @@ def _validate(x, qw, act_quant, out_dtype, bias):
         raise ValueError(f"x: needs at least one row, got shape {tuple(x.shape)}")
     act = None if act_quant is None else qref.dtype_name(act_quant, arg="act_quant", allowed=qref.ACT_DTYPES)
     if out_dtype is not None:
-        try:
-            od = jnp.dtype(out_dtype)
-        except TypeError as err:
-            raise ValueError(f"out_dtype: not a dtype: {out_dtype!r}") from err
-        if not jnp.issubdtype(od, jnp.floating):
-            raise ValueError(f"out_dtype: expected a floating dtype, got {od}")
+        dtype_arg(out_dtype, "out_dtype", floating=True)
+    check_storage(qw, "qw")
     if bias is not None and (not hasattr(bias, "shape") or tuple(bias.shape) not in ((n,), (1, n))):
         raise ValueError(f"bias: expected shape [N={n}], got {getattr(bias, 'shape', None)}")
     want_rows = k // 2 if qw.dtype == "int4" else k

@@ -109,6 +109,17 @@ def abstract(shape: tuple[int, ...], dtype: str, block_size: tuple[int, int]) ->
     return QuantizedTensor(values, scales, dtype, (bk, bn), tuple(shape))
 
 
+def check_storage(qw: QuantizedTensor, arg: str) -> None:
+    """A QuantizedTensor's leaves are what its format stores (int8 bytes for int8 / packed int4, the
+    float8 type for fp8; float32 scales): anything else would compute garbage. ValueError naming arg."""
+    want = jnp.dtype(qref.storage_dtype(qw.dtype))
+    got = jnp.dtype(qw.values.dtype)
+    if got != want:
+        raise ValueError(f"{arg}: a {qw.dtype} QuantizedTensor stores {want} values, got {got}")
+    if jnp.dtype(qw.scales.dtype) != jnp.float32:
+        raise ValueError(f"{arg}: scales must be float32, got {qw.scales.dtype}")
+
+
 def check_block_size(dtype: str, shape, block_size, *, arg: str = "block_size") -> tuple[int, int]:
     """Normalized (bk, bn) for a weight of `shape` [..., K, N] in format `dtype`; ValueErrors name the argument."""
     if len(shape) < 2:

@@ -111,3 +111,26 @@ def test_nonfinite_weights_and_activations_show_in_the_output(poison):
     y = np.asarray(quant.quantized_matmul(jnp.asarray(xs, jnp.bfloat16), clean, act_quant="int8", interpret=True),
                    np.float32)
     assert np.isnan(y[4]).all() and np.isfinite(np.delete(y, 4, axis=0)).all()
+
+
+def test_dtype_arguments_and_storage_are_named(qw, rng):
+    """Not-a-dtype and non-float output dtypes, and a QuantizedTensor whose values are not its
+    format's storage dtype, are ValueErrors naming the argument, in quant and moe alike."""
+    import moe
+    from quant.tensor import QuantizedTensor
+
+    x = jnp.asarray(rng.standard_normal((8, 256)), jnp.bfloat16)
+    for bad, match in (("banana", "out_dtype: not a dtype"), (jnp.int32, "out_dtype: expected a floating")):
+        with pytest.raises(ValueError, match=match):
+            quant.quantized_matmul(x, qw, out_dtype=bad, interpret=True)
+    wrong = QuantizedTensor(qw.values.astype(jnp.uint8), qw.scales, qw.dtype, qw.block_size, qw.shape)
+    with pytest.raises(ValueError, match="qw: a int8 QuantizedTensor stores int8 values, got uint8"):
+        quant.quantized_matmul(x, wrong, interpret=True)
+    lhs = jnp.asarray(rng.standard_normal((16, 128)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((2, 128, 128)), jnp.bfloat16)
+    for bad, match in (("banana", "preferred_element_type: not a dtype"),
+                       (jnp.int32, "preferred_element_type: expected a floating")):
+        with pytest.raises(ValueError, match=match):
+            moe.gmm(lhs, rhs, jnp.array([8, 8], jnp.int32), preferred_element_type=bad, interpret=True)
+    with pytest.raises(ValueError, match="dtype"):
+        quant.quantize(jnp.ones((4, 4)), "int3")
