@@ -225,6 +225,15 @@ def _chat_logprobs_wanted(body: dict) -> bool:
     return bool(lp)
 
 
+def _encode_prompt(llm: LLM, text: str) -> list[int]:
+    """A completion prompt's ids; one longer than the model length is refused before its ids exist."""
+    try:
+        return llm.tokenizer.encode(text, limit=llm.max_model_len - 1)
+    except ValueError as err:
+        raise RequestError(f"{err}; this model's max_model_len is {llm.max_model_len} (prompt plus at least one "
+                           "generated token)", param="prompt") from None
+
+
 def _check_room(llm: LLM, n_prompt: int, params: SamplingParams, explicit: bool) -> None:
     """An explicit max_tokens that cannot fit after the prompt is a 400 naming both numbers."""
     if explicit and n_prompt + params.max_tokens > llm.max_model_len:
@@ -324,8 +333,10 @@ def _error(message: str, status: int = 400, param: str | None = None,
 
 async def _read_body(request: Request, name: str) -> dict:
     """The request's JSON object; a model other than `name` is a 404."""
+    raw = await request.body()
     try:
-        body = json.loads(await request.body())
+        # a large body is parsed off the event loop (other requests and /health keep being served)
+        body = json.loads(raw) if len(raw) < 1 << 16 else await asyncio.to_thread(json.loads, raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(f"request body is not valid JSON: {err}") from None
     except RecursionError:
@@ -470,7 +481,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         want_lp = _completion_logprobs_wanted(body)
         cid = f"cmpl-{uuid.uuid4().hex}"
         if isinstance(prompt, str):  # off the event loop: a long prompt must not stall other requests
-            prompt = await asyncio.to_thread(llm.tokenizer.encode, prompt)
+            prompt = await asyncio.to_thread(_encode_prompt, llm, prompt)
         n_prompt = len(prompt)
         _check_room(llm, n_prompt, params, extras["explicit_max_tokens"])
         rid, queue = _submit(engine, prompt, params)

@@ -58,8 +58,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, *, limit: int | None = None) -> list[int]:
+        """Token ids of `text`; with `limit`, a ValueError (before any list is built) when there are
+        more than `limit` of them. Long texts go through encode_batch, which releases the GIL while
+        it runs (encode holds it: a server thread would stall every other)."""
+        if len(text) > 1 << 16:
+            enc = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+        else:
+            enc = self.tok.encode(text, add_special_tokens=add_special_tokens)
+        if limit is not None and len(enc) > limit:
+            raise ValueError(f"prompt: {len(enc)} tokens, more than {limit}")
+        return enc.ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
