@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         total = time.perf_counter() - t0
     fits = all(r.peak_bytes <= r.hbm_bytes for r in rows)
     tables = sorted({f"{k} {m}" for r in rows for k, m in r.tables.items()})
-    print(f"total: {len(rows)} buckets in {total:.1f} s on this host (lowering, then compiles on "
+    print(f"total: {len(rows)} buckets in {total:.1f} s on this host (serial lowering overlapped with compiles on "
           f"{args.workers or os.cpu_count()} threads); every bucket fits HBM: {'yes' if fits else 'NO'}; "
           f"kernel tables: {', '.join(tables)}")
     return 0 if fits else 1

@@ -204,8 +204,9 @@ class ModelRunner:
 
     def compile_buckets(self, buckets: list[int] | None = None, workers: int | None = None,
                         progress=None) -> dict[int, float]:
-        """Lower every bucket's step (serially: tracing holds the GIL), then compile them in a thread
-        pool, largest first (XLA's compiler releases the GIL); the executables serve the steps.
+        """Lower every bucket's step (serially: tracing holds the GIL), each compiled in a thread pool
+        as soon as it is lowered, largest first (XLA's compiler releases the GIL); the executables
+        serve the steps.
 
         Args:
           buckets: the buckets to compile (default: all).
@@ -217,18 +218,19 @@ class ModelRunner:
         _import_config_modules()
         if self._bs is None:
             self.plan_block_sizes()
-        lowered = []
-        for b in sorted(buckets or self.buckets, reverse=True):
-            lowered.append((b, self._step_fn(b).lower(self.params, self.caches, *self._lowering_inputs(b))))
+        order = sorted(buckets or self.buckets, reverse=True)
 
-        def one(item):
-            b, low = item
+        def one(b, low):
             t0 = time.perf_counter()
             return b, low.compile(), time.perf_counter() - t0
 
-        workers = workers or min(len(lowered), os.cpu_count() or 1)
+        workers = workers or min(len(order), os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            for b, compiled, secs in pool.map(one, lowered):
+            # each bucket's compile starts as soon as it is lowered: lowering the next overlaps it
+            futures = [pool.submit(one, b, self._step_fn(b).lower(self.params, self.caches, *self._lowering_inputs(b)))
+                       for b in order]
+            for fut in futures:
+                b, compiled, secs = fut.result()
                 self._compiled[b] = compiled
                 self.compile_seconds[b] = secs
                 if progress is not None:
