@@ -208,8 +208,8 @@ class Scheduler:
             planned[id(seq)] = ScheduledSeq(seq, n, seq.num_computed)
             budget -= n
 
+        self._trim_to_bucket(list(planned.values()))  # before sorting: a chunk cut to 1 token sorts as a decode
         items = sorted(planned.values(), key=lambda s: (s.num_new != 1, s.seq.order))
-        self._trim_to_bucket(items)
         self.num_chunked += sum(1 for it in items if not it.samples)
         return StepPlan(items, preempted)
 

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.kv_cache import PageAllocator, page_hashes
+from engine.runner import token_buckets
 from engine.sampler import SamplingParams
 from engine.scheduler import Scheduler, Sequence
 
@@ -37,9 +38,11 @@ def test_hashes_chain_on_the_prefix():
     assert page_hashes([1, 2, 3, 4, 5], 2) == page_hashes([1, 2, 3, 4], 2)
 
 
-def _run(requests, *, num_pages, page_size, max_num_seqs, budget, max_model_len=64, rng=None):
+def _run(requests, *, num_pages, page_size, max_num_seqs, budget, max_model_len=64, rng=None, buckets=None,
+         trim_above=64):
     alloc = PageAllocator(num_pages, page_size)
-    sched = Scheduler(alloc, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len)
+    sched = Scheduler(alloc, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
+                      buckets=buckets, trim_above=trim_above)
     seqs = [Sequence(str(i), list(p), SamplingParams(max_tokens=n, temperature=0), seed=0)
             for i, (p, n) in enumerate(requests)]
     pending, done, steps = list(seqs), [], 0
@@ -50,6 +53,11 @@ def _run(requests, *, num_pages, page_size, max_num_seqs, budget, max_model_len=
         steps += 1
         assert steps < 5000, "no progress"
         assert plan.num_tokens <= budget and len(plan.scheduled) <= max_num_seqs
+        assert all(it.num_new >= 1 for it in plan.scheduled)
+        if buckets and plan.num_tokens not in buckets:  # filling a bucket: only what no chunk could absorb
+            below = max([b for b in buckets if b <= plan.num_tokens], default=0)
+            excess = plan.num_tokens - below
+            assert below < trim_above or all(it.num_new <= excess for it in plan.scheduled), plan
         kinds = [it.num_new == 1 for it in plan.scheduled]
         assert kinds == sorted(kinds, reverse=True), "decodes first"
         owners = {}
@@ -85,8 +93,10 @@ def test_scheduler_random_mixes_finish_everything(data):
         plen = data.draw(st.integers(1, 30))
         reqs.append(((shared + list(range(1, plen + 1)))[:40], data.draw(st.integers(1, 8))))
     budget = data.draw(st.sampled_from([8, 16, 32]))
+    fill = data.draw(st.booleans())  # the scheduler fills the engine's token buckets (engine.runner.token_buckets)
     seqs, sched = _run(reqs, num_pages=num_pages, page_size=page_size, max_num_seqs=min(4, budget), budget=budget,
-                       max_model_len=max_model_len)
+                       max_model_len=max_model_len, buckets=token_buckets(budget) if fill else None,
+                       trim_above=data.draw(st.sampled_from([1, 8, 64])))
     for s, (_, m) in zip(seqs, reqs):
         assert len(s.output_ids) == m  # nobody lost, nobody cut short
 
