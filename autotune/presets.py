@@ -34,7 +34,7 @@ def split(size: int, *, num_heads: int, num_kv_heads: int, num_experts: int = 0)
 
     Query heads split `size` ways; KV heads split too, or are replicated (one per device) when
     `size` exceeds them; experts split over min(E, size) devices, each expert's width over the rest.
-    The caller checks divisibility (engine.parallel.plan names what does not split).
+    The caller checks divisibility first (refusal).
 
     Returns:
       (query heads, KV heads, expert-parallel ways ep) per device; ep is 1 for a dense model.
@@ -43,24 +43,44 @@ def split(size: int, *, num_heads: int, num_kv_heads: int, num_experts: int = 0)
     return num_heads // size, max(1, num_kv_heads // size), ep
 
 
+def refusal(size: int, *, num_heads: int, num_kv_heads: int, vocab: int = 0, intermediate: int = 0,
+            num_experts: int = 0, moe_intermediate: int = 0) -> str | None:
+    """Why a `size`-way split of these dims does not work (the text after "tensor_parallel_size=N"),
+    or None when it does. One rule for the engine (engine.parallel.plan raises it) and the tables'
+    presets (per_device skips the size). 0 for a dim the model does not have."""
+    if num_heads % size:
+        return f" does not divide the {num_heads} query heads"
+    if num_kv_heads % size and size % num_kv_heads:
+        return (f": the {num_kv_heads} KV heads neither split over nor replicate across {size} devices "
+                "(one must divide the other)")
+    if vocab % size:
+        return f" does not divide the vocabulary of {vocab}"
+    if intermediate % size:
+        return f" does not divide the intermediate size {intermediate}"
+    if num_experts:
+        if num_experts % size and size % num_experts:
+            return f": the {num_experts} experts neither split over {size} devices nor {size} over them"
+        inner = size // min(num_experts, size)
+        if moe_intermediate % inner:
+            return f": {inner} devices per expert do not divide the expert width {moe_intermediate}"
+    return None
+
+
 def per_device(p: dict, size: int) -> dict | None:
     """Preset `p` as one device of a `size`-way tensor-parallel slice sees it (heads, widths and
     experts per device), named "<name>/tp<size>"; None when the engine would refuse that split."""
     if size == 1:
         return p
     h, kvh, e = p["num_heads"], p["num_kv_heads"], p.get("num_experts", 0)
-    if h % size or (kvh % size and size % kvh):
+    if refusal(size, num_heads=h, num_kv_heads=kvh, vocab=p.get("vocab", 0), intermediate=p.get("intermediate", 0),
+               num_experts=e, moe_intermediate=p.get("moe_intermediate", 0)):
         return None
     heads, kv_heads, ep = split(size, num_heads=h, num_kv_heads=kvh, num_experts=e)
     out = {**p, "name": f"{p['name']}/tp{size}", "tensor_parallel": size, "num_heads": heads,
            "num_kv_heads": kv_heads}
     if "intermediate" in p:
-        if p["intermediate"] % size:
-            return None
         out["intermediate"] = p["intermediate"] // size
     if e:
-        if (e % size and size % e) or p["moe_intermediate"] % (size // ep):
-            return None
         out["num_experts"], out["moe_intermediate"] = e // ep, p["moe_intermediate"] // (size // ep)
     return out
 

@@ -20,12 +20,11 @@ Norms, rope, the sampler and the host's scheduling are not priced: the figure is
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 from autotune.cost_model import Traffic, predict
 from autotune.hardware import ChipSpec, chip
 from autotune.presets import per_device
-from autotune.tables import lookup
+from autotune.tables import lookup_quietly
 
 ACT_BYTES = 2  # bf16 activations (the engine's dtype for bf16 checkpoints)
 
@@ -73,9 +72,7 @@ def ring_all_gather_seconds(nbytes: int, devices: int, spec: ChipSpec) -> float:
 
 
 def _quiet_lookup(kernel: str, key: dict, generation: str) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return lookup(kernel, key, generation)[0]
+    return lookup_quietly(kernel, key, generation)[0]
 
 
 def _matmul_seconds(m: int, k: int, n: int, weight_dtype: str, generation: str) -> float:

@@ -143,6 +143,28 @@ def lookup(kernel: str, key: dict[str, Any], generation: str | None = None) -> t
     return dict(module.default_block_sizes(key, gen)), "default"
 
 
+def lookup_quietly(kernel: str, key: dict, generation: str) -> tuple[dict, str]:
+    """`lookup`, holding back its table-miss warning (the miss is counted instead).
+
+    Every other warning the lookup raises (a corrupt table, an unknown chip) is passed on.
+
+    Args:
+      kernel: a registered kernel.
+      key: the table key.
+      generation: a generation name.
+    Returns:
+      (block_sizes, match) as lookup returns them.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        block_sizes, match = lookup(kernel, key, generation)
+    for w in caught:
+        miss_warning = match == "default" and w.category is UserWarning and "table entry" in str(w.message)
+        if not miss_warning:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return block_sizes, match
+
+
 def kernel_block_sizes(kernel: str, key: dict[str, Any], generation: str | None) -> dict:
     """The block sizes a public op runs with when the caller gives none.
 

@@ -11,7 +11,6 @@ latencies (measured on this host).
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import tempfile
 import threading
@@ -20,11 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.serve import free_port
 
 
 def measure(prompt_bytes: int = 5_000_000, timeout: float = 120.0) -> dict:
@@ -43,7 +38,7 @@ def measure(prompt_bytes: int = 5_000_000, timeout: float = 120.0) -> dict:
         model = write_model(Path(tmp) / "m", arch="llama")
         llm = LLM(model, max_model_len=256, page_size=8, num_pages=64, max_num_seqs=4, max_num_batched_tokens=32,
                   backend="reference")
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(llm, "m"), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

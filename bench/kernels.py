@@ -16,18 +16,17 @@ heuristic ("default" in the `table` column). Those misses are counted per kernel
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from autotune import lookup
 from autotune import tables as _tables
 from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS, ChipSpec, chip, detect
 from autotune.registry import KERNEL_MODULES, tuning_module
+from autotune.tables import lookup_quietly
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,28 +52,6 @@ def _miss_counts() -> dict[tuple, int] | None:
     """autotune.tables.miss_counts(), or None where the table layer does not count misses."""
     counts = getattr(_tables, "miss_counts", None)
     return dict(counts()) if counts is not None else None
-
-
-def lookup_quietly(kernel: str, key: dict, generation: str) -> tuple[dict, str]:
-    """`autotune.lookup`, holding back its table-miss warning (the miss is counted instead).
-
-    Every other warning the lookup raises (a corrupt table, an unknown chip) is passed on.
-
-    Args:
-      kernel: a registered kernel.
-      key: the table key.
-      generation: a generation name.
-    Returns:
-      (block_sizes, match) as lookup returns them.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        block_sizes, match = lookup(kernel, key, generation)
-    for w in caught:
-        miss_warning = match == "default" and w.category is UserWarning and "table entry" in str(w.message)
-        if not miss_warning:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return block_sizes, match
 
 
 def _median_seconds(fn: Callable, inputs: list, runs: int = 20) -> float:

@@ -96,10 +96,3 @@ def group_sizes(params: dict) -> list[int]:
     """Layers per group of stacked params."""
     return [jax.tree.leaves(g)[0].shape[0] for g in params["layer_groups"]]
 
-
-def layer_views(params: dict) -> list[dict]:
-    """Each layer's weights as views of the stacked params (host-side inspection, not the step)."""
-    out = []
-    for group, n in zip(params["layer_groups"], group_sizes(params)):
-        out += [jax.tree.map(lambda a, i=i: a[i], group) for i in range(n)]
-    return out

@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from autotune.presets import split
+from autotune.presets import refusal, split
 from engine.config import ModelConfig
 
 AXES = ("expert", "model")
@@ -72,26 +72,14 @@ def plan(cfg: ModelConfig, size: int, devices: list | None = None) -> Layout:
     devices = list(jax.devices() if devices is None else devices)
     if size > len(devices):
         raise ValueError(f"{name}={size}: only {len(devices)} device(s) visible ({devices[0].platform})")
-    h, kvh = cfg.num_heads, cfg.num_kv_heads
-    if h % size:
-        raise ValueError(f"{name}={size} does not divide the {h} query heads")
-    if kvh % size and size % kvh:
-        raise ValueError(f"{name}={size}: the {kvh} KV heads neither split over nor replicate across "
-                         f"{size} devices (one must divide the other)")
-    if cfg.vocab_size % size:
-        raise ValueError(f"{name}={size} does not divide the vocabulary of {cfg.vocab_size}")
-    dense_layers = [i for i in range(cfg.num_layers) if not cfg.layer_is_moe(i)]
-    if dense_layers and cfg.intermediate_size % size:
-        raise ValueError(f"{name}={size} does not divide the intermediate size {cfg.intermediate_size}")
-    heads, kv_heads, ep = split(size, num_heads=h, num_kv_heads=kvh, num_experts=cfg.num_experts if cfg.is_moe else 0)
-    if cfg.is_moe:
-        e = cfg.num_experts
-        if e % size and size % e:
-            raise ValueError(f"{name}={size}: the {e} experts neither split over {size} devices nor "
-                             f"{size} over them")
-        if cfg.moe_intermediate_size % (size // ep):
-            raise ValueError(f"{name}={size}: {size // ep} devices per expert do not divide the expert width "
-                             f"{cfg.moe_intermediate_size}")
+    h, kvh, e = cfg.num_heads, cfg.num_kv_heads, cfg.num_experts if cfg.is_moe else 0
+    dense_layers = any(not cfg.layer_is_moe(i) for i in range(cfg.num_layers))
+    reason = refusal(size, num_heads=h, num_kv_heads=kvh, vocab=cfg.vocab_size,
+                     intermediate=cfg.intermediate_size if dense_layers else 0, num_experts=e,
+                     moe_intermediate=cfg.moe_intermediate_size if e else 0)
+    if reason:
+        raise ValueError(f"{name}={size}{reason}")
+    heads, kv_heads, ep = split(size, num_heads=h, num_kv_heads=kvh, num_experts=e)
     mesh = Mesh(np.array(devices[:size]).reshape(ep, size // ep), AXES)
     return Layout(size, ep, heads, kv_heads, mesh)
 

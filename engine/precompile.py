@@ -115,11 +115,8 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
                 found = {op: found[op] + max(br[op] for br in branches) for op in COLLECTIVES}
         return found
 
-    if entry is None:  # not a module's text: count every op once
-        found = {op: 0 for op in COLLECTIVES}
-        for m in _OP.finditer(hlo_text):
-            found[m.group(1)] += 1
-        return found
+    if entry is None:  # not a module's text: every line counted once
+        entry, comps[""] = "", hlo_text.splitlines()
     return total(entry)
 
 

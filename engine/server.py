@@ -44,8 +44,6 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self.error: BaseException | None = None
-        self.failed_steps = 0  # steps that raised: their requests failed, the loop went on
 
     def start(self):
         self._thread.start()
@@ -58,7 +56,7 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._thread.is_alive()
 
     def submit(self, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
         loop = asyncio.get_running_loop()
@@ -98,7 +96,6 @@ class AsyncEngine:
                     self._wake.clear()
             except Exception as err:  # noqa: BLE001 - fail the step's requests, keep serving the rest
                 log.exception("engine step failed")
-                self.failed_steps += 1
                 with self.llm.lock:
                     in_step = [seq.request_id for seq in self.llm.scheduler.running]
                 for rid in in_step:
@@ -165,9 +162,9 @@ def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, 
     for name in ("presence_penalty", "frequency_penalty"):
         if _get(body, name, (int, float), 0):
             raise RequestError(f"'{name}' is not supported", param=name)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = default_max_tokens
+    requested = body.get("max_completion_tokens")
+    requested = body.get("max_tokens") if requested is None else requested
+    max_tokens = default_max_tokens if requested is None else requested
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise RequestError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
     stop = body.get("stop")
@@ -191,7 +188,7 @@ def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, 
     except ValueError as err:
         param = next((p for p in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop") if p in str(err)), None)
         raise RequestError(str(err), param=param) from None
-    extras = {"explicit_max_tokens": body.get("max_completion_tokens", body.get("max_tokens")) is not None,
+    extras = {"explicit_max_tokens": requested is not None,
               "stream": _get(body, "stream", bool, False),
               "include_usage": bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))}
     return params, extras
@@ -254,7 +251,7 @@ def _completion_prompt(body: dict) -> str | list:
     return prompt
 
 
-def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams) -> list[int]:
+def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams, explicit_max_tokens: bool) -> list[int]:
     """The token ids of a chat request's messages under the chat template; without an explicit
     max_tokens the reply is capped by the room left in the model length (params is updated)."""
     messages = body.get("messages")
@@ -279,7 +276,7 @@ def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams) -> list[int]:
         raise RequestError(str(err), param="messages") from None
     prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
     # a chat reply stops where the model ends its turn: cap max_tokens by the room left
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if not explicit_max_tokens:
         params.max_tokens = max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids) - 1))
     return prompt_ids
 
@@ -507,7 +504,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         body = await _read_body(request, name)
         params, extras = sampling_from(body, max(1, llm.max_model_len // 2))
         want_lp = _chat_logprobs_wanted(body)
-        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, llm, body, params)
+        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, llm, body, params, extras["explicit_max_tokens"])
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         n_prompt = len(prompt_ids)
         _check_room(llm, n_prompt, params, extras["explicit_max_tokens"])

@@ -99,7 +99,9 @@ def test_a_warning_that_is_not_a_miss_still_shows(monkeypatch):
         warnings.warn("corrupt table v6e/gmm.json", stacklevel=2)
         return {}, "default"
 
-    monkeypatch.setattr(kernels, "lookup", lookup)
+    from autotune import tables
+
+    monkeypatch.setattr(tables, "lookup", lookup)  # lookup_quietly's home is autotune.tables
     with pytest.warns(UserWarning, match="corrupt table"):
         kernels.lookup_quietly("gmm", {}, "v6e")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -29,8 +28,3 @@ def subprocess_env() -> dict:
     return env
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (servers in the tests listen on loopback only)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from bench.serve import free_port
 from engine import LLM, SamplingParams
 from engine.make_tiny_model import write_model
-from tests.engine.conftest import free_port, subprocess_env
+from tests.engine.conftest import subprocess_env
 from tests.engine.tp_worker import DIMS
 
 openai = pytest.importorskip("openai")

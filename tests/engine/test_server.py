@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
+from bench.serve import free_port
 from engine import LLM
-from tests.engine.conftest import free_port
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
