@@ -105,7 +105,8 @@ def cmd_bundles(args: argparse.Namespace) -> int:
     print("RPA compute loop, static LLO (libtpu final bundles):")
     for r in report.bundle_report(gens):
         print(f"  {r['generation']:6s} {r['kernel']:12s} chunk rows x keys x heads {r['chunk']}: "
-              f"{r['chunk_bundles']} bundles, {r['bundles_per_256_keys_8_heads']:.0f} per 256 keys x 8 heads, "
+              f"{r['chunk_bundles']} bundles ({r['edge_chunk_bundles']} masked), "
+              f"{r['bundles_per_256_keys_8_heads']:.0f} per 256 keys x 8 heads, "
               f"MXU-ideal {r['mxu_ideal_cycles']:.0f} cycles ({r['mxu_use']:.1%} of the bundles)")
     print("RPA v3 model report:")
     for r in report.model_report(gens, compile=True):

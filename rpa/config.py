@@ -229,6 +229,17 @@ class LoopBounds:
         p0 = kb * self.bkv + j * self.page_size
         return self.maximum(self.minimum(p0 + self.page_size, blk.cached) - self.maximum(p0, blk.lo), 0)
 
+    def cached_pages(self, blk: QueryBlock, kb: IntLike) -> tuple[IntLike, IntLike, IntLike]:
+        """(first, full_end, partial): of KV block kb's pages, `blk` reads pages [first, full_end)
+        whole from the cache and `partial` (< page_size) slots of page full_end (the cached part of
+        the page the new tokens start in); cached_slots page by page, as ranges (the window start is
+        page-aligned, so only the last page read can be partial)."""
+        base, ps = kb * self.bkv, self.page_size
+        first = self.minimum(self.maximum(blk.lo - base, 0) // ps, self.kv_pages)
+        full_end = self.maximum(self.minimum(self.maximum(blk.cached - base, 0) // ps, self.kv_pages), first)
+        partial = self.minimum(self.maximum(blk.cached - base - full_end * ps, 0), ps - 1)
+        return first, full_end, partial * (full_end < self.kv_pages)
+
     def new_rows(self, blk: QueryBlock, kb: IntLike) -> tuple[IntLike, IntLike, IntLike]:
         """(row in kv_new, offset in the KV block, count) of the new tokens KV block kb gives `blk`."""
         start = kb * self.bkv
@@ -257,8 +268,23 @@ class LoopBounds:
         q_last = self.minimum(q_first + self.chunks[0] - 1, blk.last)
         return q_first, q_last, (0 if self.sliding_window is None else q_first - self.sliding_window + 1)
 
-    def key_chunk_live(self, kb: IntLike, ci: IntLike, token_chunk: tuple) -> Any:
-        """Whether key chunk ci of KV block kb holds a key token_chunk's queries see (else it is skipped)."""
-        _, q_last, key_lo = token_chunk
-        key0 = kb * self.bkv + ci * self.chunks[1]
-        return (key0 <= q_last) & (key0 + self.chunks[1] > key_lo)
+    def key_chunk_ranges(self, kb: IntLike, token_chunk: tuple, blk: QueryBlock, t0: IntLike) -> tuple:
+        """(live_lo, full_lo, full_hi, live_hi): the key chunks of KV block kb that token chunk
+        `token_chunk` (its first token t0 of `blk`) computes. Chunks [live_lo, live_hi) hold a key one
+        of its queries sees (the rest are skipped); of those, [full_lo, full_hi) need no mask: every
+        query of the chunk (all tc rows real tokens) sees every key, and every key was loaded. The
+        kernel runs the full chunks without the mask's VPU work and the edge chunks (the rest of the
+        live ones: the causal diagonal, the window's start) with it."""
+        q_first, q_last, key_lo = token_chunk
+        tc, kc = self.chunks
+        base, count = kb * self.bkv, self.bkv // kc
+        live_lo = self.minimum(self.maximum(key_lo - base, 0) // kc, count)
+        live_hi = self.maximum(self.minimum(cdiv(self.maximum(q_last - base + 1, 0), kc), count), live_lo)
+        # every row sees key0: key0 >= the latest row's window start (and the loaded range's start)
+        full_key_lo = blk.lo if self.sliding_window is None else self.maximum(q_last - self.sliding_window + 1,
+                                                                              blk.lo)
+        full_lo = self.minimum(self.maximum(cdiv(self.maximum(full_key_lo - base, 0), kc), live_lo), live_hi)
+        # every row sees the chunk's last key: key0 + kc - 1 <= q_first (and every row is a real token)
+        full_hi = self.minimum(cdiv(self.maximum(q_first - base - kc + 2, 0), kc), live_hi)
+        full_hi = self.maximum(full_hi * (t0 + tc <= blk.size), full_lo)
+        return live_lo, full_lo, full_hi, live_hi

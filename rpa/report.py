@@ -12,7 +12,7 @@ from autotune.cost_model import predict
 from autotune.hardware import TPU_GENERATIONS, chip
 from autotune.tables import lookup
 from rpa.config import BlockSizes, chunk_sizes, make_key
-from rpa.traffic_model import issue_cycles, simulate, traffic_of, uniform_batch
+from rpa.traffic_model import compute_loops, issue_cycles, simulate, traffic_of, uniform_batch
 
 LLAMA3_8B = dict(num_q_heads=32, num_kv_heads=8, head_dim=128, q_dtype="bfloat16", kv_dtype="bfloat16")
 
@@ -90,7 +90,7 @@ def bundle_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = 
     Returns:
       One row per (generation, group kernel) of the decode ctx2048 and prefill 2048 scenarios:
       generation, kernel, chunk (query rows x keys x KV heads of one compute-loop iteration),
-      chunk_bundles, bundles_per_256_keys_8_heads (decode), mxu_ideal_cycles of one chunk (its
+      chunk_bundles (a chunk every query sees whole: no mask), edge_chunk_bundles (a masked chunk), bundles_per_256_keys_8_heads (decode), mxu_ideal_cycles of one chunk (its
       FLOPs over the core's MXU FLOPs per cycle) and mxu_use (ideal cycles / bundles), label
       "static LLO".
     """
@@ -111,10 +111,11 @@ def bundle_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = 
             bq, kv_pages, heads = BlockSizes.from_any(bs).groups(model["num_kv_heads"])[group]
             q_per_kv = model["num_q_heads"] // model["num_kv_heads"]
             tc, kc = chunk_sizes(bq, kv_pages * key["page_size"], q_per_kv)
-            chunk_bundles = kb.loops[kb.compute_loop()].own_bundles
+            full, edge = compute_loops(kb)
+            chunk_bundles = kb.loops[full].own_bundles
             ideal = 2 * 2 * tc * q_per_kv * kc * model["head_dim"] * heads / per_cycle
             rows.append(dict(generation=gen, kernel=f"rpa_{group}", chunk=(tc * q_per_kv, kc, heads),
-                             chunk_bundles=chunk_bundles,
+                             chunk_bundles=chunk_bundles, edge_chunk_bundles=kb.loops[edge].own_bundles,
                              bundles_per_256_keys_8_heads=chunk_bundles * 256 * 8 / (kc * heads),
                              mxu_ideal_cycles=ideal, mxu_use=ideal / chunk_bundles, label="static LLO"))
     return rows

@@ -21,9 +21,10 @@ block. The grid is parallel (megacore chips split it between their two cores): f
 the group's sequences in `splits` parts balanced by KV work (every head at once), else the static
 list of head blocks. Inside a grid step one flat loop walks every (sequence, query block, KV block) of the group, with trip counts
 read from SMEM, so one compiled kernel serves any batch composition. Per KV step:
-  * the next step's KV block is prefetched (double buffer): for each page, only the cached slots
-    the query block needs (dynamic-size DMA, skipped when empty: outside the sliding window or
-    past the cached length), then the new tokens the block needs straight from kv_new;
+  * the next step's KV block is prefetched (double buffer): the cached pages the query block
+    needs (outside the sliding window or past the cached length none), whole ones by DMAs of
+    static size, the one the new tokens start in by a dynamic-size DMA of its cached slots, then
+    the new tokens the block needs straight from kv_new;
   * the next query block is prefetched when this is the last KV step of the current one;
   * at a sequence's first step its new K/V rows are DMA'd HBM->HBM into their page slots (only
     those slots; a page holding old slots and new tokens keeps its old slots untouched) and waited
@@ -32,7 +33,9 @@ read from SMEM, so one compiled kernel serves any batch composition. Per KV step
   * online softmax over the block for every KV head of the head block (GQA rows = q_per_kv x bq;
     packed: one head's keys are a strided load of 32-bit rows, K = word << 16, V = word & 0xffff0000),
     in compute chunks of tc query tokens x kc keys (config.chunk_sizes) that bound the live values
-    and the compile time; chunks wholly outside the causal or sliding window are skipped;
+    and the compile time; chunks wholly outside the causal or sliding window are skipped, chunks
+    every query of the chunk sees whole run in a loop without the mask, the rest (the diagonal,
+    the window's start) in a masked loop;
   * after a query block's last KV step its output is DMA'd to exactly its rows (double-buffered).
 The call marked `zero_tail` also writes zeros to the padding rows past cu_q_lens[num_seqs].
 Every loop bound (query blocks, the KV blocks and cached slots each reads, page writes, live compute
@@ -171,25 +174,31 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
     def kv_fetch(seq, qb, kb, slot, row_slot, *, wait):
         blk = query_block(seq, qb)
         sem = sems.at[0, slot]
+        first, full_end, partial = loops.cached_pages(blk, kb)
 
-        def one_page(j, total):
-            slots = loops.cached_slots(blk, kb, j)
-            if not wait:
-                @pl.when(slots > 0)
-                def _():
-                    page = page_of(seq, jnp.minimum(kb * static.bkv_pages + j, static.pages_per_seq - 1), row_slot)
-                    copy(hbm_slots(cache_in, 0, slots, page), buf_slots(slot, j * page_size, slots), sem).start()
-            return total + slots
+        def page_copy(j, slots):
+            page = page_of(seq, jnp.minimum(kb * static.bkv_pages + j, static.pages_per_seq - 1), row_slot)
+            return copy(hbm_slots(cache_in, 0, slots, page), buf_slots(slot, j * page_size, slots), sem)
 
-        total = lax.fori_loop(0, static.bkv_pages, one_page, jnp.int32(0))
         src, offset, count = loops.new_rows(blk, kb)
         if wait:
-            whole = buf_slots(slot, 0, total + count)
+            whole = buf_slots(slot, 0, (full_end - first) * page_size + partial + count)
             copy(whole, whole, sem).wait()
-        else:
-            @pl.when(count > 0)
-            def _():
-                copy(hbm_slots(kvn_hbm, src, count), buf_slots(slot, offset, count), sem).start()
+            return
+
+        def whole_page(j, carry):  # a copy of static size: no size arithmetic or branch per page
+            page_copy(j, page_size).start()
+            return carry
+
+        lax.fori_loop(first, full_end, whole_page, 0)
+
+        @pl.when(partial > 0)
+        def _():
+            page_copy(full_end, partial).start()
+
+        @pl.when(count > 0)
+        def _():
+            copy(hbm_slots(kvn_hbm, src, count), buf_slots(slot, offset, count), sem).start()
 
     def q_copy(seq, qb, slot):
         blk = query_block(seq, qb)
@@ -259,11 +268,11 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
             q_first = chunk[0]
             queries = [load_q(q_slot, t0, h) for h in range(heads_per_block)]
 
-            def kv_chunk(ci, carry):
+            def attend(ci, *, masked):
+                """Key chunk ci of the block into every head's running softmax; the mask (causal,
+                window, padding rows, keys not loaded) only where the chunk needs it."""
                 key0 = kb * block_kv + ci * kc
-
-                @pl.when(loops.key_chunk_live(kb, ci, chunk))
-                def _():
+                if masked:
                     kpos = key0 + lax.broadcasted_iota(jnp.int32, (chunk_rows, kc), 1)
                     if bq == 1:
                         qpos = q_first
@@ -275,34 +284,50 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                         mask = mask & (kpos > qpos - window)
                     vpos = key0 + lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
                     loaded = (vpos >= blk.lo) & (vpos <= blk.last)
-                    for h in range(heads_per_block):
-                        k, v = load_kv(kv_slot, ci * kc, h)
+                for h in range(heads_per_block):
+                    k, v = load_kv(kv_slot, ci * kc, h)
+                    if masked:
                         v = jnp.where(loaded, v, 0).astype(compute_dtype)
-                        # scores in the base-2 domain (x log2(e), folded into the scale): exp2 needs no
-                        # multiply of its own
-                        scores = lax.dot_general(queries[h], k, (((1,), (1,)), ((), ())),
-                                                 preferred_element_type=jnp.float32, precision=precision)
-                        if static.soft_cap is None:
-                            scores = scores * (static.scale * LOG2E)
-                        else:
-                            scores = (static.soft_cap * LOG2E) * jnp.tanh(scores * (static.scale / static.soft_cap))
-                        scores = jnp.where(mask, scores, MASK_VALUE)
-                        m_prev = m_ref[ti, :, h:h + 1]
-                        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-                        # a row with every key masked so far keeps m = MASK_VALUE: shift it by 0 instead,
-                        # so its masked scores still give exp2(MASK_VALUE) = 0 (one select per row, not
-                        # one per score)
-                        probs = jnp.exp2(scores - jnp.where(m_new == MASK_VALUE, 0.0, m_new))
-                        alpha = jnp.exp2(m_prev - m_new)
-                        l_ref[ti, :, h:h + 1] = alpha * l_ref[ti, :, h:h + 1] + jnp.sum(probs, axis=1, keepdims=True)
-                        m_ref[ti, :, h:h + 1] = m_new
-                        pv = lax.dot_general(probs.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                    # scores in the base-2 domain (x log2(e), folded into the scale): exp2 needs no
+                    # multiply of its own
+                    scores = lax.dot_general(queries[h], k, (((1,), (1,)), ((), ())),
                                              preferred_element_type=jnp.float32, precision=precision)
-                        acc_ref[h, ti] = alpha * acc_ref[h, ti] + pv
+                    if static.soft_cap is None:
+                        scores = scores * (static.scale * LOG2E)
+                    else:
+                        scores = (static.soft_cap * LOG2E) * jnp.tanh(scores * (static.scale / static.soft_cap))
+                    m_prev = m_ref[ti, :, h:h + 1]
+                    if masked:
+                        scores = jnp.where(mask, scores, MASK_VALUE)
+                        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
+                        # a row with every key masked so far keeps m = MASK_VALUE: shift it by 0
+                        # instead, so its masked scores still give exp2(MASK_VALUE) = 0 (one select per
+                        # row, not one per score)
+                        shift = jnp.where(m_new == MASK_VALUE, 0.0, m_new)
+                    else:  # every score is real: the new maximum is
+                        m_new = shift = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
+                    probs = jnp.exp2(scores - shift)
+                    alpha = jnp.exp2(m_prev - m_new)
+                    l_ref[ti, :, h:h + 1] = alpha * l_ref[ti, :, h:h + 1] + jnp.sum(probs, axis=1, keepdims=True)
+                    m_ref[ti, :, h:h + 1] = m_new
+                    pv = lax.dot_general(probs.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32, precision=precision)
+                    acc_ref[h, ti] = alpha * acc_ref[h, ti] + pv
 
+            # the chunks every query sees whole first (no mask), then the edge chunks (the causal
+            # diagonal, the window's start) in one loop: two loop bodies, not one per kind of chunk
+            live_lo, full_lo, full_hi, live_hi = loops.key_chunk_ranges(kb, chunk, blk, t0)
+
+            def full_chunk(ci, carry):
+                attend(ci, masked=False)
                 return carry
 
-            lax.fori_loop(0, block_kv // kc, kv_chunk, 0)
+            def edge_chunk(i, carry):
+                attend(jnp.where(i < full_lo - live_lo, live_lo + i, full_hi + i - (full_lo - live_lo)), masked=True)
+                return carry
+
+            lax.fori_loop(full_lo, full_hi, full_chunk, 0)
+            lax.fori_loop(0, (full_lo - live_lo) + (live_hi - full_hi), edge_chunk, 0)
             return carry
 
         lax.fori_loop(0, loops.num_token_chunks(blk), token_chunk, 0)

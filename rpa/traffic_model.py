@@ -16,7 +16,7 @@ from autotune.kernel_util import LANES, cdiv, dtype_bytes, round_up
 from rpa.config import BlockSizes, LoopBounds, page_table_in_smem, split_points
 from rpa.layout import packs
 
-LOOP_COUNTS = ("kv_steps", "token_chunks", "live_chunks", "q_chunks")
+LOOP_COUNTS = ("kv_steps", "page_copies", "page_writes", "token_chunks", "full_chunks", "edge_chunks", "q_chunks")
 
 
 def uniform_batch(q_lens: list[int], kv_lens: list[int], page_size: int, *, num_tokens: int | None = None,
@@ -44,8 +44,8 @@ def _batch_fields(batch: Any) -> dict[str, Any]:
 
 def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: float, flops_per_key: int) -> dict:
     """One head block's reads, writes, DMAs, KV steps and FLOPs over the sequences `seqs` of a group."""
-    g = dict.fromkeys(("kernel_read", "kernel_write", "dmas", "kv_steps", "flops", "token_chunks", "live_chunks",
-                       "q_chunks"), 0)
+    g = dict.fromkeys(("kernel_read", "kernel_write", "dmas", "kv_steps", "flops", "page_copies", "page_writes",
+                       "token_chunks", "full_chunks", "edge_chunks", "q_chunks"), 0)
     table_in_smem = page_table_in_smem(*b["table"])
     tc, kc = loops.chunks
     for i in seqs:
@@ -60,6 +60,7 @@ def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: flo
             g["kernel_read"] += n * kv_row
             g["kernel_write"] += n * kv_row
             g["dmas"] += 1
+            g["page_writes"] += 1
         for qb in range(loops.query_block(q_start, q_len, kv_len, 0).num_q_blocks):
             blk = loops.query_block(q_start, q_len, kv_len, qb)
             g["kernel_read"] += blk.size * q_row  # the query block in, its output out
@@ -67,20 +68,21 @@ def _group(b: dict, seqs: range, loops: LoopBounds, *, kv_row: float, q_row: flo
             g["dmas"] += 2
             g["q_chunks"] += loops.num_token_chunks(blk)  # the output's finalize loop, once per query block
             for kb in range(blk.kv_first, blk.kv_end):
-                for j in range(loops.kv_pages):
-                    slots = loops.cached_slots(blk, kb, j)
-                    g["kernel_read"] += slots * kv_row
-                    g["dmas"] += slots > 0
+                first, full_end, partial = loops.cached_pages(blk, kb)  # one DMA per page read
+                g["kernel_read"] += ((full_end - first) * loops.page_size + partial) * kv_row
+                g["dmas"] += (full_end - first) + (partial > 0)
+                g["page_copies"] += full_end - first
                 new = loops.new_rows(blk, kb)[2]
                 g["kernel_read"] += new * kv_row
                 g["dmas"] += new > 0
                 g["kv_steps"] += 1
                 for ti in range(loops.num_token_chunks(blk)):  # the compute chunks the kernel does not skip
-                    chunk = loops.token_chunk(blk, ti)
-                    live = sum(bool(loops.key_chunk_live(kb, ci, chunk)) for ci in range(loops.bkv // kc))
-                    g["flops"] += live * flops_per_key * tc * kc
+                    live_lo, full_lo, full_hi, live_hi = loops.key_chunk_ranges(
+                        kb, loops.token_chunk(blk, ti), blk, ti * tc)
+                    g["flops"] += (live_hi - live_lo) * flops_per_key * tc * kc
                     g["token_chunks"] += 1
-                    g["live_chunks"] += live
+                    g["full_chunks"] += full_hi - full_lo
+                    g["edge_chunks"] += (live_hi - live_lo) - (full_hi - full_lo)
     return g
 
 
@@ -121,7 +123,8 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
       prologue_write, useful_bytes, useful_flops, loops}: kernel DMAs in logical bytes (tile padding
       not counted); the XLA prologue (K/V interleave + quantize + pad, q pad, output slice)
       separately; loops: per group called, how often its kernel's loops run ({grid_steps, kv_steps,
-      token_chunks, live_chunks, q_chunks}: the trip counts the bundle model multiplies).
+      page_copies, page_writes, token_chunks, full_chunks, edge_chunks,
+      q_chunks}: the trip counts the bundle model multiplies).
     """
     b = _batch_fields(batch)
     q_per_kv = num_q_heads // num_kv_heads
@@ -203,33 +206,50 @@ def traffic_of(s: Mapping[str, Any]) -> Traffic:
                    parallel_tiles=s.get("parallel_tiles"))
 
 
+def compute_loops(kb: Any) -> tuple[int, int]:
+    """(full, edge): the indices of a group kernel's two key-chunk loops in its bundle counts
+    (autotune.llo.KernelBundles): the innermost loops with MXU work, the unmasked one first in
+    program order. Raises ValueError for counts of a kernel with another loop structure."""
+    compute = kb.compute_loop()
+    found = [i for i, lp in enumerate(kb.loops)
+             if compute is not None and lp.mxu_ops and lp.parent == kb.loops[compute].parent]
+    if len(found) != 2:
+        raise ValueError(f"{kb.name}: expected the full and the edge key-chunk loops, found {len(found)} loops "
+                         "with MXU work (counts of another kernel revision?)")
+    return found[0], found[1]
+
+
 def issue_cycles(loop_counts: Mapping[str, Mapping[str, int]], bundles: Mapping[str, Any]) -> float:
     """Bundles one call issues (model from static LLO): each group kernel's bundle counts
     (autotune.llo.KernelBundles, by kernel name "rpa_<group>...") times how often the simulator says
     its loops run (simulate()["loops"]).
 
     The kernel (rpa/tpu.py) per grid step (a KV-head block) walks a while loop over (sequence, query
-    block, KV block) steps; inside it the page-copy loops (static trips), the token-chunk loop and in
-    it the key-chunk loop of the compute chunk (dead chunks skipped: counted as free), and per query
-    block the output's finalize loop. The compute loop is the innermost loop with MXU work; the step
-    loop its outermost enclosing loop; the finalize loop the largest other loop with a run-time trip
+    block, KV block) steps; inside it the whole-page copy loop and the page-write loop, the token-chunk loop and in
+    it two key-chunk loops with MXU work: the full chunks' (no mask; first in program order) and the
+    edge chunks' (masked); per query block the output's finalize loop. The step loop is the compute
+    loops' outermost enclosing loop; the finalize loop the largest other loop with a run-time trip
     count inside the step loop.
     """
     total = 0.0
     for name, kb in bundles.items():
         group = next((g for g in loop_counts if name.startswith(f"rpa_{g}")), None)
-        compute = kb.compute_loop()
-        if group is None or compute is None:
+        if group is None or kb.compute_loop() is None:
             continue
         n = loop_counts[group]
-        chain = kb.ancestors(compute)
-        runs = {compute: n["live_chunks"]}
+        full, edge = compute_loops(kb)
+        chain = kb.ancestors(full)
+        runs = {full: n["full_chunks"], edge: n["edge_chunks"]}
         if chain:
             step = chain[-1]
             runs[step] = n["kv_steps"]
+            # in the step loop's body, in program order: the whole-page copies of the next KV block,
+            # then the new tokens' page writes
+            copies = [i for i, lp in enumerate(kb.loops) if lp.dmas and not lp.mxu_ops and lp.parent == step]
+            runs.update(zip(copies, (n["page_copies"], n["page_writes"])))
             if len(chain) > 1:
                 runs[chain[0]] = n["token_chunks"]
-            others = [i for i, lp in enumerate(kb.loops) if i != compute and i not in chain and lp.trips is None
+            others = [i for i, lp in enumerate(kb.loops) if i not in runs and i not in chain and lp.trips is None
                       and not lp.mxu_ops and step in kb.ancestors(i)]
             if others:
                 runs[max(others, key=lambda i: kb.loops[i].own_bundles)] = n["q_chunks"]

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rpa
 from autotune import lookup
@@ -138,6 +140,33 @@ def test_protocol_inputs_match_specs():
         assert set(tuning.STATIC_KEYS + tuning.DYNAMIC_KEYS) <= set(preset_key)
     for case in ("decode-heavy", "prefill-heavy", "mixed"):
         assert tuning.bench_cases(case)
+
+
+@settings(max_examples=60, deadline=None)
+@given(page_size=st.sampled_from([16, 32, 128]), kv_pages=st.sampled_from([1, 2, 4, 8]),
+       bq=st.sampled_from([1, 8, 32, 128]), q_per_kv=st.sampled_from([1, 4]),
+       window=st.sampled_from([None, 7, 100, 300]), q_len=st.integers(1, 300), cached=st.integers(0, 1200))
+def test_key_chunk_ranges_against_every_score(page_size, kv_pages, bq, q_per_kv, window, q_len, cached):
+    """Every key chunk holding a score some query sees is live; a chunk run without the mask holds
+    only such scores (each row a real token, each key loaded and inside its causal window)."""
+    q_len = 1 if bq == 1 else q_len
+    loops = config.LoopBounds(bq, kv_pages, page_size, q_per_kv, window)
+    tc, kc = loops.chunks
+    for qb in range(loops.query_block(0, q_len, cached + q_len, 0).num_q_blocks):
+        blk = loops.query_block(0, q_len, cached + q_len, qb)
+        for kb in range(blk.kv_first, blk.kv_end):
+            for ti in range(loops.num_token_chunks(blk)):
+                lo, full_lo, full_hi, hi = loops.key_chunk_ranges(kb, loops.token_chunk(blk, ti), blk, ti * tc)
+                assert 0 <= lo <= full_lo <= full_hi <= hi <= loops.bkv // kc
+                qpos = blk.first + ti * tc + np.arange(tc)[:, None]
+                for ci in range(loops.bkv // kc):
+                    kpos = kb * loops.bkv + ci * kc + np.arange(kc)[None, :]
+                    seen = ((np.arange(tc)[:, None] + ti * tc < blk.size) & (kpos <= qpos)
+                            & (kpos >= blk.lo) & (kpos <= blk.last))
+                    if window is not None:
+                        seen &= kpos > qpos - window
+                    assert not seen.any() or lo <= ci < hi
+                    assert seen.all() or not full_lo <= ci < full_hi
 
 
 def test_model_report():
