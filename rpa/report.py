@@ -90,7 +90,7 @@ def bundle_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = 
     Returns:
       One row per (generation, group kernel) of the decode ctx2048 and prefill 2048 scenarios:
       generation, kernel, chunk (query rows x keys x KV heads of one compute-loop iteration),
-      chunk_bundles (a chunk every query sees whole: no mask), edge_chunk_bundles (a masked chunk), bundles_per_256_keys_8_heads (decode), mxu_ideal_cycles of one chunk (its
+      chunk_bundles (decode: a chunk every query sees whole, no mask), edge_chunk_bundles (a masked chunk), bundles_per_256_keys_8_heads (decode), mxu_ideal_cycles of one chunk (its
       FLOPs over the core's MXU FLOPs per cycle) and mxu_use (ideal cycles / bundles), label
       "static LLO".
     """
@@ -112,7 +112,7 @@ def bundle_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = 
             q_per_kv = model["num_q_heads"] // model["num_kv_heads"]
             tc, kc = chunk_sizes(bq, kv_pages * key["page_size"], q_per_kv)
             full, edge = compute_loops(kb)
-            chunk_bundles = kb.loops[full].own_bundles
+            chunk_bundles = kb.loops[edge if full is None else full].own_bundles
             ideal = 2 * 2 * tc * q_per_kv * kc * model["head_dim"] * heads / per_cycle
             rows.append(dict(generation=gen, kernel=f"rpa_{group}", chunk=(tc * q_per_kv, kc, heads),
                              chunk_bundles=chunk_bundles, edge_chunk_bundles=kb.loops[edge].own_bundles,

@@ -33,9 +33,9 @@ read from SMEM, so one compiled kernel serves any batch composition. Per KV step
   * online softmax over the block for every KV head of the head block (GQA rows = q_per_kv x bq;
     packed: one head's keys are a strided load of 32-bit rows, K = word << 16, V = word & 0xffff0000),
     in compute chunks of tc query tokens x kc keys (config.chunk_sizes) that bound the live values
-    and the compile time; chunks wholly outside the causal or sliding window are skipped, chunks
-    every query of the chunk sees whole run in a loop without the mask, the rest (the diagonal,
-    the window's start) in a masked loop;
+    and the compile time; chunks wholly outside the causal or sliding window are skipped; in
+    decode, chunks every query sees whole run in a loop without the mask, the rest (the last
+    keys, the window's start) in a masked loop;
   * after a query block's last KV step its output is DMA'd to exactly its rows (double-buffered).
 The call marked `zero_tail` also writes zeros to the padding rows past cu_q_lens[num_seqs].
 Every loop bound (query blocks, the KV blocks and cached slots each reads, page writes, live compute
@@ -314,8 +314,9 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                                          preferred_element_type=jnp.float32, precision=precision)
                     acc_ref[h, ti] = alpha * acc_ref[h, ti] + pv
 
-            # the chunks every query sees whole first (no mask), then the edge chunks (the causal
-            # diagonal, the window's start) in one loop: two loop bodies, not one per kind of chunk
+            # decode: the chunks every query sees whole first (no mask), then the edge chunks (the
+            # causal diagonal, the window's start) in one loop; elsewhere every live chunk is an edge
+            # chunk (LoopBounds.unmasked_loop)
             live_lo, full_lo, full_hi, live_hi = loops.key_chunk_ranges(kb, chunk, blk, t0)
 
             def full_chunk(ci, carry):
@@ -326,7 +327,8 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                 attend(jnp.where(i < full_lo - live_lo, live_lo + i, full_hi + i - (full_lo - live_lo)), masked=True)
                 return carry
 
-            lax.fori_loop(full_lo, full_hi, full_chunk, 0)
+            if loops.unmasked_loop:
+                lax.fori_loop(full_lo, full_hi, full_chunk, 0)
             lax.fori_loop(0, (full_lo - live_lo) + (live_hi - full_hi), edge_chunk, 0)
             return carry
 

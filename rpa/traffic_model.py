@@ -206,17 +206,18 @@ def traffic_of(s: Mapping[str, Any]) -> Traffic:
                    parallel_tiles=s.get("parallel_tiles"))
 
 
-def compute_loops(kb: Any) -> tuple[int, int]:
-    """(full, edge): the indices of a group kernel's two key-chunk loops in its bundle counts
+def compute_loops(kb: Any) -> tuple[int | None, int]:
+    """(full, edge): the indices of a group kernel's key-chunk loops in its bundle counts
     (autotune.llo.KernelBundles): the innermost loops with MXU work, the unmasked one first in
-    program order. Raises ValueError for counts of a kernel with another loop structure."""
+    program order (None where the kernel has none: config.LoopBounds.unmasked_loop). Raises
+    ValueError for counts of a kernel with another loop structure."""
     compute = kb.compute_loop()
     found = [i for i, lp in enumerate(kb.loops)
              if compute is not None and lp.mxu_ops and lp.parent == kb.loops[compute].parent]
-    if len(found) != 2:
-        raise ValueError(f"{kb.name}: expected the full and the edge key-chunk loops, found {len(found)} loops "
-                         "with MXU work (counts of another kernel revision?)")
-    return found[0], found[1]
+    if len(found) not in (1, 2):
+        raise ValueError(f"{kb.name}: expected one or two key-chunk loops, found {len(found)} loops with MXU "
+                         "work (counts of another kernel revision?)")
+    return (None, found[0]) if len(found) == 1 else (found[0], found[1])
 
 
 def issue_cycles(loop_counts: Mapping[str, Mapping[str, int]], bundles: Mapping[str, Any]) -> float:
@@ -226,8 +227,8 @@ def issue_cycles(loop_counts: Mapping[str, Mapping[str, int]], bundles: Mapping[
 
     The kernel (rpa/tpu.py) per grid step (a KV-head block) walks a while loop over (sequence, query
     block, KV block) steps; inside it the whole-page copy loop and the page-write loop, the token-chunk loop and in
-    it two key-chunk loops with MXU work: the full chunks' (no mask; first in program order) and the
-    edge chunks' (masked); per query block the output's finalize loop. The step loop is the compute
+    it the key-chunk loops with MXU work: in decode the full chunks' (no mask; first in program
+    order) and the edge chunks' (masked), elsewhere one (masked); per query block the output's finalize loop. The step loop is the compute
     loops' outermost enclosing loop; the finalize loop the largest other loop with a run-time trip
     count inside the step loop.
     """
@@ -238,8 +239,8 @@ def issue_cycles(loop_counts: Mapping[str, Mapping[str, int]], bundles: Mapping[
             continue
         n = loop_counts[group]
         full, edge = compute_loops(kb)
-        chain = kb.ancestors(full)
-        runs = {full: n["full_chunks"], edge: n["edge_chunks"]}
+        chain = kb.ancestors(edge)
+        runs = {edge: n["edge_chunks"]} if full is None else {full: n["full_chunks"], edge: n["edge_chunks"]}
         if chain:
             step = chain[-1]
             runs[step] = n["kv_steps"]

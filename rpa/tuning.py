@@ -26,8 +26,8 @@ from rpa.traffic_model import uniform_batch
 
 # Bumped when the kernel's code changes its bundle counts (autotune.llo keys stored counts by it).
 # 2: packed bfloat16 cache (strided 32-bit loads), sequences split between megacore cores.
-# 3: key chunks every query sees whole run in a loop of their own, without the mask; whole cache
-# pages are copied by DMAs of static size.
+# 3: decode's key chunks that every query sees whole run in a loop of their own, without the mask;
+# whole cache pages are copied by DMAs of static size.
 KERNEL_REVISION = 3
 STATIC_KEYS = ("q_dtype", "kv_dtype", "num_q_heads", "num_kv_heads", "head_dim", "page_size")
 DYNAMIC_KEYS = ("num_tokens", "max_model_len")

@@ -158,6 +158,7 @@ def test_key_chunk_ranges_against_every_score(page_size, kv_pages, bq, q_per_kv,
             for ti in range(loops.num_token_chunks(blk)):
                 lo, full_lo, full_hi, hi = loops.key_chunk_ranges(kb, loops.token_chunk(blk, ti), blk, ti * tc)
                 assert 0 <= lo <= full_lo <= full_hi <= hi <= loops.bkv // kc
+                assert loops.unmasked_loop or full_lo == full_hi
                 qpos = blk.first + ti * tc + np.arange(tc)[:, None]
                 for ci in range(loops.bkv // kc):
                     kpos = kb * loops.bkv + ci * kc + np.arange(kc)[None, :]
