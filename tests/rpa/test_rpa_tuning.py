@@ -170,6 +170,25 @@ def test_key_chunk_ranges_against_every_score(page_size, kv_pages, bq, q_per_kv,
                     assert seen.all() or not full_lo <= ci < full_hi
 
 
+@settings(max_examples=60, deadline=None)
+@given(page_size=st.sampled_from([16, 32, 128]), kv_pages=st.sampled_from([1, 2, 4, 8]),
+       bq=st.sampled_from([1, 8, 32, 128]), window=st.sampled_from([None, 7, 100, 300]),
+       q_len=st.integers(1, 300), cached=st.integers(0, 1200))
+def test_cached_pages_are_the_pages_with_cached_slots(page_size, kv_pages, bq, window, q_len, cached):
+    """The kernel's page copies (whole pages [first, full_end), then `partial` slots of page
+    full_end) read exactly the cached slots of each page (LoopBounds.cached_slots)."""
+    q_len = 1 if bq == 1 else q_len
+    loops = config.LoopBounds(bq, kv_pages, page_size, 4, window)
+    for qb in range(loops.query_block(0, q_len, cached + q_len, 0).num_q_blocks):
+        blk = loops.query_block(0, q_len, cached + q_len, qb)
+        for kb in range(blk.kv_first, blk.kv_end):
+            first, full_end, partial = loops.cached_pages(blk, kb)
+            assert 0 <= first <= full_end <= kv_pages and 0 <= partial < page_size
+            copied = [page_size if first <= j < full_end else (partial if j == full_end else 0)
+                      for j in range(kv_pages)]
+            assert copied == [loops.cached_slots(blk, kb, j) for j in range(kv_pages)]
+
+
 def test_model_report():
     rows = report.model_report()
     assert len(rows) == len(report.model_scenarios(decode_page_sizes=(128, 16))) * len(TPU_GENERATIONS)
