@@ -90,7 +90,8 @@ def bundle_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = 
     Returns:
       One row per (generation, group kernel) of the decode ctx2048 and prefill 2048 scenarios:
       generation, kernel, chunk (query rows x keys x KV heads of one compute-loop iteration),
-      chunk_bundles (decode: a chunk every query sees whole, no mask), edge_chunk_bundles (a masked chunk), bundles_per_256_keys_8_heads (decode), mxu_ideal_cycles of one chunk (its
+      chunk_bundles (decode: a chunk every query sees whole, no mask), edge_chunk_bundles (a
+      masked chunk), bundles_per_256_keys_8_heads (decode), mxu_ideal_cycles of one chunk (its
       FLOPs over the core's MXU FLOPs per cycle) and mxu_use (ideal cycles / bundles), label
       "static LLO".
     """

@@ -123,8 +123,7 @@ def simulate(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_h
       prologue_write, useful_bytes, useful_flops, loops}: kernel DMAs in logical bytes (tile padding
       not counted); the XLA prologue (K/V interleave + quantize + pad, q pad, output slice)
       separately; loops: per group called, how often its kernel's loops run ({grid_steps, kv_steps,
-      page_copies, page_writes, token_chunks, full_chunks, edge_chunks,
-      q_chunks}: the trip counts the bundle model multiplies).
+      page_copies, page_writes, token_chunks, full_chunks, edge_chunks, q_chunks}: the trip counts the bundle model multiplies).
     """
     b = _batch_fields(batch)
     q_per_kv = num_q_heads // num_kv_heads
@@ -226,11 +225,11 @@ def issue_cycles(loop_counts: Mapping[str, Mapping[str, int]], bundles: Mapping[
     its loops run (simulate()["loops"]).
 
     The kernel (rpa/tpu.py) per grid step (a KV-head block) walks a while loop over (sequence, query
-    block, KV block) steps; inside it the whole-page copy loop and the page-write loop, the token-chunk loop and in
-    it the key-chunk loops with MXU work: in decode the full chunks' (no mask; first in program
-    order) and the edge chunks' (masked), elsewhere one (masked); per query block the output's finalize loop. The step loop is the compute
-    loops' outermost enclosing loop; the finalize loop the largest other loop with a run-time trip
-    count inside the step loop.
+    block, KV block) steps; inside it the whole-page copy loop and the page-write loop, the
+    token-chunk loop and in it the key-chunk loops with MXU work: in decode the full chunks' (no
+    mask; first in program order) and the edge chunks' (masked), elsewhere one (masked); per query
+    block the output's finalize loop. The step loop is the compute loops' outermost enclosing loop;
+    the finalize loop the largest other loop with a run-time trip count inside the step loop.
     """
     total = 0.0
     for name, kb in bundles.items():
