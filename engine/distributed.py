@@ -111,13 +111,17 @@ def _every_process(value: int) -> list[int]:
     return [int(c) for c in multihost_utils.process_allgather(np.array([value], np.int64)).ravel()]
 
 
+FLAGS = ("any_filter", "any_top", "any_bias", "any_mask")  # the sampler's bool scalars (collectives carry numbers)
+
+
 def _to_wire(batch: dict, samp: dict) -> dict:
-    samp = dict(samp, any_filter=np.asarray(samp["any_filter"], np.int32))  # collectives carry numbers
+    # collectives carry numbers
+    samp = dict(samp, **{k: np.asarray(samp[k], np.int32) for k in FLAGS})
     return {"batch": batch, "samp": samp}
 
 
 def _from_wire(wire: dict) -> tuple[dict, dict]:
     batch = {k: np.asarray(v) for k, v in wire["batch"].items()}
     samp = {k: np.asarray(v) for k, v in wire["samp"].items()}
-    samp["any_filter"] = np.bool_(samp["any_filter"])
+    samp.update({k: np.bool_(samp[k]) for k in FLAGS})
     return batch, samp

@@ -28,6 +28,7 @@ from engine.ops import Ops
 from engine.runner import ModelRunner, token_buckets
 from engine.sampler import SamplingParams
 from engine.scheduler import Scheduler, Sequence, Status
+from engine.structured import GrammarCompiler
 from engine.tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("engine")
@@ -48,6 +49,8 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None (still running)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # per generated token, its SamplingParams.top_logprobs most likely (token id, log-probability)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -63,6 +66,7 @@ class StepOutput:
     new_logprobs: list[float]
     delta_text: str
     finish_reason: str | None
+    new_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # see RequestOutput
 
 
 class LLM:
@@ -72,7 +76,8 @@ class LLM:
                  compile_cache_dir=None, dtype: str | None = None, prefix_caching: bool = True,
                  gpu_memory_utilization: float = 0.85, warmup: bool = True, tensor_parallel_size: int = 1,
                  num_processes: int | None = None, process_id: int | None = None,
-                 coordinator_address: str | None = None, scan_layers: bool = True):
+                 coordinator_address: str | None = None, scan_layers: bool = True,
+                 structured_outputs: bool = True):
         """See the module docstring. tensor_parallel_size: devices the model is split over (one
         mesh; engine/parallel.py). num_processes / process_id / coordinator_address: several
         processes (hosts) serving one model through jax.distributed (engine/distributed.py): process
@@ -147,6 +152,10 @@ class LLM:
                                   max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
                                   kv_scales=kv_scales, layout=self.layout, param_specs=self.param_specs,
                                   scan_layers=scan_layers)
+        # structured output (engine.structured); one process only: the followers of a multi-process
+        # engine would need the leader's token bitmask every step
+        self.grammars = (GrammarCompiler(self.tokenizer.tok.to_str(), cfg.vocab_size, self.tokenizer.eos_token_ids)
+                         if structured_outputs and jax.process_count() == 1 else None)
         self.params, self.param_specs = self.runner.params, self.runner.param_specs
         self.metrics = Metrics()
         self.lock = threading.RLock()
@@ -203,12 +212,21 @@ class LLM:
         if params.top_k > self.config.vocab_size:
             raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {self.config.vocab_size} "
                              "(-1 or 0 turn top-k off)")
+        if params.logit_bias and max(params.logit_bias) >= self.config.vocab_size:
+            raise ValueError(f"logit_bias: token {max(params.logit_bias)} is outside the vocabulary "
+                             f"(size {self.config.vocab_size})")
+        matcher = None
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("grammar: structured output is off in this engine (LLM(structured_outputs=True), "
+                                 "one process)")
+            matcher = self.grammars.matcher(params.grammar)  # ValueError: a grammar llguidance refuses
         rid = request_id or uuid.uuid4().hex
         with self.lock:
             if rid in self._seqs:
                 raise ValueError(f"request id {rid!r} already in use")
             seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-            seq = Sequence(rid, ids, params, seed, arrival=time.monotonic())
+            seq = Sequence(rid, ids, params, seed, arrival=time.monotonic(), matcher=matcher)
             self._seqs[rid] = seq
             self._detok[rid] = Detokenizer(self.tokenizer, params.stop)
             self.scheduler.add(seq)
@@ -237,20 +255,29 @@ class LLM:
             plan = self.scheduler.schedule()
             if not plan.scheduled:
                 return []
-            tokens, logprobs = self.runner.execute(plan)
+            tokens, logprobs, top = self.runner.execute(plan)
             now = time.monotonic()
             outs = []
-            for item, tok, lp in zip(plan.scheduled, tokens.tolist(), logprobs.tolist()):
+            for i, (item, tok, lp) in enumerate(zip(plan.scheduled, tokens.tolist(), logprobs.tolist())):
                 seq = item.seq
                 self.scheduler.advance(item)
                 if not item.samples:
                     continue
                 seq.output_ids.append(int(tok))
                 seq.output_logprobs.append(float(lp))
+                alternatives = []
+                if seq.params.top_logprobs and top is not None:
+                    k = seq.params.top_logprobs
+                    alternatives = [list(zip(top[0][i, :k].tolist(), top[1][i, :k].tolist()))]
+                    seq.output_top_logprobs += alternatives
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                     self.metrics.ttft.observe(now - seq.arrival)
                 reason = self._finish_reason(seq, int(tok))
+                if seq.matcher is not None:
+                    seq.matcher.consume_token(int(tok))
+                    if seq.matcher.is_stopped() or seq.matcher.is_error():  # the grammar is complete
+                        reason = reason or "stop"
                 detok = self._detok[seq.request_id]
                 delta = detok.update(self._visible(seq), final=reason is not None)
                 if detok.stopped and reason is None:
@@ -259,7 +286,7 @@ class LLM:
                 self.metrics.on_tokens(1)
                 if reason is not None:
                     self._finish(seq, reason, now)
-                outs.append(StepOutput(seq.request_id, [int(tok)], [float(lp)], delta, reason))
+                outs.append(StepOutput(seq.request_id, [int(tok)], [float(lp)], delta, reason, alternatives))
             return outs
 
     def _visible(self, seq: Sequence) -> list[int]:
@@ -290,7 +317,7 @@ class LLM:
         self._seqs.pop(seq.request_id, None)
         self._finished[seq.request_id] = RequestOutput(
             seq.request_id, seq.prompt_ids, list(seq.output_ids), detok.text, list(seq.output_logprobs), reason,
-            seq.num_cached_tokens, seq.num_preemptions)
+            seq.num_cached_tokens, seq.num_preemptions, list(seq.output_top_logprobs))
 
     def pop_finished(self, request_id: str) -> RequestOutput | None:
         with self.lock:

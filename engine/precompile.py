@@ -45,7 +45,7 @@ _OP = re.compile(r"=\s*\S+\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 class BucketCompile:
     """One token bucket's compiled step on one device of the slice (figures read from the compiler)."""
 
-    bucket: int
+    bucket: int  # the step's tokens; for a sampler program, its rows
     seconds: float  # compile on this host (wall; the buckets compile concurrently)
     argument_bytes: int  # per device: weights, KV cache, step inputs
     output_bytes: int
@@ -55,6 +55,7 @@ class BucketCompile:
     collectives: dict[str, int]  # op -> how many one step runs (optimized HLO, loops multiplied out)
     code_bytes: int = 0  # the executable's generated code
     tables: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel -> "exact" | "nearest" | "default"
+    program: str = "step"  # "step" | "sampler" (one per row count, shared by the buckets with it)
 
     @property
     def peak_bytes(self) -> int:
@@ -138,7 +139,8 @@ def compile_step(model_dir: str | Path, topology: str, tensor_parallel_size: int
       workers: compile threads (default: one per CPU core).
       progress: called with each BucketCompile as it finishes, or None.
     Returns:
-      One BucketCompile per bucket, largest first (the order they are compiled in).
+      One BucketCompile per bucket, largest first (the order they are compiled in), then one per
+      sampler program (per row count).
     """
     from rpa.report import recommended_page_size
 
@@ -164,15 +166,17 @@ def compile_step(model_dir: str | Path, topology: str, tensor_parallel_size: int
         spec = chip(generation)
         hbm = spec.hbm_bytes // spec.devices_per_chip
 
-        def done(b: int, secs: float) -> None:
-            compiled = runner._compiled[b]
+        def done(*what) -> None:
+            program, b, secs = what if len(what) == 3 else ("step", *what)
+            # nothing runs them here
+            compiled = (runner._compiled if program == "step" else runner._compiled_samplers).pop(b)
             mem = compiled.memory_analysis()
             row = BucketCompile(b, secs, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                                 int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), hbm,
                                 count_collectives(compiled.as_text()), int(mem.generated_code_size_in_bytes),
-                                {lk.kernel: lk.match for lk in runner.lookups if lk.bucket == b})
+                                {lk.kernel: lk.match for lk in runner.lookups if lk.bucket == b and program == "step"},
+                                program)
             rows.append(row)
-            runner._compiled.pop(b)  # nothing runs them here
             if progress is not None:
                 progress(row)
 
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def show(r: BucketCompile) -> None:
             coll = ", ".join(f"{n} {op}" for op, n in r.collectives.items() if n) or "none"
-            print(f"| {r.bucket} | {r.seconds:.1f} | {r.code_bytes / 2**20:.1f} | {r.argument_bytes / 2**30:.2f} | "
+            print(f"| {r.bucket if r.program == 'step' else f'{r.program} {r.bucket} rows'} | {r.seconds:.1f} | {r.code_bytes / 2**20:.1f} | {r.argument_bytes / 2**30:.2f} | "
                   f"{r.temp_bytes / 2**30:.2f} | {r.peak_bytes / 2**30:.2f} | {r.hbm_bytes / 2**30:.0f} | "
                   f"{'yes' if r.peak_bytes <= r.hbm_bytes else 'NO'} | {coll} |", flush=True)
 
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         total = time.perf_counter() - t0
     fits = all(r.peak_bytes <= r.hbm_bytes for r in rows)
     tables = sorted({f"{k} {m}" for r in rows for k, m in r.tables.items()})
-    print(f"total: {len(rows)} buckets in {total:.1f} s on this host (serial lowering overlapped with compiles on "
+    steps = sum(r.program == "step" for r in rows)
+    print(f"total: {steps} buckets and {len(rows) - steps} sampler programs in {total:.1f} s on this host (serial lowering overlapped with compiles on "
           f"{args.workers or os.cpu_count()} threads); every bucket fits HBM: {'yes' if fits else 'NO'}; "
           f"kernel tables: {', '.join(tables)}")
     return 0 if fits else 1

@@ -20,18 +20,21 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from engine import distributed, kernel_tables, layer_groups, parallel
+from engine import distributed, kernel_tables, layer_groups, parallel, structured
 from engine.compile_counter import counter
 from engine.config import ModelConfig, rope_inv_freq
 from engine.models.decoder import forward
 from engine.ops import Ops
-from engine.sampler import sample
+from engine.sampler import LOGIT_BIAS_ENTRIES, sample_step
 from engine.scheduler import StepPlan
 
 log = logging.getLogger("engine")
 
 
 SMALL_BUCKETS = (8, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
+# Row counts of the sampler programs below max_num_seqs (engine.runner.ModelRunner.sampler_rows):
+# decode-sized steps of up to 64 sequences share one, the rest the max_num_seqs program.
+SAMPLER_ROWS = (64,)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -94,6 +97,12 @@ class ModelRunner:
         self._fns: dict[int, object] = {}  # bucket -> the jitted step
         self._compiled: dict[int, object] = {}  # bucket -> its executable (compile_buckets)
         self.compile_seconds: dict[int, float] = {}
+        # The sampler is a program of its own per row count (sampler_rows), shared by the buckets
+        # with that count, instead of a copy compiled into every bucket's step.
+        self._sampler = jax.jit(sample_step)
+        self._compiled_samplers: dict[int, object] = {}  # rows -> its executable
+        self.sampler_compile_seconds: dict[int, float] = {}
+        self._any_token: dict[int, object] = {}  # rows -> an all-ones token bitmask kept on the device
         self.baseline_compiles: int | None = None
         # statistics
         self.steps = 0
@@ -163,6 +172,18 @@ class ModelRunner:
     def _seqs(self, bucket: int) -> int:
         return min(bucket, self.max_num_seqs)
 
+    def sampler_rows(self, bucket: int) -> int:
+        """Rows of the logits a bucket's step returns and its sampler program takes: its sequences
+        padded to SAMPLER_ROWS (or max_num_seqs), so a few sampler programs serve every bucket. The
+        padding rows cost the lm_head a few more rows of a matmul that reads its whole weight anyway."""
+        seqs = self._seqs(bucket)
+        return next((r for r in SAMPLER_ROWS if seqs <= r < self.max_num_seqs), self.max_num_seqs)
+
+    @property
+    def sampler_sizes(self) -> list[int]:
+        """The sampler programs' row counts, one per distinct sampler_rows of the buckets."""
+        return sorted({self.sampler_rows(b) for b in self.buckets})
+
     def _step_fn(self, bucket: int):
         fn = self._fns.get(bucket)
         if fn is None:
@@ -173,33 +194,51 @@ class ModelRunner:
             if layout is not None:
                 fwd = functools.partial(fwd, par=parallel.MeshCollectives(layout))
 
-            def step(params, caches, batch, samp):
+            def step(params, caches, batch):
                 if layout is not None:  # one device's shard: its weights, its cache
                     params = parallel.local_params(params)
                     caches = jax.tree.map(lambda a: a[0], caches)
                 logits, caches = fwd(params, caches, batch)
-                tokens, logprobs = sample(logits, samp["temperature"], samp["top_k"], samp["top_p"], samp["seeds"],
-                                          samp["counters"], samp["any_filter"])
                 if layout is not None:
                     caches = jax.tree.map(lambda a: a[None], caches)
-                return tokens, logprobs, caches
+                return logits, caches
 
             if layout is not None:
                 cache_specs = jax.tree.map(lambda _: P(parallel.AXES), self.caches)
-                step = parallel.shard_map(step, layout.mesh, in_specs=(self.param_specs, cache_specs, P(), P()),
-                                          out_specs=(P(), P(), cache_specs))
+                step = parallel.shard_map(step, layout.mesh, in_specs=(self.param_specs, cache_specs, P()),
+                                          out_specs=(P(), cache_specs))
             fn = jax.jit(step, donate_argnums=(1,))
             self._fns[bucket] = fn
         return fn
 
-    def _empty_inputs(self, t: int, s: int):
+    @property
+    def mask_words(self) -> int:
+        """int32 words of a token bitmask row (engine.structured)."""
+        return structured.mask_words(self.cfg.vocab_size)
+
+    def _any_token_mask(self, rows: int):
+        """The bitmask of steps without structured output: every token allowed, made once on the
+        device (no per-step copy of its rows x mask_words words)."""
+        mask = self._any_token.get(rows)
+        if mask is None:
+            make = jax.jit(lambda: jnp.full((rows, self.mask_words), -1, jnp.int32),
+                           out_shardings=self._replicated())
+            mask = self._any_token[rows] = make()
+        return mask
+
+    def _empty_inputs(self, t: int, s: int, rows: int | None = None):
+        """A step's inputs for t tokens of s sequences, the logits taken at `rows` rows (default s)."""
+        rows = s if rows is None else rows
         batch = dict(token_ids=np.zeros(t, np.int32), positions=np.zeros(t, np.int32),
                      kv_lens=np.zeros(s, np.int32), page_indices=np.zeros((s, self.pages_per_seq), np.int32),
                      cu_q_lens=np.zeros(s + 1, np.int32), distribution=np.zeros(3, np.int32),
-                     logits_indices=np.zeros(s, np.int32))
-        samp = dict(temperature=np.zeros(s, np.float32), top_k=np.zeros(s, np.int32),
-                    top_p=np.ones(s, np.float32), seeds=np.zeros(s, np.uint32), counters=np.zeros(s, np.int32),
-                    any_filter=np.bool_(False))
+                     logits_indices=np.zeros(rows, np.int32))
+        samp = dict(temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32),
+                    top_p=np.ones(rows, np.float32), seeds=np.zeros(rows, np.uint32),
+                    counters=np.zeros(rows, np.int32), bias_rows=np.zeros(LOGIT_BIAS_ENTRIES, np.int32),
+                    bias_ids=np.zeros(LOGIT_BIAS_ENTRIES, np.int32),
+                    bias_values=np.zeros(LOGIT_BIAS_ENTRIES, np.float32), any_filter=np.bool_(False),
+                    any_top=np.bool_(False), any_bias=np.bool_(False), any_mask=np.bool_(False))
         return batch, samp
 
     def compile_buckets(self, buckets: list[int] | None = None, workers: int | None = None,
@@ -209,9 +248,11 @@ class ModelRunner:
         serve the steps.
 
         Args:
-          buckets: the buckets to compile (default: all).
-          workers: compile threads (default: one per CPU core, at most one per bucket).
-          progress: called with (bucket, seconds) as each compile finishes, or None.
+          buckets: the buckets to compile (default: all), each with the sampler program of its rows
+            (sampler_rows) unless already compiled.
+          workers: compile threads (default: one per CPU core, at most one per program).
+          progress: called with (bucket, seconds) as each step compiles and ("sampler", rows,
+            seconds) as each sampler program does, or None.
         Returns:
           {bucket: seconds its compile took (wall, overlapping the others')}.
         """
@@ -219,23 +260,47 @@ class ModelRunner:
         if self._bs is None:
             self.plan_block_sizes()
         order = sorted(buckets or self.buckets, reverse=True)
+        samplers = sorted({self.sampler_rows(b) for b in order} - set(self._compiled_samplers), reverse=True)
 
-        def one(b, low):
+        def one(key, low):
             t0 = time.perf_counter()
-            return b, low.compile(), time.perf_counter() - t0
+            return key, low.compile(), time.perf_counter() - t0
 
-        workers = workers or min(len(order), os.cpu_count() or 1)
+        logits_info = {}  # rows -> the logits a lowered step returns (what its sampler takes)
+
+        def lower(key):
+            kind, n = key
+            if kind == "sampler":
+                bucket = next(b for b in order if self.sampler_rows(b) == n)
+                return self._sampler.lower(logits_info[n], self._lowering_inputs(bucket, sampler=True)[1])
+            low = self._step_fn(n).lower(self.params, self.caches, self._lowering_inputs(n)[0])
+            info = low.out_info[0]
+            logits_info[self.sampler_rows(n)] = jax.ShapeDtypeStruct(info.shape, info.dtype,
+                                                                     sharding=self._replicated())
+            return low
+
+        workers = workers or min(len(order) + len(samplers), os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            # each bucket's compile starts as soon as it is lowered: lowering the next overlaps it
-            futures = [pool.submit(one, b, self._step_fn(b).lower(self.params, self.caches, *self._lowering_inputs(b)))
-                       for b in order]
+            # each program's compile starts as soon as it is lowered: lowering the next overlaps it
+            futures = [pool.submit(one, key, lower(key))
+                       for key in [("step", b) for b in order] + [("sampler", r) for r in samplers]]
             for fut in futures:
-                b, compiled, secs = fut.result()
-                self._compiled[b] = compiled
-                self.compile_seconds[b] = secs
+                (kind, n), compiled, secs = fut.result()
+                if kind == "sampler":
+                    self._compiled_samplers[n] = compiled
+                    self.sampler_compile_seconds[n] = secs
+                    if progress is not None:
+                        progress("sampler", n, secs)
+                    continue
+                self._compiled[n] = compiled
+                self.compile_seconds[n] = secs
                 if progress is not None:
-                    progress(b, secs)
+                    progress(n, secs)
         return dict(self.compile_seconds)
+
+    def _replicated(self):
+        """The sharding of a replicated value on the step's mesh (None on one device)."""
+        return None if self.layout is None else NamedSharding(self.layout.mesh, P())
 
     def warmup(self) -> float:
         """Compile (or load from the persistent cache) every bucket's step, then run each once;
@@ -243,8 +308,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         before = self.counter.compiles
         self.compile_buckets()
-        log.info("compile seconds per bucket (concurrent): %s",
-                 ", ".join(f"{b}: {self.compile_seconds[b]:.1f}" for b in self.buckets))
+        log.info("compile seconds per bucket (concurrent): %s; sampler programs (rows: seconds): %s",
+                 ", ".join(f"{b}: {self.compile_seconds[b]:.1f}" for b in self.buckets),
+                 ", ".join(f"{r}: {t:.1f}" for r, t in sorted(self.sampler_compile_seconds.items())))
         for b in self.buckets:  # every process, in the same order (the step's collectives pair them up)
             batch, samp = self._inputs_for(b)
             if self.channel is not None:  # the channel's own collectives compile here too
@@ -252,7 +318,7 @@ class ModelRunner:
                     self.channel.send(b, batch, samp)
                 else:
                     _, batch, samp = self.channel.receive(self._inputs_for)
-            tokens, _ = self._run(b, batch, samp)
+            self._run(b, batch, samp)
         jax.block_until_ready(self.caches)
         self.baseline_compiles = self.counter.compiles
         secs = time.perf_counter() - t0
@@ -268,14 +334,17 @@ class ModelRunner:
         return self.counter.compiles - self.baseline_compiles
 
     def execute(self, plan: StepPlan):
-        """Run one scheduled step; returns host (tokens i32 [n], logprobs f32 [n]) for plan.scheduled."""
+        """Run one scheduled step; returns host (tokens i32 [n], logprobs f32 [n], alternatives) for
+        plan.scheduled, the alternatives (ids i32 [n, TOP_LOGPROBS], log-probabilities f32 [n,
+        TOP_LOGPROBS]) when a request in the step asked for them, else None."""
         items = plan.scheduled
         n_tok = plan.num_tokens
         t = bucket_for(n_tok, self.buckets)
-        s = self._seqs(t)
-        batch, samp = self._empty_inputs(t, s)
+        batch, samp = self._inputs_for(t)
         off = 0
-        any_filter = False
+        any_filter = any_top = False
+        n_bias = 0
+        matched = []  # (row, llguidance matcher) of the structured-output rows that sample
         for i, it in enumerate(items):
             seq = it.seq
             end = it.start + it.num_new
@@ -293,26 +362,49 @@ class ModelRunner:
             samp["seeds"][i] = seq.seed & 0xFFFFFFFF
             samp["counters"][i] = len(seq.output_ids)
             any_filter |= p.filters
+            any_top |= p.top_logprobs > 0
+            if seq.matcher is not None and it.samples:
+                matched.append((i, seq.matcher))
+            if p.logit_bias:  # the scheduler admits no more than the step's entries hold
+                k = len(p.logit_bias)
+                samp["bias_rows"][n_bias:n_bias + k] = i
+                samp["bias_ids"][n_bias:n_bias + k] = list(p.logit_bias)
+                samp["bias_values"][n_bias:n_bias + k] = list(p.logit_bias.values())
+                n_bias += k
         batch["cu_q_lens"][len(items) + 1:] = off
         n_dec = plan.num_decodes
         batch["distribution"][:] = (n_dec, len(items), len(items))
         samp["any_filter"] = np.bool_(any_filter)
+        samp["any_top"] = np.bool_(any_top)
+        samp["any_bias"] = np.bool_(n_bias > 0)
         t0 = time.perf_counter()
         if self.channel is not None:
             self.channel.send(t, batch, samp)
-        tokens, logprobs = self._run(t, batch, samp)
+        token_mask = None
+        if matched:
+            def token_mask(rows: int) -> np.ndarray:
+                mask = np.full((rows, self.mask_words), -1, np.int32)  # rows without a grammar: any token
+                for row, matcher in matched:
+                    structured.fill_row(matcher, mask, row)
+                return mask
+
+        tokens, logprobs, top = self._run(t, batch, samp, token_mask)
         if self.channel is not None:
             self.channel.record(tokens)
         self.step_seconds += time.perf_counter() - t0
         self.steps += 1
         self.real_tokens += n_tok
         self.padded_tokens += t
-        return tokens[:len(items)], logprobs[:len(items)]
+        n = len(items)
+        return tokens[:n], logprobs[:n], (None if top is None else (top[0][:n], top[1][:n]))
 
-    def _lowering_inputs(self, bucket: int) -> tuple:
+    def _lowering_inputs(self, bucket: int, sampler: bool = False) -> tuple:
         """Inputs to lower the step with: as it takes them, or abstract (replicated on the mesh) when
-        the caches are (materialize=False: a compile-only mesh)."""
+        the caches are (materialize=False: a compile-only mesh); sampler: the sampler's, its token
+        bitmask included."""
         batch, samp = self._inputs_for(bucket)
+        if sampler:
+            samp["token_mask"] = np.full((len(samp["top_p"]), self.mask_words), -1, np.int32)
         if self.layout is not None and not self.materialized:
             rep = NamedSharding(self.layout.mesh, P())
             return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep),
@@ -327,13 +419,31 @@ class ModelRunner:
         return batch, samp
 
     def _inputs_for(self, bucket: int):
-        return self._empty_inputs(bucket, self._seqs(bucket))
+        return self._empty_inputs(bucket, self._seqs(bucket), self.sampler_rows(bucket))
 
-    def _run(self, bucket: int, batch: dict, samp: dict) -> tuple[np.ndarray, np.ndarray]:
-        """One compiled step; host (tokens, logprobs) of every row."""
-        fn = self._compiled.get(bucket) or self._step_fn(bucket)
-        tokens, logprobs, self.caches = fn(self.params, self.caches, *self._device_inputs(batch, samp))
-        return np.asarray(tokens), np.asarray(logprobs)
+    def _run(self, bucket: int, batch: dict, samp: dict, token_mask=None) -> tuple[np.ndarray, np.ndarray,
+                                                                                tuple | None]:
+        """One compiled step, then its sampler program (dispatched without waiting for the step);
+        host (tokens, logprobs, (top ids, top log-probabilities) or None) of every row (the
+        alternatives are read back only when a row asked for them).
+
+        token_mask: None, or a function of the sampler's rows giving the step's token bitmask (int32
+        [rows, mask_words]); it runs on the host while the device runs the step, and the sampler
+        applies it (None: the device's all-ones mask, skipped)."""
+        rows = self.sampler_rows(bucket)
+        any_top = bool(samp["any_top"])
+        step = self._compiled.get(bucket) or self._step_fn(bucket)
+        device_batch, _ = self._device_inputs(batch, {})
+        logits, self.caches = step(self.params, self.caches, device_batch)
+        if token_mask is not None:  # the device is busy with the step meanwhile
+            samp = dict(samp, token_mask=token_mask(rows), any_mask=np.bool_(True))
+        _, samp = self._device_inputs({}, samp)
+        if token_mask is None:
+            samp = dict(samp, token_mask=self._any_token_mask(rows))
+        sampler = self._compiled_samplers.get(rows) or self._sampler
+        tokens, logprobs, top_ids, top_lps = sampler(logits, samp)
+        top = (np.asarray(top_ids), np.asarray(top_lps)) if any_top else None
+        return np.asarray(tokens), np.asarray(logprobs), top
 
     def follow(self) -> int:
         """A follower process: run the steps the leader sends until it stops; returns the steps run."""
@@ -341,7 +451,7 @@ class ModelRunner:
             raise RuntimeError("follow() is for the follower processes of a multi-process engine")
         while (step := self.channel.receive(self._inputs_for)) is not None:
             bucket, batch, samp = step
-            tokens, _ = self._run(bucket, batch, samp)
+            tokens = self._run(bucket, batch, samp)[0]
             self.channel.record(tokens)
         return self.channel.steps
 

@@ -17,7 +17,7 @@ import enum
 import itertools
 
 from engine.kv_cache import ROOT_HASH, PageAllocator, page_hashes
-from engine.sampler import SamplingParams
+from engine.sampler import LOGIT_BIAS_ENTRIES, SamplingParams
 
 
 class Status(enum.Enum):
@@ -39,6 +39,7 @@ class Sequence:
     order: int = dataclasses.field(default_factory=lambda: next(_order))
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_top_logprobs: list = dataclasses.field(default_factory=list)  # per output token: [(id, logprob)]
     num_computed: int = 0  # tokens whose KV is in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of full pages computed so far
@@ -48,6 +49,7 @@ class Sequence:
     num_preemptions: int = 0
     first_token_time: float | None = None
     admitted: bool = False
+    matcher: object | None = None  # structured output: the llguidance matcher of its grammar
 
     @property
     def all_ids(self) -> list[int]:
@@ -88,14 +90,21 @@ class StepPlan:
         return sum(1 for s in self.scheduled if s.num_new == 1)
 
 
+def _bias_entries(seq: Sequence) -> int:
+    return len(seq.params.logit_bias or ())
+
+
 class Scheduler:
     def __init__(self, allocator: PageAllocator, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, buckets: list[int] | None = None, trim_above: int = 64):
+                 max_model_len: int, buckets: list[int] | None = None, trim_above: int = 64,
+                 max_bias_entries: int = LOGIT_BIAS_ENTRIES):
         """buckets: the compiled steps' token buckets (None: no bucket awareness). A step whose
         token count falls between two buckets of at least `trim_above` tokens gives its last prefill
         chunk's excess back to the next step instead of padding up (with 16 buckets for 2048
         tokens, padding stays under 7% of the computed slots on bench serve's datasets, where
-        padding up would waste up to 47%: `python -m bench.padding`)."""
+        padding up would waste up to 47%: `python -m bench.padding`). max_bias_entries: the
+        logit_bias entries one step's sampler takes; a waiting request with a logit_bias is admitted
+        only while the running ones' entries and its own fit (it waits, in order, otherwise)."""
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
                              f"({max_num_seqs}): every running sequence needs a token slot each step")
@@ -106,6 +115,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.buckets = sorted(buckets or [])
         self.trim_above = trim_above
+        self.max_bias_entries = max_bias_entries
         self.waiting: list[Sequence] = []  # sorted by order
         self.running: list[Sequence] = []  # sorted by order
         self.num_preemptions = 0
@@ -191,8 +201,11 @@ class Scheduler:
                     self._preempt(seq)  # the newest cannot get a page: it waits for one
                     preempted.append(seq)
 
+        bias_in_use = sum(_bias_entries(s) for s in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if bias_in_use + _bias_entries(seq) > self.max_bias_entries:
+                break  # its logit_bias does not fit the step's sampler until a biased request ends
             if seq.num_computed == 0 and not seq.pages:
                 self._prefix_lookup(seq)
             n = min(seq.remaining, budget)
@@ -203,6 +216,7 @@ class Scheduler:
                 seq.pages, seq.num_computed, seq.hashes = [], 0, []
                 break
             self.waiting.pop(0)
+            bias_in_use += _bias_entries(seq)
             seq.status = Status.RUNNING
             self._insert(self.running, seq)
             planned[id(seq)] = ScheduledSeq(seq, n, seq.num_computed)

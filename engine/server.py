@@ -2,14 +2,19 @@
 /v1/models, /health and Prometheus /metrics.
 
 The engine runs in one background thread (`AsyncEngine`): it steps while there is work and hands
-each step's outputs to the request handlers' asyncio queues. A streaming client that disconnects
-cancels its handler, which aborts the request: its pages are freed at once.
+each step's outputs to the request handlers' asyncio queues. A client that disconnects (streaming
+or not) aborts its request: its pages are freed at once. Request bodies are validated by one
+schema per endpoint (engine/api_schema.py); a request with n > 1 or best_of is that many engine
+requests (candidates), collected or streamed together; a response_format or tool call holds the
+output to a grammar (engine/structured.py). Tokenization and JSON parsing of large bodies run off
+the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -20,16 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from engine import structured
+from engine.api_schema import ChatRequest, CompletionRequest, RequestError, SamplingRequest, parse
 from engine.llm import LLM, StepOutput
 from engine.sampler import SamplingParams
 
 log = logging.getLogger("engine.server")
-
-
-class RequestError(ValueError):
-    def __init__(self, message: str, status: int = 400, param: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.type = status, param, type_
 
 
 class AsyncEngine:
@@ -107,36 +108,10 @@ class AsyncEngine:
 # ------------------------------------------------------------------------------- request parsing
 
 
-def _get(body: dict, name: str, types, default=None, *, check=None, what=""):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise RequestError(f"'{name}' must be {what or types}", param=name)
-    if not isinstance(value, types):
-        raise RequestError(f"'{name}' must be {what or getattr(types, '__name__', types)}, got {value!r}", param=name)
-    if check is not None and not check(value):
-        raise RequestError(f"'{name}' is out of range: {value!r} ({what})", param=name)
-    return value
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     """The OpenAI usage object of one request."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-# Parameters this server does not implement yet, and the values that ask for nothing (accepted).
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
-               "tool_choice": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
-               "functions": (None, []), "function_call": (None, "none", "auto")}
-
-
-def _refuse_unsupported(body: dict) -> None:
-    """A 400 naming a parameter the server would otherwise ignore (never a silent 200)."""
-    for name, harmless in UNSUPPORTED.items():
-        if name in body and body[name] not in harmless:
-            raise RequestError(f"'{name}' is not supported by this server", param=name)
 
 
 def _check_text(value, param: str) -> None:
@@ -152,74 +127,32 @@ def _check_text(value, param: str) -> None:
             _check_text(v, param)
 
 
-def sampling_from(body: dict, default_max_tokens: int) -> tuple[SamplingParams, dict]:
-    _refuse_unsupported(body)
-    n = _get(body, "n", int, 1)
-    if n != 1:
-        raise RequestError("only n=1 is supported", param="n")
-    if body.get("echo"):
-        raise RequestError("echo is not supported", param="echo")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _get(body, name, (int, float), 0):
-            raise RequestError(f"'{name}' is not supported", param=name)
-    requested = body.get("max_completion_tokens")
-    requested = body.get("max_tokens") if requested is None else requested
-    max_tokens = default_max_tokens if requested is None else requested
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise RequestError(f"'max_tokens' must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
-        raise RequestError("'stop' must be a string or a list of strings", param="stop")
-    stop_ids = _get(body, "stop_token_ids", list, None)
-    if stop_ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise RequestError("'stop_token_ids' must be a list of integers", param="stop_token_ids")
-    _check_text(stop, "stop")
+def sampling_params(req: SamplingRequest, default_max_tokens: int, top_logprobs: int = 0) -> SamplingParams:
+    """The engine's SamplingParams of a validated request (api_schema)."""
+    _check_text(req.stop, "stop")
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max_tokens
     try:
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=_get(body, "temperature", (int, float), 1.0),
-            top_p=_get(body, "top_p", (int, float), 1.0),
-            top_k=_get(body, "top_k", int, 0),
-            seed=_get(body, "seed", int, None),
-            stop=stop,
-            stop_token_ids=stop_ids,
-            ignore_eos=_get(body, "ignore_eos", bool, False),
-        )
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                              ignore_eos=req.ignore_eos, top_logprobs=top_logprobs,
+                              logit_bias={int(t): b for t, b in (req.logit_bias or {}).items()} or None)
     except ValueError as err:
-        param = next((p for p in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop") if p in str(err)), None)
+        param = next((p for p in ("logit_bias", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+                      if p in str(err)), None)
         raise RequestError(str(err), param=param) from None
-    extras = {"explicit_max_tokens": requested is not None,
-              "stream": _get(body, "stream", bool, False),
-              "include_usage": bool((_get(body, "stream_options", dict, {}) or {}).get("include_usage"))}
-    return params, extras
 
 
-def _completion_logprobs_wanted(body: dict) -> bool:
-    """Completions' `logprobs`: null, or an int 0..20 (0: the chosen tokens' log-probabilities)."""
-    lp = body.get("logprobs")
-    if lp is None or lp is False:
-        return False
-    if not isinstance(lp, int) or not 0 <= lp <= 20:
-        raise RequestError(f"'logprobs' must be an integer in [0, 20], got {lp!r}", param="logprobs")
-    if lp > 0:
-        raise RequestError("'logprobs' > 0 (the top alternatives) is not supported by this server yet; 0 returns "
-                           "the chosen tokens' log-probabilities", param="logprobs")
-    return True
+def _explicit_max_tokens(req: SamplingRequest) -> bool:
+    return req.max_tokens is not None or getattr(req, "max_completion_tokens", None) is not None
 
 
-def _chat_logprobs_wanted(body: dict) -> bool:
-    """Chat's `logprobs` (a bool) and `top_logprobs` (an int 0..20, with logprobs true)."""
-    lp, top = body.get("logprobs"), body.get("top_logprobs")
-    if lp is not None and not isinstance(lp, bool):
-        raise RequestError(f"'logprobs' must be a boolean, got {lp!r}", param="logprobs")
-    if top is not None:
-        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
-            raise RequestError(f"'top_logprobs' must be an integer in [0, 20], got {top!r}", param="top_logprobs")
-        if not lp:
-            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        if top > 0:
-            raise RequestError("'top_logprobs' > 0 is not supported by this server yet", param="top_logprobs")
-    return bool(lp)
+def candidate_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The SamplingParams of a request's `index`-th candidate (n > 1, best_of): a seeded request's
+    candidates draw from seeds seed, seed + 1, ... (distinct and reproducible); unseeded ones each
+    get the engine's own."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed + index) % 2**64)
 
 
 def _encode_prompt(llm: LLM, text: str) -> list[int]:
@@ -238,37 +171,78 @@ def _check_room(llm: LLM, n_prompt: int, params: SamplingParams, explicit: bool)
                            f"model's context of {llm.max_model_len} tokens", param="max_tokens")
 
 
-def _completion_prompt(body: dict) -> str | list:
+def _completion_prompt(req: CompletionRequest) -> str | list[int]:
     """The one prompt of a completions request: a string or a list of token ids."""
-    prompt = body.get("prompt")
+    prompt = req.prompt
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    _check_text(prompt, "prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         raise RequestError("batched prompts are not supported: send one prompt per request", param="prompt")
-    if prompt is None or not isinstance(prompt, (str, list)):
-        raise RequestError("'prompt' must be a string or a list of token ids", param="prompt")
+    _check_text(prompt, "prompt")
     return prompt
 
 
-def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams, explicit_max_tokens: bool) -> list[int]:
+def _chat_grammar(req: ChatRequest) -> tuple[tuple[str, str] | None, list | None]:
+    """(the grammar a chat request's output must match, the tools it must call) from its
+    response_format and tools / tool_choice (engine.structured); (None, None) for free text."""
+    fmt = req.response_format
+    tools = req.tools or None
+    choice = req.tool_choice
+    if tools is not None and choice == "none":
+        tools = None
+    if tools is not None:
+        if fmt not in (None, {"type": "text"}):
+            raise RequestError("'response_format' and 'tools' cannot be combined", param="response_format")
+        if req.stream:
+            raise RequestError("streamed tool calls are not supported by this server; send 'stream': false",
+                               param="stream")
+        for t in tools:
+            fn = t.get("function") if isinstance(t, dict) else None
+            if t.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not isinstance(fn.get("parameters", {}), dict):
+                raise RequestError("each tool must be {'type': 'function', 'function': {'name': str, 'parameters': "
+                                   "a JSON schema}}", param="tools")
+        if choice in (None, "auto"):
+            raise RequestError("tool_choice 'auto' (the default with tools) is not supported by this server: ask for "
+                               "'required' or a named function", param="tool_choice")
+        if choice == "required":
+            name = None
+        elif isinstance(choice, dict) and choice.get("type") == "function" and \
+                isinstance((choice.get("function") or {}).get("name"), str):
+            name = choice["function"]["name"]
+        else:
+            raise RequestError(f"'tool_choice' must be 'none', 'required' or a named function, got {choice!r}",
+                               param="tool_choice")
+        try:
+            schema = structured.tool_call_schema(tools, name)
+        except ValueError as err:
+            raise RequestError(str(err), param="tool_choice") from None
+        return ("json_schema", json.dumps(schema)), tools
+    if choice not in (None, "none", "auto"):
+        raise RequestError("'tool_choice' needs 'tools'", param="tool_choice")
+    if fmt is None or fmt == {"type": "text"}:
+        return None, None
+    if fmt.get("type") == "json_object":
+        return ("json_schema", structured.ANY_JSON_OBJECT), None
+    spec = fmt.get("json_schema")
+    if fmt.get("type") == "json_schema" and isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
+        return ("json_schema", json.dumps(spec["schema"])), None
+    raise RequestError("'response_format' must be {'type': 'text' | 'json_object'} or {'type': 'json_schema', "
+                       "'json_schema': {'name': ..., 'schema': {...}}}", param="response_format")
+
+
+def _tool_calls(text: str) -> list[dict]:
+    """The OpenAI tool_calls of a reply generated under tool_call_schema."""
+    call = json.loads(text)
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
+
+
+def _chat_prompt_ids(llm: LLM, req: ChatRequest, params: SamplingParams) -> list[int]:
     """The token ids of a chat request's messages under the chat template; without an explicit
     max_tokens the reply is capped by the room left in the model length (params is updated)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", param="messages")
+    messages = [{"role": m.role, "content": m.text} for m in req.messages]
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError("each message needs a 'role'", param="messages")
-        if isinstance(m.get("content"), list):  # [{"type": "text", "text": ...}, ...]
-            parts = m["content"]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-                raise RequestError("only text content parts are supported", param="messages")
-            if not all(isinstance(p.get("text"), str) for p in parts):
-                raise RequestError("a text content part needs a string 'text'", param="messages")
-            m["content"] = "".join(p["text"] for p in parts)
-        if not isinstance(m.get("content"), str):
-            raise RequestError("each message needs a string 'content'", param="messages")
         _check_text(m["content"], "messages")
     try:
         text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
@@ -276,28 +250,47 @@ def _chat_prompt_ids(llm: LLM, body: dict, params: SamplingParams, explicit_max_
         raise RequestError(str(err), param="messages") from None
     prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
     # a chat reply stops where the model ends its turn: cap max_tokens by the room left
-    if not explicit_max_tokens:
+    if not _explicit_max_tokens(req):
         params.max_tokens = max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids) - 1))
     return prompt_ids
 
 
-def _completion_logprobs(llm: LLM, tokens: list[int], lps: list[float]) -> dict:
-    """The logprobs object of a completion choice."""
-    strs = [llm.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
-    offs, at = [], 0
+def _token_text(llm: LLM, token: int) -> str:
+    return llm.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _completion_logprobs(llm: LLM, tokens: list[int], lps: list[float], tops: list, offset: int = 0) -> dict:
+    """The logprobs object of a completion choice (or of a streamed chunk whose text starts at
+    `offset` characters into the completion): per token its text and log-probability, and with
+    `logprobs` N > 0 a {text: log-probability} of its N most likely alternatives and the chosen
+    token (up to N + 1 entries, as OpenAI's)."""
+    strs = [_token_text(llm, t) for t in tokens]
+    offs, at = [], offset
     for s in strs:
         offs.append(at)
         at += len(s)
-    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": None, "text_offset": offs}
+    top = None
+    if tops:
+        top = []
+        for s, lp, alts in zip(strs, lps, tops):
+            entry = {}
+            for t, a in alts:  # most likely first: of tokens with the same text, the likeliest's value
+                entry.setdefault(_token_text(llm, t), a)
+            entry[s] = lp  # the chosen token's own, as token_logprobs gives it
+            top.append(entry)
+    return {"tokens": strs, "token_logprobs": lps, "top_logprobs": top, "text_offset": offs}
 
 
-def _chat_logprobs(llm: LLM, tokens: list[int], lps: list[float]) -> dict:
-    """The logprobs object of a chat choice."""
-    out = []
-    for t, lp in zip(tokens, lps):
-        s = llm.tokenizer.decode([t], skip_special_tokens=False)
-        out.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": []})
-    return {"content": out}
+def _chat_logprobs(llm: LLM, tokens: list[int], lps: list[float], tops: list) -> dict:
+    """The logprobs object of a chat choice: per token its text, log-probability and UTF-8 bytes,
+    and its `top_logprobs` most likely alternatives in descending order."""
+    def item(t: int, lp: float) -> dict:
+        s = _token_text(llm, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    tops = tops or [[] for _ in tokens]
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in alts]}
+                        for t, lp, alts in zip(tokens, lps, tops)]}
 
 
 def _metrics_text(llm: LLM) -> str:
@@ -347,20 +340,45 @@ async def _read_body(request: Request, name: str) -> dict:
     return body
 
 
-def _submit(engine: AsyncEngine, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
+def _submit(engine: AsyncEngine, prompt, params: SamplingParams, count: int = 1,
+            grammar_param: str = "response_format") -> list[tuple[str, asyncio.Queue]]:
+    """Queue `count` candidates of one request (candidate_params); all or none. A grammar the
+    engine refuses is the fault of `grammar_param`."""
     if not engine.alive:
         raise RequestError("the engine is not running", 503, type_="server_error")
+    submitted = []
     try:
-        return engine.submit(prompt, params)
+        for i in range(count):
+            submitted.append(engine.submit(prompt, candidate_params(params, i)))
     except ValueError as err:
-        raise RequestError(str(err), param="prompt") from None
+        for rid, _ in submitted:
+            engine.abort(rid)
+        param = next((p for p in ("logit_bias", "top_k") if str(err).startswith(p)), "prompt")
+        param = grammar_param if str(err).startswith("grammar") else param
+        raise RequestError(str(err), param=param) from None
+    return submitted
 
 
-async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue,
-                   request: Request | None = None) -> tuple[list, list, str, str]:
-    """(token ids, logprobs, text, finish reason) of a whole request; aborts it if the handler is
-    cancelled or the client goes away (checked every quarter second)."""
-    toks, lps, text, reason = [], [], "", None
+@dataclasses.dataclass
+class Candidate:
+    """One generated candidate of a request, whole."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list
+    text: str
+    finish_reason: str
+
+    @property
+    def mean_logprob(self) -> float:
+        """best_of's ranking: the log-probability per token (OpenAI's "best")."""
+        return sum(self.logprobs) / max(1, len(self.logprobs))
+
+
+async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue, request: Request | None = None) -> Candidate:
+    """One candidate, whole; aborts it if the handler is cancelled or the client goes away (checked
+    every quarter second)."""
+    toks, lps, tops, text, reason = [], [], [], "", None
     checked = time.monotonic()
     try:
         while reason is None:
@@ -378,41 +396,75 @@ async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue,
                 raise RequestError(f"engine error: {item}", 500, type_="server_error")
             toks += item.new_token_ids
             lps += item.new_logprobs
+            tops += item.new_top_logprobs
             text += item.delta_text
             reason = item.finish_reason
     finally:
         if reason is None:
             engine.abort(rid)
-    return toks, lps, text, reason
+    return Candidate(toks, lps, tops, text, reason)
+
+
+async def _collect_all(engine: AsyncEngine, submitted: list, request: Request, keep: int) -> tuple[list, int]:
+    """Every candidate of a request; returns (the `keep` best by mean log-probability in candidate
+    order when there are more, else all; the tokens all of them generated). A failure aborts all."""
+    tasks = [asyncio.ensure_future(_collect(engine, rid, queue, request)) for rid, queue in submitted]
+    try:
+        done = await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # each aborts its own request
+        raise
+    generated = sum(len(c.tokens) for c in done)
+    if len(done) > keep:
+        best = sorted(range(len(done)), key=lambda i: -done[i].mean_logprob)[:keep]
+        done = [done[i] for i in sorted(best)]
+    return done, generated
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _stream_events(engine: AsyncEngine, rid: str, queue: asyncio.Queue, head: dict, choice,
-                         n_prompt: int, include_usage: bool, first: dict | None = None):
-    """Server-sent events of one streamed request: an optional first chunk, one chunk per engine
-    output (`choice(item)`), the usage chunk when asked for, then [DONE]. A client that goes away
-    before the end aborts the request in the engine."""
-    reason, n_out = None, 0
+async def _stream_events(engine: AsyncEngine, submitted: list, head: dict, choice, n_prompt: int,
+                         include_usage: bool, first=None):
+    """Server-sent events of one streamed request of len(submitted) choices: the first chunk of each
+    choice (`first(index)`, when given), one chunk per engine output (`choice(index, item)`) in the
+    order they come, the usage chunk when asked for, then [DONE]. A client that goes away before the
+    end aborts every unfinished choice in the engine."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def forward(index: int, queue: asyncio.Queue):
+        while True:
+            item = await queue.get()
+            await merged.put((index, item))
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                return
+
+    pumps = [asyncio.ensure_future(forward(i, q)) for i, (_, q) in enumerate(submitted)]
+    running, n_out = set(range(len(submitted))), 0
     try:
         if first is not None:
-            yield _sse({**head, "created": int(time.time()), "choices": [first]})
-        while reason is None:
-            item = await queue.get()
+            for i in range(len(submitted)):
+                yield _sse({**head, "created": int(time.time()), "choices": [first(i)]})
+        while running:
+            index, item = await merged.get()
             if isinstance(item, BaseException):
                 yield _sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
                 return
-            reason = item.finish_reason
+            if item.finish_reason is not None:
+                running.discard(index)
             n_out += len(item.new_token_ids)
-            yield _sse({**head, "created": int(time.time()), "choices": [choice(item)]})
+            yield _sse({**head, "created": int(time.time()), "choices": [choice(index, item)]})
         if include_usage:
             yield _sse({**head, "created": int(time.time()), "choices": [], "usage": usage(n_prompt, n_out)})
         yield "data: [DONE]\n\n"
     finally:
-        if reason is None:
-            engine.abort(rid)
+        for p in pumps:
+            p.cancel()
+        for i in running:
+            engine.abort(submitted[i][0])
 
 
 # ------------------------------------------------------------------------------- the app
@@ -473,58 +525,88 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _read_body(request, name)
-        params, extras = sampling_from(body, 16)
-        prompt = _completion_prompt(body)
-        want_lp = _completion_logprobs_wanted(body)
+        req = parse(CompletionRequest, body, supported=("best_of",))
+        want_lp = req.logprobs is not None
+        params = sampling_params(req, 16, req.logprobs or 0)
+        prompt = _completion_prompt(req)
+        count = req.best_of or req.n
+        if req.stream and count > req.n:
+            raise RequestError("'best_of' > 'n' cannot be streamed (the best are known at the end)", param="best_of")
         cid = f"cmpl-{uuid.uuid4().hex}"
         if isinstance(prompt, str):  # off the event loop: a long prompt must not stall other requests
             prompt = await asyncio.to_thread(_encode_prompt, llm, prompt)
         n_prompt = len(prompt)
-        _check_room(llm, n_prompt, params, extras["explicit_max_tokens"])
-        rid, queue = _submit(engine, prompt, params)
+        _check_room(llm, n_prompt, params, _explicit_max_tokens(req))
+        submitted = _submit(engine, prompt, params, count)
 
-        if extras["stream"]:
-            def choice(item):
-                return {"index": 0, "text": item.delta_text, "finish_reason": item.finish_reason,
-                        "logprobs": _completion_logprobs(llm, item.new_token_ids, item.new_logprobs) if want_lp
-                        else None}
+        if req.stream:
+            offsets = [0] * count  # per choice, characters of its tokens' texts so far (text_offset)
+
+            def choice(index, item):
+                lp = None
+                if want_lp:
+                    lp = _completion_logprobs(llm, item.new_token_ids, item.new_logprobs, item.new_top_logprobs,
+                                              offsets[index])
+                    offsets[index] += sum(len(t) for t in lp["tokens"])
+                return {"index": index, "text": item.delta_text, "finish_reason": item.finish_reason, "logprobs": lp}
 
             head = {"id": cid, "object": "text_completion", "model": name}
-            return StreamingResponse(_stream_events(engine, rid, queue, head, choice, n_prompt,
-                                                    extras["include_usage"]), media_type="text/event-stream")
+            return StreamingResponse(_stream_events(engine, submitted, head, choice, n_prompt, req.include_usage),
+                                     media_type="text/event-stream")
 
-        toks, lps, text, reason = await _collect(engine, rid, queue, request)
+        done, generated = await _collect_all(engine, submitted, request, req.n)
         return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason,
-                             "logprobs": _completion_logprobs(llm, toks, lps) if want_lp else None}],
-                "usage": usage(n_prompt, len(toks))}
+                "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                             "logprobs": _completion_logprobs(llm, c.tokens, c.logprobs, c.top_logprobs) if want_lp
+                             else None} for i, c in enumerate(done)],
+                "usage": usage(n_prompt, generated)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _read_body(request, name)
-        params, extras = sampling_from(body, max(1, llm.max_model_len // 2))
-        want_lp = _chat_logprobs_wanted(body)
-        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, llm, body, params, extras["explicit_max_tokens"])
+        req = parse(ChatRequest, body)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        want_lp = bool(req.logprobs)
+        grammar, tools = _chat_grammar(req)
+        params = sampling_params(req, max(1, llm.max_model_len // 2), req.top_logprobs or 0)
+        params.grammar = grammar
+        prompt_ids = await asyncio.to_thread(_chat_prompt_ids, llm, req, params)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         n_prompt = len(prompt_ids)
-        _check_room(llm, n_prompt, params, extras["explicit_max_tokens"])
-        rid, queue = _submit(engine, prompt_ids, params)
+        _check_room(llm, n_prompt, params, _explicit_max_tokens(req))
+        submitted = _submit(engine, prompt_ids, params, req.n,
+                            grammar_param="tools" if tools else "response_format")
 
-        if extras["stream"]:
-            def choice(item):
-                return {"index": 0, "delta": {"content": item.delta_text} if item.delta_text else {},
+        if req.stream:
+            def choice(index, item):
+                return {"index": index, "delta": {"content": item.delta_text} if item.delta_text else {},
                         "finish_reason": item.finish_reason,
-                        "logprobs": _chat_logprobs(llm, item.new_token_ids, item.new_logprobs) if want_lp else None}
+                        "logprobs": _chat_logprobs(llm, item.new_token_ids, item.new_logprobs, item.new_top_logprobs)
+                        if want_lp else None}
+
+            def first(index):
+                return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                        "logprobs": None}
 
             head = {"id": cid, "object": "chat.completion.chunk", "model": name}
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-            return StreamingResponse(_stream_events(engine, rid, queue, head, choice, n_prompt,
-                                                    extras["include_usage"], first), media_type="text/event-stream")
+            return StreamingResponse(_stream_events(engine, submitted, head, choice, n_prompt, req.include_usage,
+                                                    first), media_type="text/event-stream")
 
-        toks, lps, text, reason = await _collect(engine, rid, queue, request)
+        done, generated = await _collect_all(engine, submitted, request, req.n)
+
+        def message(c: Candidate) -> tuple[dict, str]:
+            if tools and c.finish_reason == "stop":  # the grammar closed the call
+                return {"role": "assistant", "content": None, "tool_calls": _tool_calls(c.text)}, "tool_calls"
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+
+        choices = []
+        for i, c in enumerate(done):
+            msg, reason = message(c)
+            choices.append({"index": i, "message": msg, "finish_reason": reason,
+                            "logprobs": _chat_logprobs(llm, c.tokens, c.logprobs, c.top_logprobs) if want_lp
+                            else None})
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                             "logprobs": _chat_logprobs(llm, toks, lps) if want_lp else None}],
-                "usage": usage(n_prompt, len(toks))}
+                "choices": choices, "usage": usage(n_prompt, generated)}
 
     return app

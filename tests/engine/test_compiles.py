@@ -24,6 +24,22 @@ def test_token_buckets():
     assert token_buckets(24) == [8, 16, 24] and token_buckets(1536)[-3:] == [512, 1024, 1536]
 
 
+def test_sampler_programs_are_shared_by_buckets():
+    """The default engine (2,048-token budget, 256 sequences) compiles 16 steps and 2 sampler
+    programs: steps of up to 64 sequences sample 64 rows, the rest 256; a smaller max_num_seqs
+    makes one."""
+    from engine.runner import ModelRunner
+
+    runner = object.__new__(ModelRunner)
+    runner.buckets, runner.max_num_seqs, runner.pages_per_seq = token_buckets(2048), 256, 4
+    assert runner.sampler_sizes == [64, 256]
+    assert [runner.sampler_rows(b) for b in (8, 64, 80, 256, 2048)] == [64, 64, 256, 256, 256]
+    runner.max_num_seqs = 48
+    assert runner.sampler_sizes == [48]
+    batch, samp = runner._empty_inputs(96, 48, runner.sampler_rows(96))
+    assert batch["kv_lens"].shape == (48,) and batch["logits_indices"].shape == samp["top_p"].shape == (48,)
+
+
 def test_bucket_set_keeps_padding_under_10_percent():
     """On every bench serve dataset and arrival pattern the engine's 16 buckets, filled by its
     scheduler, pad under 10% of the computed token slots (the 28-bucket rule padded up to 18%)."""
@@ -68,10 +84,9 @@ def test_zero_compilations_after_warmup_across_random_mix(tiny_models):
     llm.allocator.check()
     # The counter can fail: a shape outside the buckets compiles after warm-up and is counted.
     fn = llm.runner._step_fn(12)
-    batch, samp = llm.runner._empty_inputs(12, 4)
-    out = fn(llm.params, llm.runner.caches, batch, samp)
-    llm.runner.caches = out[2]
-    jax.block_until_ready(out[0])
+    batch, _ = llm.runner._empty_inputs(12, 4)
+    logits, llm.runner.caches = fn(llm.params, llm.runner.caches, batch)
+    jax.block_until_ready(logits)
     assert llm.stats()["compiles_after_warmup"] >= 1
 
 
@@ -108,5 +123,5 @@ def test_persistent_compile_cache_second_start(tiny_models, tmp_path):
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
     first, second = runs
     assert first["hits"] == 0
-    assert second["hits"] >= 2, runs  # both buckets' steps were loaded, not compiled
+    assert second["hits"] >= 3, runs  # both buckets' steps and their sampler were loaded, not compiled
     assert second["warmup"] < first["warmup"], runs

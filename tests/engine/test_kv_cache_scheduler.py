@@ -203,3 +203,67 @@ def test_sampled_tokens_follow_the_distribution():
     a = np.asarray(gumbel_noise(jnp.array([5, 6], jnp.uint32), jnp.array([3, 3], jnp.int32), 64))
     b = np.asarray(gumbel_noise(jnp.array([9, 5], jnp.uint32), jnp.array([0, 3], jnp.int32), 64))
     assert np.array_equal(a[0], b[1]) and not np.array_equal(a[0], a[1]) and np.isfinite(a).all()
+
+
+def test_sample_step_bias_and_alternatives_against_numpy():
+    """sample_step: the biased and masked logits pick the token (greedy and sampled; -100 bans,
+    +100 forces, a token bitmask keeps a row to its allowed tokens), the log-probabilities stay the
+    model's, and the alternatives are the top TOP_LOGPROBS of its log-softmax, in order."""
+    import jax.numpy as jnp
+
+    from engine.sampler import LOGIT_BIAS_ENTRIES, TOP_LOGPROBS, sample_step
+
+    rng = np.random.default_rng(3)
+    rows, vocab = 4, 96
+    logits = rng.standard_normal((rows, vocab)).astype(np.float32) * 3
+    top = int(np.argmax(logits[0]))
+    entries = [(0, top, -100.0), (1, 7, 100.0), (2, 11, 100.0)]  # row 3: no bias
+    pad = LOGIT_BIAS_ENTRIES - len(entries)
+    br, bi, bv = (np.array([e[j] for e in entries] + [0] * pad, dt) for j, dt in
+                  ((0, np.int32), (1, np.int32), (2, np.float32)))
+    mask = np.full((rows, (vocab + 31) // 32), -1, np.int32)
+    mask[3] = 0
+    mask[3, 5 // 32] |= 1 << 5  # row 3 may only say token 5 or 40
+    mask[3, 40 // 32] |= 1 << (40 % 32)
+    for any_top, any_mask in ((False, False), (True, True)):
+        samp = dict(temperature=jnp.array([0, 0, 1, 0], jnp.float32), top_k=jnp.zeros(rows, jnp.int32),
+                    top_p=jnp.ones(rows, jnp.float32), seeds=jnp.arange(rows, dtype=jnp.uint32),
+                    counters=jnp.zeros(rows, jnp.int32), bias_rows=jnp.asarray(br), bias_ids=jnp.asarray(bi),
+                    bias_values=jnp.asarray(bv), any_filter=jnp.bool_(False), any_top=jnp.bool_(any_top),
+                    any_bias=jnp.bool_(True), token_mask=jnp.asarray(mask), any_mask=jnp.bool_(any_mask))
+        toks, lps, top_ids, top_lps = (np.asarray(a) for a in sample_step(jnp.asarray(logits), samp))
+        biased = logits.copy()
+        biased[0, top] -= 100
+        assert toks[0] == np.argmax(biased[0]) != top and toks[1] == 7 and toks[2] == 11
+        assert toks[3] == ((5 if logits[3, 5] >= logits[3, 40] else 40) if any_mask else np.argmax(logits[3]))
+        ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        assert np.allclose(lps, ref[np.arange(rows), toks], atol=1e-5)  # the model's, not the biased
+        if any_top:
+            want = np.argsort(-ref, axis=-1, kind="stable")[:, :TOP_LOGPROBS]
+            assert np.array_equal(top_ids, want) and np.allclose(top_lps, np.take_along_axis(ref, want, -1), atol=1e-5)
+        else:
+            assert not top_ids.any() and not top_lps.any()
+
+
+def test_logit_bias_params_and_admission():
+    """logit_bias: ids >= 0, biases in [-100, 100], at most MAX_LOGIT_BIAS entries; the scheduler
+    admits a biased request only while the running ones' entries and its own fit the step's
+    sampler (it waits its turn otherwise, and nothing behind it jumps ahead)."""
+    from engine.sampler import MAX_LOGIT_BIAS
+
+    for bad in ({-1: 1.0}, {3: 101.0}, {3: "x"}, {i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)}, [1, 2]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    alloc = PageAllocator(64, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=32, max_bias_entries=5)
+    biased = [Sequence(f"b{i}", [1, 2, 3], SamplingParams(max_tokens=2, logit_bias={1: 1.0, 2: 2.0, 3: 3.0}), 0)
+              for i in range(2)]
+    plain = Sequence("p", [1, 2, 3], SamplingParams(max_tokens=2), 0)
+    for seq in (*biased, plain):
+        sched.add(seq)
+    plan = sched.schedule()
+    assert [it.seq.request_id for it in plan.scheduled] == ["b0"]  # 3 + 3 > 5: b1 (and p behind it) wait
+    sched.free(biased[0])
+    plan = sched.schedule()
+    assert [it.seq.request_id for it in plan.scheduled] == ["b1", "p"]

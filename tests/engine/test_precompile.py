@@ -18,8 +18,11 @@ def test_llama3_8b_tp8_step_compiles_for_v5e_2x4(tmp_path):
 
     layers = 2
     model_dir = write_model(tmp_path / "llama3-8b", like="llama3-8b", weights=False, layers=layers)
-    (row,) = precompile.compile_step(model_dir, "v5e:2x4", 8, buckets=[16], num_pages=64, max_model_len=4096,
-                                     page_size=128, max_num_batched_tokens=16)
+    row, sampler = precompile.compile_step(model_dir, "v5e:2x4", 8, buckets=[16], num_pages=64,
+                                           max_model_len=4096, page_size=128, max_num_batched_tokens=16)
+    # the sampler is a program of its own (16 rows, replicated): no collective, a few MiB
+    assert (row.program, sampler.program, sampler.bucket) == ("step", "sampler", 16), (row, sampler)
+    assert not any(sampler.collectives.values()) and sampler.peak_bytes < 64 * 2**20, sampler
     # the tables hold the shapes one device of the slice sees (4 query heads, 1 KV head)
     assert row.tables == {"rpa": "exact"}, row.tables
     assert row.collectives == {"all-reduce": 2 * layers + 1, "all-gather": 1, "reduce-scatter": 0,
@@ -66,4 +69,7 @@ def test_precompile_command_prints_every_bucket(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == sorted(token_buckets(32), reverse=True)
     assert all(r.split("|")[8].strip() == "yes" and float(r.split("|")[2]) > 0 for r in rows)
-    assert "total: 4 buckets in" in out and "every bucket fits HBM: yes" in out
+    # one sampler program serves all four buckets (32 sequences at most)
+    samplers = [line for line in out.splitlines() if line.startswith("| sampler ")]
+    assert len(samplers) == 1 and samplers[0].startswith("| sampler 32 rows |"), samplers
+    assert "total: 4 buckets and 1 sampler programs in" in out and "every bucket fits HBM: yes" in out
