@@ -24,6 +24,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -41,13 +42,19 @@ from autotune import static_estimate
 
 DUMP_FLAGS = "--xla_jf_dump_to={directory} --xla_jf_dump_llo_text=true"
 # What the stored counts hold; counts stored by another version are compiled again. 2: the regions a
-# pipelined loop's index skips (Loop.guarded / guard_runs); 3: guards kept in scalars followed.
-PARSER_VERSION = 3
+# pipelined loop's index skips (Loop.guarded / guard_runs); 3: guards kept in scalars followed;
+# 4: the stall of a loop body whose critical path outlasts its bundles (Loop.stall).
+PARSER_VERSION = 4
 # address, optional control marker (LB: loop body, LH: header, LE: exit, PB/PF: predicated region,
 # CT: control target), one ">" per enclosing loop, then the bundle in braces.
 _BUNDLE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+(?:([A-Z]{2}))?\s*:\s*(>*)\s*(\{.*)$")
 _MXU = re.compile(r"= vmat(?:mul|push|prep|res)")
 _ENTRY = re.compile(r"entry bundle: %(\S+) = custom-call")
+_REGION_START = re.compile(r"Start region (\d+)")
+# libtpu's critical-path pass (`*-<kernel>-NN-critical-path.txt`, in the same dump): per basic block,
+# its region and the cycles from its first instruction to its end along the longest dependency
+# chain, latencies included (an MXU result pops ~80 cycles after its push on v5e, ~180 on v6e).
+_CRITICAL = re.compile(r"New basic block in region: region(\d+)[^\n]*\n\s*Length to end: (\d+)")
 _EXIT = re.compile(r"scmp\.[a-z]+\.s32\.totalorder %\w+, (-?\d+) /\* loop exit test")
 _DMA = re.compile(r"= dma\.(?:hbm_to_vmem|vmem_to_hbm|hbm_to_hbm|vmem_to_vmem)")
 # A software-pipelined grid loop (Pallas' BlockSpec pipeline) runs steps + 2 iterations, one stage
@@ -82,14 +89,20 @@ class Loop:
     guarded: tuple[tuple[int, int], ...] = ()
     guard_runs: int | None = None  # this loop lies in such a region of its parent: the parent
     # iterations (of the parent's trips) that reach it
+    # Cycles one iteration waits beyond its own bundles: the longest critical path (libtpu's, with
+    # latencies) of a basic block starting in the own body, less the own bundles, where positive;
+    # averaged over `trips` when that block lies in a guarded region. A short body whose MXU result
+    # pop waits for its pushes (a decode matmul's column chunk: 136 bundles, 345 cycles on v6e)
+    # stalls; a long one hides its latencies (0).
+    stall: float = 0.0
 
     def own_executions(self, executions: float) -> float:
-        """Own bundles issued when the body runs `executions` times (guarded regions run their
-        share of the iterations)."""
+        """Own issue cycles when the body runs `executions` times: its own bundles (guarded regions
+        run their share of the iterations) plus its stall."""
         if not self.guarded or not self.trips:
-            return self.own_bundles * executions
+            return (self.own_bundles + self.stall) * executions
         skipped = sum(n * (self.trips - runs) for runs, n in self.guarded)
-        return (self.own_bundles * self.trips - skipped) * executions / self.trips
+        return (self.own_bundles * self.trips - skipped) * executions / self.trips + self.stall * executions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +186,23 @@ class KernelBundles:
         return cls(d["name"], int(d["total"]), loops, d.get("estimated_cycles"))
 
 
-def parse_bundles(text: str, name: str = "") -> KernelBundles:
+def parse_critical_paths(text: str) -> dict[int, int]:
+    """{region: longest critical path (cycles) of a basic block in it} of libtpu's critical-path dump."""
+    found: dict[int, int] = {}
+    for m in _CRITICAL.finditer(text):
+        region, cycles = int(m.group(1)), int(m.group(2))
+        found[region] = max(cycles, found.get(region, 0))
+    return found
+
+
+def parse_bundles(text: str, name: str = "", critical: Mapping[int, int] | None = None) -> KernelBundles:
     """Parse one `*-final_bundles.txt` dump.
 
     Args:
       text: the file's text.
       name: the kernel's name, kept in the result.
+      critical: {region: critical-path cycles} of the kernel's blocks (parse_critical_paths), which
+        sets each loop's stall; None: no stalls.
     Returns:
       KernelBundles: every bundle counted once; each `LB:` opens a loop whose body runs while the
       bundles are nested at least as deep. Empty bundles (`{}`, delay slots) carry no `>` in the
@@ -216,8 +240,10 @@ def parse_bundles(text: str, name: str = "") -> KernelBundles:
                           dmas=sum(len(_DMA.findall(r[3])) for r in own),
                           trips=trips, parent=open_loops[-1][0] if open_loops else None))
         open_loops.append((len(loops) - 1, end))
-        if trips is not None:
-            spans.append((len(loops) - 1, _guarded_spans(rows, i, end, d, trips)))
+        found = _guarded_spans(rows, i, end, d, trips) if trips is not None else []
+        if found:
+            spans.append((len(loops) - 1, found))
+        loops[-1] = dataclasses.replace(loops[-1], stall=_stall(rows, i, end, d, critical, found, trips))
     loop_rows = {lp.start: k for k, lp in enumerate(loops)}
     for index, found in spans:  # regions of a loop's body its index skips, and the loops inside them
         guarded = []
@@ -229,6 +255,24 @@ def parse_bundles(text: str, name: str = "") -> KernelBundles:
                     loops[child] = dataclasses.replace(loops[child], guard_runs=runs)
         loops[index] = dataclasses.replace(loops[index], guarded=tuple(guarded))
     return KernelBundles(name, len(rows), tuple(loops))
+
+
+def _stall(rows: list[tuple[int, bool, int, str]], first: int, end: int, depth: int,
+           critical: Mapping[int, int] | None, guarded: list[tuple[int, int, int]], trips: int | None) -> float:
+    """Loop.stall of the body in rows first..end: the longest critical path of a block starting in
+    its own bundles, less those bundles (a lower bound: the rest of the body may wait too)."""
+    if not critical:
+        return 0.0
+    own = [k for k in range(first, end) if rows[k][2] == depth]
+    longest, at = 0, None
+    for k in own:
+        for m in _REGION_START.finditer(rows[k][3]):
+            cycles = critical.get(int(m.group(1)), 0)
+            if cycles > longest:
+                longest, at = cycles, k
+    stall = max(0, longest - len(own))
+    share = next((runs / trips for runs, lo, hi in guarded if lo <= (at or -1) < hi), 1.0) if trips else 1.0
+    return stall * share
 
 
 def _guarded_spans(rows: list[tuple[int, bool, int, str]], first: int, end: int, depth: int,
@@ -286,7 +330,10 @@ def read_dump(directory: str | os.PathLike) -> dict[str, KernelBundles]:
         text = path.read_text(errors="replace")
         entry = _ENTRY.search(text[:20000])
         if entry is not None and "schedule-analysis" not in path.name:
-            found[entry.group(1)] = parse_bundles(text, entry.group(1))
+            prefix = re.sub(r"-\d+-final_bundles\.txt$", "", path.name)
+            paths = sorted(path.parent.glob(f"{glob.escape(prefix)}-*-critical-path.txt"))
+            critical = parse_critical_paths(paths[-1].read_text(errors="replace")) if paths else None
+            found[entry.group(1)] = parse_bundles(text, entry.group(1), critical)
     return found
 
 

@@ -28,7 +28,8 @@ from rpa.traffic_model import uniform_batch
 # 2: packed bfloat16 cache (strided 32-bit loads), sequences split between megacore cores.
 # 3: decode's key chunks that every query sees whole run in a loop of their own, without the mask;
 # whole cache pages are copied by DMAs of static size.
-KERNEL_REVISION = 3
+# 4: a key chunk's heads in three phases (every QK matmul, then the softmaxes, then every PV).
+KERNEL_REVISION = 4
 STATIC_KEYS = ("q_dtype", "kv_dtype", "num_q_heads", "num_kv_heads", "head_dim", "page_size")
 DYNAMIC_KEYS = ("num_tokens", "max_model_len")
 # libtpu's static cycle estimate does not apply (loop trip counts are read from SMEM at run time).

@@ -115,3 +115,39 @@ def test_bundle_counts_from_a_real_compile(tmp_path):
     (kb,) = llo.kernel_bundles("quantized_matmul", key, block_sizes, "v5p", cache_dir=tmp_path).values()
     (grid,) = [lp for lp in kb.loops if lp.parent is None and lp.trips]
     assert grid.trips == 8 // 2 + 2  # 4 parallel N tiles: two per core
+
+
+# A decode-size matmul's column loop: 3 bundles whose MXU result pop waits on the push (the region
+# markers of the final bundles, and libtpu's critical-path pass for the same kernel).
+STALLED = """\
+     0   :  { %s1 = inlined_call_operand.vmem [shape: s32[8]] } /* entry bundle: %mv.1 = custom-call(%a) */
+   0x1   :  { %s2 = smov.u32 0 } /* Start region 3 */
+   0x2 LB: > { %v1 = vld [vmem:[%s1] sm:$0xff]  ;;  %10 = vmatpush1.bf16.msra.mxu0 %v1 } /* Start region 7 :: Start region 8 */
+   0x3   : > { %11 = vmatmul.mubr.bf16.vlgmr.msra.gmra.mxu0 %v1 }
+   0x4   : > { %v2 = vpop.f32.mrf.mxu0  ;;  %p7 = scmp.ge.s32.totalorder %s6, 4 /* loop exit test */ }
+   0x5   :  { %s10 = smov.u32 0 }
+"""
+CRITICAL = """
+New basic block in region: region3 {members=4 hlo=mv.1 parent=0}
+  Length to end: 2, %s2 = smov.u32 0
+
+New basic block in region: region7 {members=40 hlo=mv.1 parent=1}
+  Length to end: 95, %v1 = vld [vmem:[%s1] sm:$0xff]
+  Length to end: 94, %10 = vmatpush1.bf16.msra.mxu0 %v1
+
+New basic block in region: region8 {members=2 hlo=mv.1 parent=1}
+  Length to end: 1, %s5 = smov.u32 %s6 /* phi copy */
+"""
+
+
+def test_a_short_loop_body_stalls_for_its_critical_path():
+    """A body of 3 bundles whose critical path is 95 cycles (the MXU's latency) takes 95 cycles an
+    iteration: the 92-cycle stall counts per execution; without the critical-path dump, none."""
+    critical = llo.parse_critical_paths(CRITICAL)
+    assert critical == {3: 2, 7: 95, 8: 1}
+    (loop,) = llo.parse_bundles(STALLED, "mv", critical).loops
+    assert (loop.own_bundles, loop.trips, loop.stall) == (3, 4, 92)
+    assert llo.parse_bundles(STALLED, "mv", critical).static_bundles() == (3 + 4 * 95, True)
+    assert llo.parse_bundles(STALLED, "mv").static_bundles() == (3 + 4 * 3, True)
+    # a body longer than its critical path hides the latency
+    assert llo.parse_bundles(STALLED, "mv", {7: 2}).loops[0].stall == 0
