@@ -189,7 +189,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array | QuantizedTensor, group_sizes: jax.Array
     Args:
       lhs: [M, K] bfloat16 / float32, rows sorted by group.
       rhs: [G_local, K, N] array or quant.QuantizedTensor: groups [group_offset, group_offset + G_local).
-      group_sizes: i32[G], rows per group over all groups (G >= G_local).
+      group_sizes: i32[G], rows per group over all groups (G >= G_local), each >= 0, summing to at
+        most M. Values outside that are undefined behaviour (kernel and reference may disagree);
+        debug_checks raises a ValueError naming group_sizes for them.
       group_offset: first group rhs holds (an int or a scalar array).
       preferred_element_type: output dtype (default: lhs's and rhs's promoted dtype; lhs's when quantized).
       activation: None | "swiglu" | "gelu_glu": rhs columns [0, N/2) are the gate and [N/2, N) the up
@@ -197,7 +199,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array | QuantizedTensor, group_sizes: jax.Array
       block_sizes: None (autotune.lookup("gmm", ...)) or the backend's sizes: {"tm", "tk", "tn"} or a
         moe.GmmConfig on a TPU, moe.gpu.GmmBlockSizes fields on a GPU.
       interpret: truthy runs the TPU kernel in TPU interpret mode.
-      debug_checks: check group_sizes' values (concrete arrays only).
+      debug_checks: check group_sizes' values (concrete arrays only: a traced group_sizes under jit
+        is refused with a ValueError saying so).
       implementation: None | "pallas" | "xla" (autotune/protocol.py).
     Returns:
       [M, N] ([M, N / 2] with an activation); rows of other groups and past sum(group_sizes) are zeros.
