@@ -100,8 +100,8 @@ class Scheduler:
                  max_bias_entries: int = LOGIT_BIAS_ENTRIES):
         """buckets: the compiled steps' token buckets (None: no bucket awareness). A step whose
         token count falls between two buckets of at least `trim_above` tokens gives its last prefill
-        chunk's excess back to the next step instead of padding up (with 16 buckets for 2048
-        tokens, padding stays under 7% of the computed slots on bench serve's datasets, where
+        chunk's excess back to the next step instead of padding up (with 14 buckets for 2048
+        tokens, padding stays under 9% of the computed slots on bench serve's datasets, where
         padding up would waste up to 47%: `python -m bench.padding`). max_bias_entries: the
         logit_bias entries one step's sampler takes; a waiting request with a logit_bias is admitted
         only while the running ones' entries and its own fit (it waits, in order, otherwise)."""

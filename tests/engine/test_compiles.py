@@ -18,7 +18,7 @@ from tests.engine.conftest import subprocess_env
 
 def test_token_buckets():
     b = token_buckets(2048)
-    assert b[0] == 8 and b[-1] == 2048 and b == sorted(set(b)) and len(b) == 16
+    assert b[0] == 8 and b[-1] == 2048 and b == sorted(set(b)) and len(b) == 14
     assert all(x % 8 == 0 for x in b)
     assert bucket_for(130, b) == 160 and bucket_for(300, b) == 512
     assert token_buckets(24) == [8, 16, 24] and token_buckets(1536)[-3:] == [512, 1024, 1536]
@@ -41,7 +41,7 @@ def test_sampler_programs_are_shared_by_buckets():
 
 
 def test_bucket_set_keeps_padding_under_10_percent():
-    """On every bench serve dataset and arrival pattern the engine's 16 buckets, filled by its
+    """On every bench serve dataset and arrival pattern the engine's 14 buckets, filled by its
     scheduler, pad under 10% of the computed token slots (the 28-bucket rule padded up to 18%)."""
     from bench.padding import compare
 
