@@ -154,7 +154,7 @@ class LLM:
                                   scan_layers=scan_layers)
         # structured output (engine.structured); one process only: the followers of a multi-process
         # engine would need the leader's token bitmask every step
-        self.grammars = (GrammarCompiler(self.tokenizer.tok.to_str(), cfg.vocab_size, self.tokenizer.eos_token_ids)
+        self.grammars = (GrammarCompiler(self.tokenizer.tok, cfg.vocab_size, self.tokenizer.eos_token_ids)
                          if structured_outputs and jax.process_count() == 1 else None)
         self.params, self.param_specs = self.runner.params, self.runner.param_specs
         self.metrics = Metrics()

@@ -409,7 +409,7 @@ class ModelRunner:
         if sampler:
             samp["token_mask"] = np.full((len(samp["top_p"]), self.mask_words), -1, np.int32)
         if self.layout is not None and not self.materialized:
-            rep = NamedSharding(self.layout.mesh, P())
+            rep = self._replicated()
             return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep),
                                 (batch, samp))
         return self._device_inputs(batch, samp)

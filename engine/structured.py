@@ -51,8 +51,10 @@ class GrammarCompiler:
     """The engine's compiled grammars and llguidance tokenizer (thread-safe: requests arrive from
     the server's threads)."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: tuple[int, ...]):
-        self._tokenizer_json = tokenizer_json
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        """tokenizer: the checkpoint's `tokenizers.Tokenizer` (serialized for llguidance on the first
+        grammar, not at engine start-up)."""
+        self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos = list(eos_token_ids)
         self._lock = threading.Lock()
@@ -61,7 +63,8 @@ class GrammarCompiler:
     def _tokenizer(self):
         import llguidance
 
-        return llguidance.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos or None)
+        return llguidance.LLTokenizer(self._hf_tokenizer.to_str(), n_vocab=self.vocab_size,
+                                      eos_token=self._eos or None)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - one compiler per engine, kept for its life
     def _compiled(self, grammar: Grammar):

@@ -20,7 +20,7 @@ def compiler(tiny_models):
 
     cfg = load_config(tiny_models["llama"])
     tok = Tokenizer(tiny_models["llama"], cfg)
-    return structured.GrammarCompiler(tok.tok.to_str(), cfg.vocab_size, tok.eos_token_ids), tok
+    return structured.GrammarCompiler(tok.tok, cfg.vocab_size, tok.eos_token_ids), tok
 
 
 def test_bitmask_allows_exactly_the_grammar_and_expands_on_device(compiler):
