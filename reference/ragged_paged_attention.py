@@ -10,7 +10,9 @@ Semantics (the contract of rpa.ragged_paged_attention):
   page_indices[i, p // page_size], slot p % page_size, before attention reads them.
 - With a float8 / int8 cache the stored value is quantize(new / scale): a saturating cast for
   float8, round-half-to-even then clip to [-127, 127] for int8; attention reads stored * scale.
-- A query at position p attends to keys at positions <= p (and > p - sliding_window when given),
+- A query at position p attends to keys at positions <= p (and > p - sliding_window when given);
+  with causal=False (bidirectional encoders: prefill-only sequences) every query of sequence i
+  attends to all of its kv_lens[i] keys (no sliding window),
   logits = (q . k) * sm_scale (default 1/sqrt(D)), soft-capped as soft_cap * tanh(logits / soft_cap)
   when given; sinks[h] adds exp(sinks[h]) to head h's softmax denominator only.
 - Sequences past distribution[2] and tokens past cu_q_lens[num_seqs] are padding: they write
@@ -108,7 +110,8 @@ def ragged_paged_attention(q: jax.Array, k: ArrayLike, v: ArrayLike, k_cache: Ar
                            distribution: ArrayLike, *, sm_scale: float | None = None,
                            sliding_window: int | None = None, soft_cap: float | None = None,
                            sinks: ArrayLike | None = None, k_scale: float | None = None,
-                           v_scale: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           v_scale: float | None = None, causal: bool = True,
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Reference RPA (the semantics of the module docstring).
 
     Args:
@@ -116,9 +119,12 @@ def ragged_paged_attention(q: jax.Array, k: ArrayLike, v: ArrayLike, k_cache: Ar
       kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S+1];
       distribution: i32[3] = (decode_end, prefill_end, num_seqs); sinks: f32[Hq] or None;
       sm_scale (default 1/sqrt(D)), sliding_window, soft_cap, k_scale, v_scale: static numbers or None.
+      causal: False lets every query see all of its sequence's keys (bidirectional attention).
     Returns:
       (out [T, Hq, D] in q.dtype, k_cache, v_cache) with the new tokens stored.
     """
+    if not causal and sliding_window is not None:
+        raise ValueError("sliding_window: not supported with causal=False (bidirectional attention)")
     kv_lens, page_indices, cu_q_lens, distribution = (
         jnp.asarray(a, jnp.int32) for a in (kv_lens, page_indices, cu_q_lens, distribution))
     num_tokens, num_q_heads, head_dim = q.shape
@@ -134,7 +140,8 @@ def ragged_paged_attention(q: jax.Array, k: ArrayLike, v: ArrayLike, k_cache: Ar
     k_cache, v_cache = write_kv(k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribution,
                                 k_scale=k_scale, v_scale=v_scale)
 
-    # 2. Each token attends to the keys of its own sequence at positions <= its own.
+    # 2. Each token attends to the keys of its own sequence at positions <= its own (all of them
+    #    when not causal).
     seq, pos, valid = token_metadata(cu_q_lens, kv_lens, distribution, num_tokens)
 
     def attend(args: tuple[jax.Array, ...]) -> jax.Array:
@@ -143,7 +150,7 @@ def ragged_paged_attention(q: jax.Array, k: ArrayLike, v: ArrayLike, k_cache: Ar
         keys = dequantize(k_cache[pages], k_scale).reshape(length, num_kv_heads, head_dim)
         vals = dequantize(v_cache[pages], v_scale).reshape(length, num_kv_heads, head_dim)
         key_pos = jnp.arange(length)
-        allowed = (key_pos <= pos_t) & valid_t
+        allowed = ((key_pos <= pos_t) if causal else (key_pos < kv_lens[seq_t])) & valid_t
         if sliding_window is not None:
             allowed &= key_pos > pos_t - sliding_window
         keys = jnp.where(allowed[:, None, None], keys, 0.0)  # unused slots may hold anything (NaN)
