@@ -32,6 +32,7 @@ class RequestError(ValueError):
 Seed = Annotated[int, Field(ge=-2**63, le=2**64 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenId = Annotated[int, Field(ge=0)]
+MAX_EMBEDDING_INPUTS = 2048  # inputs of one embeddings request (OpenAI's limit)
 
 
 class StreamOptions(BaseModel):
@@ -107,6 +108,28 @@ class ChatRequest(SamplingRequest):
     function_call: str | dict[str, Any] | None = None
 
 
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings: one input or a batch of them (texts or token ids), as OpenAI's."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    input: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+            | Annotated[list[TokenId], Field(min_length=1)]
+            | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                        Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs as a list: texts or token-id lists."""
+        x = self.input
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            return [x]
+        return list(x)
+
+
 # Fields accepted but not acted on: only these values (which ask for nothing) get through.
 UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""),
                "functions": (None, []), "function_call": (None, "none", "auto"), "echo": (False,),
@@ -116,15 +139,17 @@ UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""),
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 _UNION_HELP = {"prompt": "a string, a list of token ids (non-negative ints), or a list of one of those",
                "stop": "a string or a list of strings",
+               "input": "a string, a list of strings, a list of token ids (non-negative ints) or a list of "
+                        "token-id lists (at most 2048 inputs, none empty)",
                "content": "a string or a list of text parts ({\"type\": \"text\", \"text\": string})",
                "tool_choice": "a string or an object", "function_call": "a string or an object"}
 
 
-def parse(schema: type[SamplingRequest], body: dict, *, supported: tuple[str, ...] = ()) -> SamplingRequest:
+def parse(schema: type[BaseModel], body: dict, *, supported: tuple[str, ...] = ()) -> BaseModel:
     """The validated request, or RequestError naming the first bad field.
 
     Args:
-      schema: CompletionRequest or ChatRequest.
+      schema: CompletionRequest, ChatRequest or EmbeddingRequest.
       body: the decoded JSON object.
       supported: UNSUPPORTED fields the caller does act on (given any valid value).
     """
@@ -144,7 +169,7 @@ def parse(schema: type[SamplingRequest], body: dict, *, supported: tuple[str, ..
         got = first.get("input")
         shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
         raise RequestError(f"'{where}': {message} (got {shown})", param=loc[0] if loc else None) from None
-    if request.logit_bias:
+    if getattr(request, "logit_bias", None):
         for token in request.logit_bias:
             if not token.isdigit():
                 raise RequestError(f"'logit_bias': keys must be token ids (decimal strings), got {token!r}",

@@ -54,6 +54,9 @@ class ModelConfig:
     # tokens
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # False: bidirectional attention (an embedding model's encoder; config.json's `is_causal`, as
+    # gte-Qwen2 checkpoints and vLLM spell it): prefill-only, every token sees the whole input
+    is_causal: bool = True
 
     @property
     def is_moe(self) -> bool:
@@ -176,7 +179,14 @@ def load_config(model_dir) -> ModelConfig:
         if family == "qwen3_moe" else (),
         bos_token_id=cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else None,
         eos_token_ids=eos,
+        is_causal=_is_causal(cfg.get("is_causal", True), model_dir),
     )
+
+
+def _is_causal(value, model_dir) -> bool:
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{model_dir}/config.json: is_causal must be true or false, got {value!r}")
+    return value
 
 
 def rope_inv_freq(config: ModelConfig):

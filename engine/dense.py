@@ -72,6 +72,21 @@ class DenseModel:
 
     def logits(self, tokens) -> np.ndarray:
         """Logits [L, V] for every position of `tokens` (causal)."""
+        w = self.w
+        head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
+        return self.hidden(tokens) @ head.T
+
+    def embedding(self, tokens, pooling: str, normalize: bool = True) -> np.ndarray:
+        """The embedding of `tokens` as sentence-transformers computes it: the final hidden states
+        pooled ("last" token, "mean" over tokens, "cls": the first), then L2-normalized; attention
+        bidirectional when config.json says is_causal: false."""
+        h = self.hidden(tokens, causal=self.cfg.get("is_causal", True))
+        vec = {"last": h[-1], "mean": h.mean(axis=0), "cls": h[0]}[pooling]
+        return vec / np.linalg.norm(vec) if normalize else vec
+
+    def hidden(self, tokens, causal: bool = True) -> np.ndarray:
+        """The final norm's hidden states [L, hidden] at every position of `tokens`; causal=False:
+        every token attends to all of them."""
         c, w = self.cfg, self.w
         tokens = np.asarray(tokens, np.int64)
         n = len(tokens)
@@ -91,7 +106,8 @@ class DenseModel:
             rep = self.h // self.kvh
             k, v = np.repeat(k, rep, axis=0), np.repeat(v, rep, axis=0)  # repeat_kv
             s = q @ k.transpose(0, 2, 1) / math.sqrt(self.hd)
-            s = np.where(np.tril(np.ones((n, n), bool))[None], s, -np.inf)
+            if causal:
+                s = np.where(np.tril(np.ones((n, n), bool))[None], s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             a = (s @ v).transpose(1, 0, 2).reshape(n, self.h * self.hd)
@@ -104,9 +120,7 @@ class DenseModel:
                 x = x + self._moe(r, p)
             else:
                 x = x + self._mlp(r, p, "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-        x = self._norm(x, w["model.norm.weight"])
-        head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
-        return x @ head.T
+        return self._norm(x, w["model.norm.weight"])
 
     def greedy(self, prompt, max_tokens: int, eos_ids=()) -> tuple[list[int], list[float]]:
         """Greedy continuation; returns (tokens, top-1 minus top-2 logit margin at each step)."""

@@ -3,6 +3,9 @@
     llm = LLM(model_dir, max_model_len=4096, backend="auto")
     outs = llm.generate(["Hello", [1, 2, 3]], SamplingParams(max_tokens=32, temperature=0))
 
+An embedding checkpoint (sentence-transformers pooling files, or config.json's is_causal: false) runs
+as task "embed": `llm.embed(["some text", ...])` gives one vector per input (engine/pooling.py).
+
 `add_request` / `step` / `abort` are the incremental interface the server drives from its engine thread.
 """
 
@@ -17,6 +20,7 @@ import uuid
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from engine import distributed, parallel, weights
 from engine.config import CheckpointError, load_config
@@ -25,6 +29,7 @@ from engine.metrics import Metrics
 from engine.models import spec_for
 from engine.models.decoder import load_params
 from engine.ops import Ops
+from engine.pooling import POOLING_MODES, PoolingParams, finish_embedding, load_pooling
 from engine.runner import ModelRunner, token_buckets
 from engine.sampler import SamplingParams
 from engine.scheduler import Scheduler, Sequence, Status
@@ -67,6 +72,17 @@ class StepOutput:
     delta_text: str
     finish_reason: str | None
     new_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # see RequestOutput
+    embedding: np.ndarray | None = None  # an embedding input's float32 vector (its only output)
+
+
+@dataclasses.dataclass
+class EmbeddingOutput:
+    """An embedding input's result (task "embed")."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: np.ndarray  # float32 [hidden] (or [dimensions]), L2-normalized unless asked otherwise
+    finish_reason: str = "stop"
 
 
 class LLM:
@@ -77,14 +93,17 @@ class LLM:
                  gpu_memory_utilization: float = 0.85, warmup: bool = True, tensor_parallel_size: int = 1,
                  num_processes: int | None = None, process_id: int | None = None,
                  coordinator_address: str | None = None, scan_layers: bool = True,
-                 structured_outputs: bool = True):
+                 structured_outputs: bool = True, task: str = "auto", pooling: str | None = None):
         """See the module docstring. tensor_parallel_size: devices the model is split over (one
         mesh; engine/parallel.py). num_processes / process_id / coordinator_address: several
         processes (hosts) serving one model through jax.distributed (engine/distributed.py): process
         0 schedules and serves, the others call follow(); tensor_parallel_size must then cover every
         device of every process. scan_layers: the step scans over stacked runs of identical layers
         (one compiled layer body each; engine/layer_groups.py); False unrolls every layer (the same
-        tokens, a longer compile)."""
+        tokens, a longer compile). task: "generate", "embed" (an embedding model: add_request takes
+        engine.pooling.PoolingParams, embed() gives vectors) or "auto" ("embed" for a checkpoint that
+        declares sentence-transformers pooling or bidirectional attention). pooling: an embedding
+        model's pooling mode ("last", "mean", "cls"; default: the checkpoint's, else "last")."""
         t_start = time.perf_counter()
         if (num_processes or 1) > 1 or coordinator_address is not None:
             distributed.initialize(coordinator_address, num_processes, process_id)
@@ -100,6 +119,9 @@ class LLM:
             enable_compile_cache(compile_cache_dir)
         self.model_dir = str(model_dir)
         self.config = cfg = load_config(model_dir)
+        self.task, self.pooling = _resolve_task(model_dir, cfg, task, pooling)
+        if self.task == "embed" and jax.process_count() > 1:
+            raise ValueError("task='embed': embedding models are served by one process")
         # The mesh first: a size that does not split the model fails before anything is loaded.
         self.layout = None if tensor_parallel_size == 1 else parallel.plan(cfg, tensor_parallel_size)
         self.ops = Ops(backend)
@@ -151,11 +173,12 @@ class LLM:
                                   max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens, kv_dtype=kv_dtype,
                                   kv_scales=kv_scales, layout=self.layout, param_specs=self.param_specs,
-                                  scan_layers=scan_layers)
+                                  scan_layers=scan_layers,
+                                  pooling=self.pooling.mode if self.task == "embed" else None)
         # structured output (engine.structured); one process only: the followers of a multi-process
         # engine would need the leader's token bitmask every step
         self.grammars = (GrammarCompiler(self.tokenizer.tok, cfg.vocab_size, self.tokenizer.eos_token_ids)
-                         if structured_outputs and jax.process_count() == 1 else None)
+                         if structured_outputs and jax.process_count() == 1 and self.task == "generate" else None)
         self.params, self.param_specs = self.runner.params, self.runner.param_specs
         self.metrics = Metrics()
         self.lock = threading.RLock()
@@ -188,7 +211,8 @@ class LLM:
         return pages_per_seq * min(max_num_seqs, 8)
 
     # ------------------------------------------------------------------ requests
-    def _prompt_ids(self, prompt) -> list[int]:
+    def _prompt_ids(self, prompt, room: int = 1) -> list[int]:
+        """A prompt's token ids, checked; `room`: positions it must leave free in max_model_len."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -200,14 +224,21 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt: token ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt: {len(ids)} tokens; this engine's max_model_len is {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
+        if len(ids) + room > self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens; this engine's max_model_len is {self.max_model_len}"
+                             + (" (prompt plus at least one generated token)" if room else ""))
         return ids
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        """Queue a request (a string or token ids); returns its id. ValueError for a bad request."""
+    def add_request(self, prompt, params: SamplingParams | PoolingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (a string or token ids); returns its id. ValueError for a bad request.
+        params: SamplingParams (task "generate") or PoolingParams (task "embed"); None: the defaults."""
+        if self.task == "embed":
+            return self._add_embed_request(prompt, params or PoolingParams(), request_id)
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: this engine generates text (task 'generate'); expected SamplingParams, got "
+                             f"{type(params).__name__}")
         ids = self._prompt_ids(prompt)
         if params.top_k > self.config.vocab_size:
             raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {self.config.vocab_size} "
@@ -233,6 +264,27 @@ class LLM:
             self.metrics.prompt_tokens += len(ids)
         return rid
 
+    def _add_embed_request(self, prompt, params: PoolingParams, request_id: str | None) -> str:
+        if not isinstance(params, PoolingParams):
+            raise ValueError(f"params: this engine serves embeddings (task 'embed'); expected PoolingParams, got "
+                             f"{type(params).__name__}")
+        ids = self._prompt_ids(prompt, room=0)
+        budget = self.scheduler.max_num_batched_tokens
+        if len(ids) > budget:  # computed whole, in one step
+            raise ValueError(f"prompt: {len(ids)} tokens; an embedding input is computed in one step of at most "
+                             f"max_num_batched_tokens={budget} tokens")
+        if params.dimensions is not None and params.dimensions > self.config.hidden_size:
+            raise ValueError(f"dimensions: {params.dimensions} exceeds the model's {self.config.hidden_size}")
+        rid = request_id or uuid.uuid4().hex
+        with self.lock:
+            if rid in self._seqs:
+                raise ValueError(f"request id {rid!r} already in use")
+            seq = Sequence(rid, ids, params, 0, arrival=time.monotonic())
+            self._seqs[rid] = seq
+            self.scheduler.add(seq)
+            self.metrics.prompt_tokens += len(ids)
+        return rid
+
     def abort(self, request_id: str) -> bool:
         """Drop a request now, freeing its pages; False when it is unknown or already finished."""
         with self.lock:
@@ -242,6 +294,7 @@ class LLM:
             self.scheduler.free(seq)
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
             self._detok.pop(request_id, None)
+            self._finished.pop(request_id, None)
             self.metrics.requests_aborted += 1
             return True
 
@@ -255,6 +308,8 @@ class LLM:
             plan = self.scheduler.schedule()
             if not plan.scheduled:
                 return []
+            if self.task == "embed":
+                return self._embed_step(plan)
             tokens, logprobs, top = self.runner.execute(plan)
             now = time.monotonic()
             outs = []
@@ -289,6 +344,22 @@ class LLM:
                 outs.append(StepOutput(seq.request_id, [int(tok)], [float(lp)], delta, reason, alternatives))
             return outs
 
+    def _embed_step(self, plan) -> list[StepOutput]:
+        """One step of whole embedding inputs: each finishes now, its pages freed."""
+        pooled = self.runner.execute_embed(plan)
+        outs = []
+        for item, row in zip(plan.scheduled, pooled):
+            seq = item.seq
+            self.scheduler.advance(item)
+            vec = finish_embedding(row, seq.params, self.pooling)
+            seq.status, seq.finish_reason = Status.FINISHED, "stop"
+            self.scheduler.free(seq)
+            self._seqs.pop(seq.request_id, None)
+            self.metrics.requests_finished += 1
+            self._finished[seq.request_id] = EmbeddingOutput(seq.request_id, seq.prompt_ids, vec)
+            outs.append(StepOutput(seq.request_id, [], [], "", "stop", embedding=vec))
+        return outs
+
     def _visible(self, seq: Sequence) -> list[int]:
         """Output ids that make up the text (a final eos / stop token is not shown)."""
         ids = seq.output_ids
@@ -319,7 +390,7 @@ class LLM:
             seq.request_id, seq.prompt_ids, list(seq.output_ids), detok.text, list(seq.output_logprobs), reason,
             seq.num_cached_tokens, seq.num_preemptions, list(seq.output_top_logprobs))
 
-    def pop_finished(self, request_id: str) -> RequestOutput | None:
+    def pop_finished(self, request_id: str) -> RequestOutput | EmbeddingOutput | None:
         with self.lock:
             return self._finished.pop(request_id, None)
 
@@ -332,6 +403,17 @@ class LLM:
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return [self.pop_finished(i) for i in ids]
+
+    def embed(self, prompts, params: PoolingParams | None = None) -> list[EmbeddingOutput]:
+        """Embed inputs (strings or token-id lists; task "embed"); outputs in the inputs' order."""
+        if self.task != "embed":
+            raise ValueError("embed(): this engine generates text (task 'generate'); load an embedding checkpoint "
+                             "or pass task='embed'")
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        ids = [self.add_request(p, params) for p in ([prompts] if single else prompts)]
         while self.has_unfinished():
             self.step()
         return [self.pop_finished(i) for i in ids]
@@ -377,6 +459,23 @@ class LLM:
                     warmup_seconds=self.warmup_seconds)
 
 
+def _resolve_task(model_dir, cfg, task: str, pooling: str | None):
+    """(task, engine.pooling.PoolingConfig) of an engine: see LLM.__init__'s task and pooling."""
+    if task not in ("auto", "generate", "embed"):
+        raise ValueError(f"task: expected 'auto', 'generate' or 'embed', got {task!r}")
+    if pooling is not None and pooling not in POOLING_MODES:
+        raise ValueError(f"pooling: expected one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+    declared = load_pooling(model_dir)
+    if task == "auto":
+        task = "embed" if declared.declared or not cfg.is_causal or pooling is not None else "generate"
+    if task == "generate" and not cfg.is_causal:
+        raise ValueError(f"task='generate': {model_dir} is a bidirectional encoder (config.json is_causal: false); "
+                         "it serves embeddings (task='embed')")
+    if task == "generate" and pooling is not None:
+        raise ValueError("pooling: only an embedding model (task='embed') pools")
+    return task, dataclasses.replace(declared, mode=pooling or declared.mode)
+
+
 def kv_pages_that_fit(bytes_limit: int, bytes_in_use: int, utilization: float, bytes_per_page: int,
                       pages_per_seq: int) -> int:
     """KV pages one device holds next to what is already on it (its shard of the weights).
@@ -420,4 +519,5 @@ def enable_compile_cache(path) -> None:
         cache_log.setLevel(level)
 
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "StepOutput", "CheckpointError"]
+__all__ = ["LLM", "EmbeddingOutput", "PoolingParams", "RequestOutput", "SamplingParams", "StepOutput",
+           "CheckpointError"]

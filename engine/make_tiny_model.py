@@ -2,10 +2,14 @@
 
     python -m engine.make_tiny_model --arch llama|qwen3|mixtral|qwen3_moe DIR [--dtype float32]
     python -m engine.make_tiny_model --like llama3-8b DIR        # full size, random bf16 weights
+    python -m engine.make_tiny_model --arch qwen3 --pooling mean --bidirectional DIR   # an embedding model
 
 Files: config.json, generation_config.json, model.safetensors (or shards + model.safetensors.index.json),
 tokenizer.json (a small byte-level BPE trained here with `tokenizers`), tokenizer_config.json (special
 tokens and a chat template). Tensor names and shapes ([out, in] linears) are the ones transformers writes.
+An embedding model (--pooling) also gets sentence-transformers' modules.json, 1_Pooling/config.json and
+2_Normalize (as Qwen3-Embedding ships them); --bidirectional sets config.json's is_causal: false (as
+gte-Qwen2 checkpoints are configured for vLLM): an encoder whose every token sees the whole input.
 """
 
 from __future__ import annotations
@@ -184,7 +188,8 @@ def _random(rng, shape, kind, np_dtype):
 
 
 def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
-                like: str | None = None, shard_bytes: int = 4 << 30, weights: bool = True, **overrides: Any) -> Path:
+                like: str | None = None, shard_bytes: int = 4 << 30, weights: bool = True,
+                pooling: str | None = None, bidirectional: bool = False, **overrides: Any) -> Path:
     """Write a random-weight checkpoint.
 
     Args:
@@ -196,12 +201,21 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
       shard_bytes: the largest safetensors shard.
       weights: False writes the config and tokenizer only (for ShapeReader: AOT compiles of a
         full-size model's step need its shapes, not its weights).
+      pooling: an embedding model's pooling ("last", "mean" or "cls"): writes sentence-transformers'
+        pooling and normalize modules beside the checkpoint.
+      bidirectional: config.json's is_causal: false (a bidirectional encoder; needs pooling).
       **overrides: TINY's dims to change (hidden=..., layers=...).
     Returns:
       The checkpoint's directory.
     """
     from safetensors.numpy import save_file
 
+    from engine.pooling import POOLING_MODES
+
+    if pooling is not None and pooling not in POOLING_MODES:
+        raise ValueError(f"pooling: expected one of {', '.join(POOLING_MODES)}, got {pooling!r}")
+    if bidirectional and pooling is None:
+        raise ValueError("bidirectional: an encoder is an embedding model; give its pooling too")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if like is not None:
@@ -242,6 +256,8 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
     if vocab is None:  # round up like real checkpoints (padding rows nobody decodes)
         vocab = -(-tok.get_vocab_size() // 64) * 64
     cfg = _config(arch, dims, vocab, tok, dtype)
+    if bidirectional:
+        cfg["is_causal"] = False
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     rng = np.random.default_rng(seed)
     specs = _tensor_specs(arch, cfg)
@@ -284,7 +300,24 @@ def write_model(out_dir: str | Path, arch: str = "llama", *, dtype: str = "float
         {"bos_token": sp["bos"], "eos_token": sp["eos"], "add_bos_token": bool(sp["bos"]),
          "chat_template": sp["template"], "model_max_length": cfg["max_position_embeddings"],
          "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    if pooling is not None:
+        _write_sentence_transformers(out, pooling, cfg["hidden_size"])
     return out
+
+
+def _write_sentence_transformers(out: Path, pooling: str, hidden: int) -> None:
+    """sentence-transformers' module files of an embedding checkpoint: Transformer, Pooling, Normalize."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+         "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+         "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+         "pooling_mode_lasttoken": pooling == "last", "include_prompt": True}, indent=2))
+    (out / "2_Normalize").mkdir(exist_ok=True)
 
 
 class ShapeReader:
@@ -327,6 +360,10 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--layers", type=positive_int, default=None,
                     help="override the tiny model's layer count (default: 2)")
+    ap.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
+                    help="an embedding model: sentence-transformers pooling and normalize modules with this pooling")
+    ap.add_argument("--bidirectional", action="store_true",
+                    help="config.json is_causal: false (a bidirectional encoder; needs --pooling)")
     return ap
 
 
@@ -336,10 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.like and args.layers:
         ap.error("--layers applies to tiny models only, not to --like")
+    if args.bidirectional and not args.pooling:
+        ap.error("--bidirectional needs --pooling (an encoder is an embedding model)")
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         ap.error(f"argument out_dir: {args.out_dir!r} exists and is not a directory")
     over = {"layers": args.layers} if args.layers else {}
-    path = write_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed, like=args.like, **over)
+    path = write_model(args.out_dir, args.arch, dtype=args.dtype, seed=args.seed, like=args.like,
+                       pooling=args.pooling, bidirectional=args.bidirectional, **over)
     print(f"wrote {ARCHS[args.arch] if not args.like else args.like} checkpoint to {path}")
 
 

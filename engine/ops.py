@@ -111,7 +111,8 @@ class Ops:
 
     # ------------------------------------------------------------------ ops
     def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, cache, meta: AttentionMeta, *, sm_scale: float,
-                  k_scale: float | None = None, v_scale: float | None = None, block_sizes: dict | None = None):
+                  k_scale: float | None = None, v_scale: float | None = None, block_sizes: dict | None = None,
+                  causal: bool = True):
         """Store the new tokens' K/V in the cache, then ragged paged attention over it.
 
         Args:
@@ -119,10 +120,11 @@ class Ops:
           cache: this layer's KV cache (see the module docstring); meta: the step's metadata.
           sm_scale, k_scale, v_scale: softmax scale; scales of a quantized cache (None: unscaled).
           block_sizes: the kernel's block sizes (None: its table lookup); unused by "reference".
+          causal: False for a bidirectional encoder (every query sees its whole sequence).
         Returns:
           (out [T, H, D] in q's dtype, the updated cache).
         """
-        kw = dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+        kw = dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale, causal=causal)
         metadata = (meta.kv_lens, meta.page_indices, meta.cu_q_lens, meta.distribution)
         if self.backend == "reference":
             out, k_cache, v_cache = reference_rpa(q, k, v, *cache, *metadata, **kw)

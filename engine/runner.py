@@ -3,7 +3,8 @@
 A step's T tokens are padded to a token bucket and its sequences to S = min(bucket, max_num_seqs)
 rows; the kernels treat rows past num_seqs and tokens past cu_q_lens[num_seqs] as padding, so one
 executable per token bucket serves every batch mix that fits it (token_buckets: 14 programs for a
-2048-token budget, and 2 sampler programs, compiled concurrently at start-up).
+2048-token budget, and 2 sampler programs, compiled concurrently at start-up). An embedding model's
+runner (pooling set) compiles the steps alone: each returns the pooled hidden states, nothing is sampled.
 """
 
 from __future__ import annotations
@@ -66,14 +67,17 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, ops: Ops, *, page_size: int, num_pages: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, kv_dtype, kv_scales=None,
                  layout: parallel.Layout | None = None, param_specs=None, materialize: bool = True,
-                 scan_layers: bool = True):
+                 scan_layers: bool = True, pooling: str | None = None):
         """layout / param_specs: tensor parallelism (engine/parallel.py: plan, shard_params), or None
         (one device). materialize=False keeps the caches abstract (ShapeDtypeStructs with their
         shardings): for compiling the step ahead of time on a compile-only mesh (engine/precompile.py).
         scan_layers: stack runs of identical layers and scan over them (engine/layer_groups.py; one
         compiled layer body per run, its caches one page pool); False unrolls every layer. The
-        per-layer params passed in are consumed by the stacking (read self.params afterwards)."""
+        per-layer params passed in are consumed by the stacking (read self.params afterwards).
+        pooling: an embedding model's pooling mode (engine.pooling.POOLING_MODES): each step returns
+        its sequences' pooled hidden states (execute_embed) and no sampler program is compiled."""
         self.cfg, self.ops = cfg, ops
+        self.pooling = pooling
         self.layout = layout
         if scan_layers:
             params, param_specs = layer_groups.stack(params, param_specs, None if layout is None else layout.mesh)
@@ -184,8 +188,9 @@ class ModelRunner:
 
     @property
     def sampler_sizes(self) -> list[int]:
-        """The sampler programs' row counts, one per distinct sampler_rows of the buckets."""
-        return sorted({self.sampler_rows(b) for b in self.buckets})
+        """The sampler programs' row counts, one per distinct sampler_rows of the buckets (none for an
+        embedding model)."""
+        return [] if self.pooling is not None else sorted({self.sampler_rows(b) for b in self.buckets})
 
     def _step_fn(self, bucket: int):
         fn = self._fns.get(bucket)
@@ -193,7 +198,8 @@ class ModelRunner:
             attn_bs, moe_bs = (self._bs or {}).get(bucket, (None, None))
             layout = self.layout
             fwd = functools.partial(forward, cfg=self.local_cfg, ops=self.ops, inv_freq=self.inv_freq,
-                                    kv_scales=self.kv_scales, attn_block_sizes=attn_bs, moe_block_sizes=moe_bs)
+                                    kv_scales=self.kv_scales, attn_block_sizes=attn_bs, moe_block_sizes=moe_bs,
+                                    pooling=self.pooling)
             if layout is not None:
                 fwd = functools.partial(fwd, par=parallel.MeshCollectives(layout))
 
@@ -264,6 +270,8 @@ class ModelRunner:
             self.plan_block_sizes()
         order = sorted(buckets or self.buckets, reverse=True)
         samplers = sorted({self.sampler_rows(b) for b in order} - set(self._compiled_samplers), reverse=True)
+        if self.pooling is not None:  # an embedding model samples nothing
+            samplers = []
 
         def one(key, low):
             t0 = time.perf_counter()
@@ -335,6 +343,33 @@ class ModelRunner:
         if self.baseline_compiles is None:
             return 0
         return self.counter.compiles - self.baseline_compiles
+
+    def execute_embed(self, plan: StepPlan) -> np.ndarray:
+        """Run one step of embedding inputs (each whole: engine.scheduler); returns the float32 pooled
+        hidden states [n, hidden] of plan.scheduled."""
+        items = plan.scheduled
+        t = bucket_for(plan.num_tokens, self.buckets)
+        batch, samp = self._inputs_for(t)
+        off = 0
+        for i, it in enumerate(items):
+            seq = it.seq
+            batch["token_ids"][off:off + it.num_new] = seq.all_ids[it.start:it.start + it.num_new]
+            batch["positions"][off:off + it.num_new] = np.arange(it.start, it.start + it.num_new)
+            batch["kv_lens"][i] = it.start + it.num_new
+            batch["page_indices"][i, :len(seq.pages)] = seq.pages
+            # the pooled token of "last" and "cls" ("mean" reads cu_q_lens)
+            batch["logits_indices"][i] = off if self.pooling == "cls" else off + it.num_new - 1
+            off += it.num_new
+            batch["cu_q_lens"][i + 1] = off
+        batch["cu_q_lens"][len(items) + 1:] = off
+        batch["distribution"][:] = (plan.num_decodes, len(items), len(items))
+        t0 = time.perf_counter()
+        pooled = self._run(t, batch, samp)
+        self.step_seconds += time.perf_counter() - t0
+        self.steps += 1
+        self.real_tokens += plan.num_tokens
+        self.padded_tokens += t
+        return pooled[:len(items)]
 
     def execute(self, plan: StepPlan):
         """Run one scheduled step; returns host (tokens i32 [n], logprobs f32 [n], alternatives) for
@@ -428,7 +463,8 @@ class ModelRunner:
                                                                                 tuple | None]:
         """One compiled step, then its sampler program (dispatched without waiting for the step);
         host (tokens, logprobs, (top ids, top log-probabilities) or None) of every row (the
-        alternatives are read back only when a row asked for them).
+        alternatives are read back only when a row asked for them). An embedding model's runner:
+        the step alone, its host float32 pooled hidden states [rows, hidden].
 
         token_mask: None, or a function of the sampler's rows giving the step's token bitmask (int32
         [rows, mask_words]); it runs on the host while the device runs the step, and the sampler
@@ -438,6 +474,8 @@ class ModelRunner:
         step = self._compiled.get(bucket) or self._step_fn(bucket)
         device_batch, _ = self._device_inputs(batch, {})
         logits, self.caches = step(self.params, self.caches, device_batch)
+        if self.pooling is not None:  # an embedding model: the pooled hidden states
+            return np.asarray(logits)
         if token_mask is not None:  # the device is busy with the step meanwhile
             samp = dict(samp, token_mask=token_mask(rows), any_mask=np.bool_(True))
         _, samp = self._device_inputs({}, samp)

@@ -4,6 +4,9 @@ Each step the scheduler picks, in this order and within `max_num_batched_tokens`
   1. running sequences with one token left to compute (decodes), oldest first;
   2. running sequences part-way through their prompt (prefill chunks), oldest first;
   3. waiting sequences (arrival order; preempted ones keep their place), after a prefix-cache lookup.
+     An embedding input (engine.pooling) is admitted whole or waits: it is computed in one step, with
+     no prefix-cache lookup (its every token's hidden state is pooled) and nothing registered there
+     (a bidirectional encoder's K/V of a page depend on the tokens after it).
 When a running sequence needs a page and none is free, the newest running sequence is preempted:
 its pages are released (full ones stay in the prefix cache) and it goes back to waiting, to be
 recomputed from its prompt plus the tokens it generated. The oldest sequence can always proceed (the
@@ -17,6 +20,7 @@ import enum
 import itertools
 
 from engine.kv_cache import ROOT_HASH, PageAllocator, page_hashes
+from engine.pooling import PoolingParams
 from engine.sampler import LOGIT_BIAS_ENTRIES, SamplingParams
 
 
@@ -33,7 +37,7 @@ _order = itertools.count()
 class Sequence:
     request_id: str
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams  # PoolingParams: an embedding input (prefill only)
     seed: int
     arrival: float = 0.0
     order: int = dataclasses.field(default_factory=lambda: next(_order))
@@ -50,6 +54,11 @@ class Sequence:
     first_token_time: float | None = None
     admitted: bool = False
     matcher: object | None = None  # structured output: the llguidance matcher of its grammar
+
+    @property
+    def embed(self) -> bool:
+        """An embedding input: its prompt computed whole in one step, nothing generated."""
+        return isinstance(self.params, PoolingParams)
 
     @property
     def all_ids(self) -> list[int]:
@@ -91,7 +100,7 @@ class StepPlan:
 
 
 def _bias_entries(seq: Sequence) -> int:
-    return len(seq.params.logit_bias or ())
+    return 0 if seq.embed else len(seq.params.logit_bias or ())
 
 
 class Scheduler:
@@ -206,7 +215,9 @@ class Scheduler:
             seq = self.waiting[0]
             if bias_in_use + _bias_entries(seq) > self.max_bias_entries:
                 break  # its logit_bias does not fit the step's sampler until a biased request ends
-            if seq.num_computed == 0 and not seq.pages:
+            if seq.embed and seq.remaining > budget:
+                break  # computed whole: it waits for a step with room for all of it
+            if seq.num_computed == 0 and not seq.pages and not seq.embed:
                 self._prefix_lookup(seq)
             n = min(seq.remaining, budget)
             if not self._grow(seq, seq.num_computed + n):
@@ -236,7 +247,7 @@ class Scheduler:
             return
         excess = total - below[-1]
         for it in reversed(items):
-            if it.num_new > excess:
+            if it.num_new > excess and not it.seq.embed:
                 it.num_new -= excess
                 return
 
@@ -261,6 +272,8 @@ class Scheduler:
         """Account the step's computed tokens: new full pages enter the prefix cache."""
         seq = item.seq
         seq.num_computed = item.start + item.num_new
+        if seq.embed:
+            return
         full = seq.num_computed // self.page_size
         if full > len(seq.hashes):
             parent = seq.hashes[-1] if seq.hashes else ROOT_HASH

@@ -60,6 +60,11 @@ def engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-prefix-caching", action="store_true", help="do not share KV pages between prompts")
     ap.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                     help="devices the model is split over (tensor / expert parallel over one mesh)")
+    ap.add_argument("--task", choices=["auto", "generate", "embed"], default="auto",
+                    help="generate text or serve embeddings (auto: embed for a checkpoint with sentence-transformers "
+                         "pooling or bidirectional attention)")
+    ap.add_argument("--pooling", choices=["last", "mean", "cls"], default=None,
+                    help="an embedding model's pooling (default: the checkpoint's, else last)")
 
 
 def default_compile_cache_dir() -> Path:
@@ -83,6 +88,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 compile_cache_dir=None if args.no_compile_cache else args.compile_cache_dir or default_compile_cache_dir(),
                 dtype=args.dtype,
                 prefix_caching=not args.no_prefix_caching, tensor_parallel_size=args.tensor_parallel_size,
+                task=args.task, pooling=args.pooling,
                 **{k: getattr(args, k) for k in ("num_processes", "process_id", "coordinator_address")
                    if getattr(args, k, None) is not None})
 

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server over one LLM: completions, chat completions (streamed over SSE),
-/v1/models, /health and Prometheus /metrics.
+embeddings (an embedding model's engine, task "embed"), /v1/models, /health and Prometheus /metrics.
 
 The engine runs in one background thread (`AsyncEngine`): it steps while there is work and hands
 each step's outputs to the request handlers' asyncio queues. A client that disconnects (streaming
@@ -13,6 +13,7 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -21,13 +22,22 @@ import threading
 import time
 import uuid
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from engine import structured
-from engine.api_schema import ChatRequest, CompletionRequest, RequestError, SamplingRequest, parse
+from engine.api_schema import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RequestError,
+    SamplingRequest,
+    parse,
+)
 from engine.llm import LLM, StepOutput
+from engine.pooling import PoolingParams
 from engine.sampler import SamplingParams
 
 log = logging.getLogger("engine.server")
@@ -59,7 +69,7 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, prompt, params: SamplingParams) -> tuple[str, asyncio.Queue]:
+    def submit(self, prompt, params: SamplingParams | PoolingParams) -> tuple[str, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = uuid.uuid4().hex
@@ -368,6 +378,7 @@ class Candidate:
     top_logprobs: list
     text: str
     finish_reason: str
+    embedding: np.ndarray | None = None  # an embedding input's vector
 
     @property
     def mean_logprob(self) -> float:
@@ -378,7 +389,7 @@ class Candidate:
 async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue, request: Request | None = None) -> Candidate:
     """One candidate, whole; aborts it if the handler is cancelled or the client goes away (checked
     every quarter second)."""
-    toks, lps, tops, text, reason = [], [], [], "", None
+    toks, lps, tops, text, reason, embedding = [], [], [], "", None, None
     checked = time.monotonic()
     try:
         while reason is None:
@@ -399,10 +410,11 @@ async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue, request:
             tops += item.new_top_logprobs
             text += item.delta_text
             reason = item.finish_reason
+            embedding = item.embedding
     finally:
         if reason is None:
             engine.abort(rid)
-    return Candidate(toks, lps, tops, text, reason)
+    return Candidate(toks, lps, tops, text, reason, embedding)
 
 
 async def _collect_all(engine: AsyncEngine, submitted: list, request: Request, keep: int) -> tuple[list, int]:
@@ -421,6 +433,46 @@ async def _collect_all(engine: AsyncEngine, submitted: list, request: Request, k
         best = sorted(range(len(done)), key=lambda i: -done[i].mean_logprob)[:keep]
         done = [done[i] for i in sorted(best)]
     return done, generated
+
+
+def _require_task(llm: LLM, task: str, name: str) -> None:
+    """A generation request to an embedding model, or the reverse, is a 400 naming the model."""
+    if llm.task != task:
+        what = "serves embeddings: use /v1/embeddings" if llm.task == "embed" else \
+            "generates text: /v1/embeddings needs an embedding model"
+        raise RequestError(f"the model '{name}' {what}", param="model")
+
+
+def _embedding_inputs(llm: LLM, req: EmbeddingRequest) -> list[list[int]]:
+    """Each input's token ids, each computed whole in one engine step: at most the token budget
+    and the model length."""
+    limit = min(llm.max_model_len, llm.scheduler.max_num_batched_tokens)
+    out = []
+    for i, x in enumerate(req.inputs):
+        if isinstance(x, str):
+            _check_text(x, "input")
+            if not x:
+                raise RequestError(f"'input'[{i}]: an empty string has nothing to embed", param="input")
+            try:
+                x = llm.tokenizer.encode(x, limit=limit)
+            except ValueError as err:
+                raise RequestError(f"'input'[{i}]: {err}: an input is computed in one step of at most {limit} tokens "
+                                   "(this engine's max_num_batched_tokens and max_model_len)", param="input") from None
+        elif len(x) > limit:
+            raise RequestError(f"'input'[{i}]: {len(x)} tokens, more than {limit}: an input is computed in one step "
+                               f"of at most {limit} tokens", param="input")
+        out.append(x)
+    return out
+
+
+def _embedding_data(vec: np.ndarray, index: int, encoding: str) -> dict:
+    """One entry of an embeddings response: the vector as floats or as base64 of its little-endian
+    float32 bytes (what OpenAI's client asks for by default)."""
+    if encoding == "base64":
+        value = base64.b64encode(np.asarray(vec, "<f4").tobytes()).decode("ascii")
+    else:
+        value = [float(v) for v in vec]
+    return {"object": "embedding", "index": index, "embedding": value}
 
 
 def _sse(obj) -> str:
@@ -477,7 +529,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
       llm: the engine; it steps in a background thread started and stopped with the app.
       model_name: the id under /v1/models, which requests' "model" must match.
     Returns:
-      The app: /health, /v1/models, /metrics, /v1/completions, /v1/chat/completions.
+      The app: /health, /v1/models, /metrics, /v1/completions, /v1/chat/completions, /v1/embeddings.
     """
     name = model_name or llm.model_dir.rstrip("/").split("/")[-1]
     engine = AsyncEngine(llm)
@@ -526,6 +578,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
     async def completions(request: Request):
         body = await _read_body(request, name)
         req = parse(CompletionRequest, body, supported=("best_of",))
+        _require_task(llm, "generate", name)
         want_lp = req.logprobs is not None
         params = sampling_params(req, 16, req.logprobs or 0)
         prompt = _completion_prompt(req)
@@ -565,6 +618,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
     async def chat(request: Request):
         body = await _read_body(request, name)
         req = parse(ChatRequest, body)
+        _require_task(llm, "generate", name)
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         want_lp = bool(req.logprobs)
@@ -608,5 +662,32 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
                             else None})
         return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": name,
                 "choices": choices, "usage": usage(n_prompt, generated)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await _read_body(request, name)
+        req = parse(EmbeddingRequest, body)
+        _require_task(llm, "embed", name)
+        if req.dimensions is not None and req.dimensions > llm.config.hidden_size:
+            raise RequestError(f"'dimensions' ({req.dimensions}) exceeds the model's {llm.config.hidden_size}",
+                               param="dimensions")
+        inputs = await asyncio.to_thread(_embedding_inputs, llm, req)  # tokenized off the event loop
+        if not engine.alive:
+            raise RequestError("the engine is not running", 503, type_="server_error")
+        params = PoolingParams(dimensions=req.dimensions)
+        submitted = []
+        try:
+            for ids in inputs:
+                submitted.append(engine.submit(ids, params))
+        except ValueError as err:
+            for rid, _ in submitted:
+                engine.abort(rid)
+            raise RequestError(str(err), param="dimensions" if str(err).startswith("dimensions") else "input") \
+                from None
+        done, _ = await _collect_all(engine, submitted, request, len(submitted))
+        n_prompt = sum(len(ids) for ids in inputs)
+        return {"object": "list", "model": name,
+                "data": [_embedding_data(c.embedding, i, req.encoding_format) for i, c in enumerate(done)],
+                "usage": {"prompt_tokens": n_prompt, "total_tokens": n_prompt}}
 
     return app

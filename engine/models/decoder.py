@@ -136,9 +136,12 @@ def apply_rope(x, cos, sin):
 
 
 def forward(params, caches, batch, *, cfg: ModelConfig, ops: Ops, inv_freq, kv_scales=None,
-            attn_block_sizes=None, moe_block_sizes=None, par: Collectives = SINGLE_DEVICE):
+            attn_block_sizes=None, moe_block_sizes=None, par: Collectives = SINGLE_DEVICE, pooling: str | None = None):
     """One step: batch holds token_ids [T], positions [T], kv_lens [S], page_indices [S, P], cu_q_lens [S+1],
-    distribution [3], logits_indices [S]. Returns (float32 logits [S, V], updated caches).
+    distribution [3], logits_indices [R]. Returns (float32 logits [R, V], updated caches); with
+    `pooling` (an embedding model, engine.pooling) the float32 pooled final hidden states [R, hidden]
+    instead of logits: "last" and "cls" take the token at logits_indices (the caller points it at
+    each sequence's last or first token), "mean" averages each sequence's tokens of this step.
 
     params hold either "layers" (a list of per-layer weights; caches: one per layer), unrolled into
     the program, or "layer_groups" (engine.layer_groups.stack: stacked weights; caches: one page pool
@@ -173,10 +176,27 @@ def forward(params, caches, batch, *, cfg: ModelConfig, ops: Ops, inv_freq, kv_s
         for layer, cache in zip(params["layers"], caches):
             x, cache = layer_fn(x, layer, cache, meta)
             new_caches.append(cache)
+    if pooling is not None:
+        return pool_hidden(x, batch, params["final_norm"], cfg.rms_norm_eps, pooling), new_caches
     last = rms_norm(x[batch["logits_indices"]], params["final_norm"], cfg.rms_norm_eps)
     head = params["lm_head"] if params["lm_head"] is not None else params["embed"].T
     logits = par.gather_vocab(ops.linear(last, head)).astype(jnp.float32)
     return logits, new_caches
+
+
+def pool_hidden(x, batch, final_norm, eps: float, pooling: str) -> jax.Array:
+    """float32 [R, hidden]: each row's pooled final-norm hidden state (see forward)."""
+    rows = batch["logits_indices"].shape[0]
+    if pooling != "mean":
+        return rms_norm(x[batch["logits_indices"]], final_norm, eps).astype(jnp.float32)
+    cu, num_seqs = batch["cu_q_lens"], batch["distribution"][2]
+    t = jnp.arange(x.shape[0], dtype=jnp.int32)
+    seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
+    seq = jnp.where(t < cu[num_seqs], seq, rows)  # padding tokens: past the last row, dropped
+    h = rms_norm(x, final_norm, eps).astype(jnp.float32)
+    sums = jax.ops.segment_sum(h, seq, num_segments=rows)
+    counts = jax.ops.segment_sum(jnp.ones_like(t, jnp.float32), seq, num_segments=rows)
+    return sums / jnp.maximum(counts, 1.0)[:, None]
 
 
 def _layer(x, layer, cache, meta: AttentionMeta, *, cfg: ModelConfig, ops: Ops, cos, sin, kv_scales,
@@ -195,7 +215,7 @@ def _layer(x, layer, cache, meta: AttentionMeta, *, cfg: ModelConfig, ops: Ops, 
         k = rms_norm(k, layer["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, cache = ops.attention(q, k, v, cache, meta, sm_scale=cfg.sm_scale, k_scale=k_scale,
-                                v_scale=v_scale, block_sizes=attn_block_sizes)
+                                v_scale=v_scale, block_sizes=attn_block_sizes, causal=cfg.is_causal)
     x = x + _add_bias(par.all_reduce(ops.linear(attn.reshape(t, h * hd), layer["wo"])), layer.get("bo"))
     r = rms_norm(x, layer["post_norm"], eps)
     if "router" in layer:

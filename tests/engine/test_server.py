@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from bench.serve import free_port
 from engine import LLM
+from tests.engine.conftest import running_server
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -21,24 +20,10 @@ uvicorn = pytest.importorskip("uvicorn")
 
 @pytest.fixture(scope="module")
 def server(tiny_models):
-    from engine.server import create_app
-
     llm = LLM(tiny_models["llama"], max_model_len=256, page_size=8, num_pages=128, max_num_seqs=16,
               max_num_batched_tokens=32, backend="reference")
-    app = create_app(llm, "tiny-llama")
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)
-    yield llm, client, base
-    srv.should_exit = True
-    thread.join(timeout=15)
+    with running_server(llm, "tiny-llama") as (client, base):
+        yield llm, client, base
 
 
 def _post(url, data: bytes):
