@@ -51,7 +51,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[float]
-    finish_reason: str | None  # "stop" | "length" | "abort" | None (still running)
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None (still running)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     # per generated token, its SamplingParams.top_logprobs most likely (token id, log-probability)
@@ -73,6 +73,7 @@ class StepOutput:
     finish_reason: str | None
     new_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # see RequestOutput
     embedding: np.ndarray | None = None  # an embedding input's float32 vector (its only output)
+    error: str | None = None  # finish_reason "error": why the engine failed this request
 
 
 @dataclasses.dataclass
@@ -329,9 +330,13 @@ class LLM:
                     seq.first_token_time = now
                     self.metrics.ttft.observe(now - seq.arrival)
                 reason = self._finish_reason(seq, int(tok))
+                error = None
                 if seq.matcher is not None:
                     seq.matcher.consume_token(int(tok))
-                    if seq.matcher.is_stopped() or seq.matcher.is_error():  # the grammar is complete
+                    if seq.matcher.is_error():  # the bitmask should never allow it: fail, never a silent stop
+                        reason, error = "error", f"structured output: {seq.matcher.get_error()}"
+                        log.error("request %s: %s", seq.request_id, error)
+                    elif seq.matcher.is_stopped():  # the grammar is complete
                         reason = reason or "stop"
                 detok = self._detok[seq.request_id]
                 delta = detok.update(self._visible(seq), final=reason is not None)
@@ -341,7 +346,8 @@ class LLM:
                 self.metrics.on_tokens(1)
                 if reason is not None:
                     self._finish(seq, reason, now)
-                outs.append(StepOutput(seq.request_id, [int(tok)], [float(lp)], delta, reason, alternatives))
+                outs.append(StepOutput(seq.request_id, [int(tok)], [float(lp)], delta, reason, alternatives,
+                                       error=error))
             return outs
 
     def _embed_step(self, plan) -> list[StepOutput]:

@@ -190,7 +190,11 @@ class ModelRunner:
     def sampler_sizes(self) -> list[int]:
         """The sampler programs' row counts, one per distinct sampler_rows of the buckets (none for an
         embedding model)."""
-        return [] if self.pooling is not None else sorted({self.sampler_rows(b) for b in self.buckets})
+        return sorted(self._sampler_rows_of(self.buckets))
+
+    def _sampler_rows_of(self, buckets) -> list[int]:
+        """The distinct sampler_rows of `buckets`, descending (none for an embedding model)."""
+        return [] if self.pooling is not None else sorted({self.sampler_rows(b) for b in buckets}, reverse=True)
 
     def _step_fn(self, bucket: int):
         fn = self._fns.get(bucket)
@@ -230,7 +234,7 @@ class ModelRunner:
         device (no per-step copy of its rows x mask_words words)."""
         mask = self._any_token.get(rows)
         if mask is None:
-            make = jax.jit(lambda: jnp.full((rows, self.mask_words), -1, jnp.int32),
+            make = jax.jit(lambda: structured.any_token_mask(rows, self.cfg.vocab_size, jnp),
                            out_shardings=self._replicated())
             mask = self._any_token[rows] = make()
         return mask
@@ -269,9 +273,7 @@ class ModelRunner:
         if self._bs is None:
             self.plan_block_sizes()
         order = sorted(buckets or self.buckets, reverse=True)
-        samplers = sorted({self.sampler_rows(b) for b in order} - set(self._compiled_samplers), reverse=True)
-        if self.pooling is not None:  # an embedding model samples nothing
-            samplers = []
+        samplers = [r for r in self._sampler_rows_of(order) if r not in self._compiled_samplers]
 
         def one(key, low):
             t0 = time.perf_counter()
@@ -421,7 +423,7 @@ class ModelRunner:
         token_mask = None
         if matched:
             def token_mask(rows: int) -> np.ndarray:
-                mask = np.full((rows, self.mask_words), -1, np.int32)  # rows without a grammar: any token
+                mask = structured.any_token_mask(rows, self.cfg.vocab_size)  # rows without a grammar: any token
                 for row, matcher in matched:
                     structured.fill_row(matcher, mask, row)
                 return mask
@@ -442,7 +444,7 @@ class ModelRunner:
         bitmask included."""
         batch, samp = self._inputs_for(bucket)
         if sampler:
-            samp["token_mask"] = np.full((len(samp["top_p"]), self.mask_words), -1, np.int32)
+            samp["token_mask"] = structured.any_token_mask(len(samp["top_p"]), self.cfg.vocab_size)
         if self.layout is not None and not self.materialized:
             rep = self._replicated()
             return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=rep),

@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from engine.structured import KINDS as GRAMMAR_KINDS
+
 TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's limit)
 MAX_LOGIT_BIAS = 300  # entries one request's logit_bias may hold
 # (row, token, bias) entries one step's sampler takes: a fixed shape, so the scheduler admits requests
@@ -70,9 +72,9 @@ class SamplingParams:
                     raise ValueError(f"logit_bias: biases must be numbers in [-100, 100], got {b!r} for token {t}")
             self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         if self.grammar is not None and (not isinstance(self.grammar, tuple) or len(self.grammar) != 2
-                                         or self.grammar[0] not in ("json_schema", "lark")
+                                         or self.grammar[0] not in GRAMMAR_KINDS
                                          or not isinstance(self.grammar[1], str)):
-            raise ValueError(f"grammar: expected ('json_schema' | 'lark', text), got {self.grammar!r}")
+            raise ValueError(f"grammar: expected (one of {GRAMMAR_KINDS}, text), got {self.grammar!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         if self.top_k == -1:

@@ -403,8 +403,8 @@ async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue, request:
                     raise RequestError("client disconnected", 499)
             if item is None:
                 continue
-            if isinstance(item, BaseException):
-                raise RequestError(f"engine error: {item}", 500, type_="server_error")
+            if isinstance(item, BaseException) or item.error is not None:
+                raise RequestError(f"engine error: {getattr(item, 'error', None) or item}", 500, type_="server_error")
             toks += item.new_token_ids
             lps += item.new_logprobs
             tops += item.new_top_logprobs
@@ -502,8 +502,10 @@ async def _stream_events(engine: AsyncEngine, submitted: list, head: dict, choic
                 yield _sse({**head, "created": int(time.time()), "choices": [first(i)]})
         while running:
             index, item = await merged.get()
-            if isinstance(item, BaseException):
-                yield _sse({"error": {"message": f"engine error: {item}", "type": "server_error"}})
+            if isinstance(item, BaseException) or item.error is not None:
+                running.discard(index)
+                message = f"engine error: {getattr(item, 'error', None) or item}"
+                yield _sse({"error": {"message": message, "type": "server_error"}})
                 return
             if item.finish_reason is not None:
                 running.discard(index)

@@ -31,6 +31,12 @@ def mask_words(vocab: int) -> int:
     return (vocab + 31) // 32
 
 
+def any_token_mask(rows: int, vocab: int, xp=np):
+    """The bitmask of rows without a grammar: every token allowed (all bits set). xp: numpy on
+    the host, jax.numpy to build it on the device."""
+    return xp.full((rows, mask_words(vocab)), -1, xp.int32)
+
+
 def tool_call_schema(tools: list[dict], name: str | None = None) -> dict:
     """The JSON schema of one call of `tools` (OpenAI's function tools): {"name": ..., "arguments":
     {...}} with the function's parameters schema; `name` pins the function."""

@@ -69,3 +69,29 @@ def test_tool_call_schema():
     assert structured.tool_call_schema(tools, "g")["properties"]["arguments"] == {"type": "object", "properties": {}}
     with pytest.raises(ValueError, match="tool_choice"):
         structured.tool_call_schema(tools, "h")
+
+
+def test_a_matcher_in_error_fails_its_request_not_a_silent_stop(tiny_models, monkeypatch):
+    """A token the grammar forbids (here the bitmask is left all-ones, so the model samples freely)
+    puts the matcher in error: the request finishes with "error" and a message, its pages are
+    freed, and the engine serves the next request as before."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(tiny_models["llama"], max_model_len=64, page_size=8, num_pages=16, max_num_seqs=2,
+              max_num_batched_tokens=16, backend="reference")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    free = llm.generate([5, 6, 7], params)[0]
+    first = llm.tokenizer.decode(free.token_ids[:1], skip_special_tokens=False)
+    assert not first.startswith("{")  # the unconstrained first token breaks a JSON grammar
+    monkeypatch.setattr(structured, "fill_row", lambda matcher, bitmask, row: None)
+    grammar = ("json_schema", json.dumps({"type": "object"}))
+    rid = llm.add_request([5, 6, 7], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, grammar=grammar))
+    outs = []
+    while llm.has_unfinished():
+        outs += llm.step()
+    assert outs[-1].request_id == rid and outs[-1].finish_reason == "error"
+    assert outs[-1].error.startswith("structured output:")
+    assert llm.pop_finished(rid).finish_reason == "error"
+    assert llm.stats()["kv_pages_in_use"] == 0 and llm.stats()["running"] == 0
+    monkeypatch.undo()
+    assert llm.generate([5, 6, 7], params)[0].token_ids == free.token_ids
