@@ -14,13 +14,20 @@ config from its VMEM estimate, the one formula every TPU kernel uses.
 (TPU interpret mode when asked), runs it, and where no kernel serves the call (no kernel for the
 device, or the kernel raised NotImplementedError) falls back to the XLA reference with a
 `KernelFallbackWarning`, or re-raises when the caller forced implementation="pallas".
+
+`debug_checks=True` on data-dependent values under a caller's jit runs `value_check` when the
+program runs; JAX reports a failure there as its own JaxRuntimeError wrapping our message, and
+`debug_check_errors()` turns it back into the ValueError itself.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, Self, runtime_checkable
 
 from autotune.cost_model import Traffic
@@ -232,6 +239,63 @@ def dispatch[T](op: str, *, implementation: str | None, interpret: Any,
             raise
         return _fall_back(f"{op}: the {backend.upper()} kernel does not handle this call ({err})", implementation,
                           reference)
+
+
+_CHECK_FAILURES: collections.deque = collections.deque(maxlen=64)  # recent value_check failures
+_CHECK_LOCK = threading.Lock()
+
+
+def value_check(check: Callable[..., None], *operands: Any) -> Any:
+    """Run `check` on the operands' values when the program runs (an io_callback: under jit too).
+
+    Args:
+      check: fn(*numpy values) raising ValueError (naming the argument) on bad values.
+      operands: the arrays it reads.
+    Returns:
+      An int32 scalar 1, for the caller to make its result depend on (so nothing runs on values
+      that failed the check). A failure is recorded for debug_check_errors.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import io_callback
+
+    def on_host(*values):
+        try:
+            check(*values)
+        except ValueError as err:
+            with _CHECK_LOCK:
+                _CHECK_FAILURES.append(err)
+            raise
+        return np.int32(1)
+
+    return io_callback(on_host, jax.ShapeDtypeStruct((), jnp.int32), *operands)
+
+
+@contextlib.contextmanager
+def debug_check_errors() -> Iterator[None]:
+    """Re-raise a `debug_checks` failure inside a jitted program as the ValueError itself.
+
+    JAX reports an exception raised by a callback as a JaxRuntimeError ("INTERNAL: CpuCallback
+    error ...") when the caller blocks on the result; inside this block it becomes the ValueError
+    value_check recorded (chained to JAX's error):
+
+        with rpa.debug_check_errors():
+            out = jax.block_until_ready(step(params, caches, batch))
+    """
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        text = str(err)
+        with _CHECK_LOCK:
+            found = next((e for e in reversed(_CHECK_FAILURES) if str(e) in text), None)
+            if found is not None:
+                _CHECK_FAILURES.remove(found)
+        if found is None:
+            raise
+        raise ValueError(str(found)) from err
 
 
 def _fall_back[T](message: str, implementation: str | None, reference: Callable[[], T]) -> T:

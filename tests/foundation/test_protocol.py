@@ -113,3 +113,32 @@ def test_block_sizes_must_be_positive_ints_named_in_the_error(bad):
     assert BlockSizes(decode_kv_heads=0, core_splits=0).decode_kv_heads == 0
     with pytest.raises(ValueError, match="decode_kv_heads"):
         BlockSizes(decode_kv_heads=-1)
+
+
+def test_a_value_check_failing_under_jit_comes_back_as_its_value_error():
+    """A debug check that fails when a jitted program runs surfaces as JAX's runtime error; inside
+    debug_check_errors() it is the ValueError itself, message whole. Other runtime errors pass."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from autotune.protocol import debug_check_errors, value_check
+
+    def check(sizes):
+        if np.any(sizes < 0):
+            raise ValueError(f"group_sizes: negative size {int(sizes.min())}")
+
+    @jax.jit
+    def f(sizes):
+        return sizes * value_check(check, sizes)
+
+    assert f(jnp.arange(3)).tolist() == [0, 1, 2]
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        jax.block_until_ready(f(jnp.array([1, -4])))
+    with pytest.raises(ValueError, match=r"^group_sizes: negative size -5$") as info:
+        with debug_check_errors():
+            jax.block_until_ready(f(jnp.array([-5, 2])))
+    assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
+    with pytest.raises(jax.errors.JaxRuntimeError):  # not ours: unchanged
+        with debug_check_errors():
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
