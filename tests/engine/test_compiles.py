@@ -32,10 +32,13 @@ def test_sampler_programs_are_shared_by_buckets():
 
     runner = object.__new__(ModelRunner)
     runner.buckets, runner.max_num_seqs, runner.pages_per_seq = token_buckets(2048), 256, 4
+    runner.pooling = None  # a text generator (an embedding model's runner compiles no sampler)
     assert runner.sampler_sizes == [64, 256]
     assert [runner.sampler_rows(b) for b in (8, 64, 80, 256, 2048)] == [64, 64, 256, 256, 256]
     runner.max_num_seqs = 48
     assert runner.sampler_sizes == [48]
+    runner.pooling = "last"
+    assert runner.sampler_sizes == []
     batch, samp = runner._empty_inputs(96, 48, runner.sampler_rows(96))
     assert batch["kv_lens"].shape == (48,) and batch["logits_indices"].shape == samp["top_p"].shape == (48,)
 

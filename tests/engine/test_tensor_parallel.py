@@ -3,7 +3,8 @@
 The generation runs in a subprocess with 8 CPU devices (this pytest process already started jax with
 one): greedy tokens at tensor_parallel_size 1, 2, 4 and 8 are identical for every architecture, with
 int8 weights, preemption and prefix-cache hits in the mix, and the Pallas kernels (interpret mode)
-under shard_map at TP 2 give the same tokens.
+under shard_map at TP 2 give the same tokens; a bidirectional embedding model's vectors at TP 2 are
+TP 1's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from engine import parallel
@@ -31,7 +33,11 @@ def test_greedy_tokens_identical_at_tp_1_2_4_8(tmp_path):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 4 * 4 + 1, proc.stdout[-2000:]
+    assert len(rows) == 4 * 4 + 1 + 2, proc.stdout[-2000:]
+    embedded = [r for r in rows if r["arch"] == "embedding"]
+    assert all(r["kv_pages_in_use"] == 0 and r["compiles_after_warmup"] == 0 for r in embedded), embedded
+    one, two = (np.asarray(r["embeddings"]) for r in embedded)
+    assert one.shape == two.shape and np.min(np.sum(one * two, axis=1)) >= 0.9999
     for arch in ("llama", "qwen3", "mixtral", "qwen3_moe"):
         runs = {(r["tp"], r["backend"]): r for r in rows if r["arch"] == arch}
         one = runs[(1, "reference")]

@@ -1,7 +1,8 @@
 """Run in a subprocess with 8 host CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8):
 greedy generation of tiny checkpoints at tensor_parallel_size 1, 2, 4 and 8 (reference backend, int8
 weights, a page pool small enough to preempt, prompts that share pages), and once at TP 2 with the
-Pallas kernels in interpret mode. Prints one JSON line per run.
+Pallas kernels in interpret mode; and a bidirectional embedding model (mean pooling) at TP 1 and 2.
+Prints one JSON line per run.
 
     python -m tests.engine.tp_worker OUT_DIR [ARCH ...]
 """
@@ -43,6 +44,15 @@ def run(model_dir: Path, tp: int, backend: str, quantization: str | None) -> dic
                              for d in leaf.sharding.device_set}))
 
 
+def embed(model_dir: Path, tp: int) -> dict:
+    llm = LLM(model_dir, max_model_len=64, page_size=4, num_pages=18, max_num_seqs=4, max_num_batched_tokens=48,
+              backend="reference", tensor_parallel_size=tp)
+    outs = llm.embed(prompts(llm.config.vocab_size))
+    st = llm.stats()
+    return dict(arch="embedding", tp=tp, backend="reference", embeddings=[o.embedding.tolist() for o in outs],
+                kv_pages_in_use=st["kv_pages_in_use"], compiles_after_warmup=st["compiles_after_warmup"])
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     archs = sys.argv[2:] or ["llama", "qwen3", "mixtral", "qwen3_moe"]
@@ -52,6 +62,10 @@ def main() -> None:
             print(json.dumps(run(model_dir, tp, "reference", "int8")), flush=True)
         if arch == "llama":
             print(json.dumps(run(model_dir, 2, "interpret", "int8")), flush=True)
+    if not sys.argv[2:]:
+        model_dir = write_model(out_dir / "embedding", "qwen3", seed=3, pooling="mean", bidirectional=True, **DIMS)
+        for tp in (1, 2):
+            print(json.dumps(embed(model_dir, tp)), flush=True)
 
 
 if __name__ == "__main__":
