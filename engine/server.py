@@ -258,7 +258,11 @@ def _chat_prompt_ids(llm: LLM, req: ChatRequest, params: SamplingParams) -> list
         text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as err:
         raise RequestError(str(err), param="messages") from None
-    prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    try:
+        prompt_ids = llm.tokenizer.encode(text, add_special_tokens=False, limit=llm.max_model_len - 1)
+    except ValueError as err:
+        raise RequestError(f"'messages': {err}; this model's max_model_len is {llm.max_model_len} (prompt plus at "
+                           "least one generated token)", param="messages") from None
     # a chat reply stops where the model ends its turn: cap max_tokens by the room left
     if not _explicit_max_tokens(req):
         params.max_tokens = max(1, min(params.max_tokens, llm.max_model_len - len(prompt_ids) - 1))

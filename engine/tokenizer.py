@@ -53,6 +53,12 @@ class Tokenizer:
             eos.append(self.tok.token_to_id(self.eos_token))
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         self._jinja = None
+        # The most characters one token stands for (a byte-level vocabulary entry is one character per
+        # byte, an added token its content): a text of more than limit x this many characters has
+        # more than `limit` tokens, known without tokenizing it. None with a normalizer, which may
+        # remove characters (Strip, Replace) and void the bound.
+        self._max_token_chars = (max(map(len, self.tok.get_vocab(with_added_tokens=True)), default=0) or None
+                                 if self.tok.normalizer is None else None)
 
     @property
     def vocab_size(self) -> int:
@@ -60,8 +66,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True, *, limit: int | None = None) -> list[int]:
         """Token ids of `text`; with `limit`, a ValueError (before any list is built) when there are
-        more than `limit` of them. Long texts go through encode_batch, which releases the GIL while
-        it runs (encode holds it: a server thread would stall every other)."""
+        more than `limit` of them, at once for a text too long to fit whatever its tokens. Long texts
+        go through encode_batch, which releases the GIL while it runs (encode holds it: a server
+        thread would stall every other)."""
+        if limit is not None and self._max_token_chars and len(text) > limit * self._max_token_chars:
+            raise ValueError(f"prompt: {len(text)} characters, more than {limit} tokens (a token here stands for "
+                             f"at most {self._max_token_chars} characters)")
         if len(text) > 1 << 16:
             enc = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0]
         else:

@@ -390,6 +390,26 @@ def test_bad_requests_get_a_4xx_naming_the_parameter_and_the_server_keeps_servin
     assert llm.stats()["kv_pages_in_use"] == 0
 
 
+def test_a_5_mb_prompt_is_refused_at_once_naming_its_field(server):
+    """A prompt no model length can hold is refused before it is tokenized (the tokenizer's bound on
+    characters per token), on both endpoints, naming the field; one that fits is not."""
+    llm, _, base = server
+    big = "word " * 1_000_000
+    for path, body, param in (("/v1/completions", {"prompt": big, "max_tokens": 4}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}],
+                                                        "max_tokens": 4}, "messages")):
+        t0 = time.monotonic()
+        status, payload = _post(base + path, json.dumps(body).encode())
+        assert status == 400 and payload["error"]["param"] == param, payload
+        assert time.monotonic() - t0 < 2.0  # not the seconds a 5 MB tokenization takes
+    tok, limit = llm.tokenizer, 100
+    fits = "the quick brown fox " * 4
+    assert len(tok.encode(fits, limit=limit)) <= limit
+    with pytest.raises(ValueError, match="characters, more than 100 tokens"):
+        tok.encode("a" * (limit * tok._max_token_chars + 1), limit=limit)
+
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(server, monkeypatch):
     """An injected fault in one step: that step's request gets a JSON 500, /health stays 200, and the
     next request is served as before with every page returned."""

@@ -135,10 +135,8 @@ def test_a_value_check_failing_under_jit_comes_back_as_its_value_error():
     assert f(jnp.arange(3)).tolist() == [0, 1, 2]
     with pytest.raises(jax.errors.JaxRuntimeError):
         jax.block_until_ready(f(jnp.array([1, -4])))
-    with pytest.raises(ValueError, match=r"^group_sizes: negative size -5$") as info:
-        with debug_check_errors():
-            jax.block_until_ready(f(jnp.array([-5, 2])))
+    with pytest.raises(ValueError, match=r"^group_sizes: negative size -5$") as info, debug_check_errors():
+        jax.block_until_ready(f(jnp.array([-5, 2])))
     assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
-    with pytest.raises(jax.errors.JaxRuntimeError):  # not ours: unchanged
-        with debug_check_errors():
-            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    with pytest.raises(jax.errors.JaxRuntimeError), debug_check_errors():  # not ours: unchanged
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
