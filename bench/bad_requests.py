@@ -301,7 +301,7 @@ def catalogue(close_brace: int | None = None) -> list[Case]:
                 add(f"{tag} {field}={value!r}", ep, base, bool(reject), **{field: value})
         add(f"{tag} stream_options include_usage", ep, base, stream=True, stream_options={"include_usage": True})
         add(f"{tag} n=2 stream", ep, base, n=2, stream=True)
-    add("chat stream_options without stream", CHAT, H, stream_options={"include_usage": True})
+    add("chat stream_options without stream", CHAT, H, True, stream_options={"include_usage": True})  # as OpenAI
     add("chat max_completion_tokens=0", CHAT, H, True, max_completion_tokens=0)
     add("chat max_completion_tokens='x'", CHAT, H, True, max_completion_tokens="x")
 

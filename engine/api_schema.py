@@ -174,6 +174,8 @@ def parse(schema: type[BaseModel], body: dict, *, supported: tuple[str, ...] = (
             if not token.isdigit():
                 raise RequestError(f"'logit_bias': keys must be token ids (decimal strings), got {token!r}",
                                    param="logit_bias")
+    if getattr(request, "stream_options", None) is not None and not request.stream:
+        raise RequestError("'stream_options' is only allowed with 'stream': true", param="stream_options")
     best_of = getattr(request, "best_of", None)
     if best_of is not None and best_of < request.n:
         raise RequestError(f"'best_of' ({best_of}) must be >= 'n' ({request.n})", param="best_of")
