@@ -143,9 +143,10 @@ def _runtime_check(kv_lens, page_indices, cu_q_lens, distribution, *, num_tokens
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale",
-                                             "groups", "vmem_limits", "core_splits", "bounds_checks", "interpret"))
+                                             "causal", "groups", "vmem_limits", "core_splits", "bounds_checks",
+                                             "interpret"))
 def _kernel_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sinks, *, sm_scale,
-                 sliding_window, soft_cap, k_scale, v_scale, groups, vmem_limits, core_splits, bounds_checks,
+                 sliding_window, soft_cap, k_scale, v_scale, causal, groups, vmem_limits, core_splits, bounds_checks,
                  interpret):
     from rpa import tpu
 
@@ -153,20 +154,20 @@ def _kernel_path(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distributi
         q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
         groups=dict(groups), vmem_limits=dict(vmem_limits), core_splits=core_splits, bounds_checks=bounds_checks,
-        interpret=interpret)
+        causal=causal, interpret=interpret)
 
 
 def reference_path(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array, kv_lens: jax.Array,
                    page_indices: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, *,
                    sm_scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
                    sinks: jax.Array | None = None, k_scale: float | None = None,
-                   v_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+                   v_scale: float | None = None, causal: bool = True) -> tuple[jax.Array, jax.Array]:
     """The pure-JAX reference on a cache in either layout (padding lanes and unwritten slots kept
     bit-exact).
 
     Args:
       q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution, sm_scale, sliding_window,
-      soft_cap, sinks, k_scale, v_scale: as ragged_paged_attention's (no block sizes).
+      soft_cap, sinks, k_scale, v_scale, causal: as ragged_paged_attention's (no block sizes).
     Returns:
       (out [T, Hq, D] in q's dtype, kv_cache with the new tokens written), as ragged_paged_attention.
     """
@@ -176,7 +177,7 @@ def reference_path(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: jax.Array
     k_cache, v_cache = layout.unpack_kv(kv_cache, num_kv_heads, head_dim)
     out, k_cache, v_cache = ref(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, distribution,
                                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
-                                k_scale=k_scale, v_scale=v_scale)
+                                k_scale=k_scale, v_scale=v_scale, causal=causal)
     if layout.cache_layout(kv_cache) == "gpu":
         return out, layout.pack_kv(k_cache, v_cache, layout="gpu")
     if layout.is_packed(kv_cache):  # padding lanes kept as they were
@@ -222,7 +223,7 @@ def ragged_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: j
                            page_indices: jax.Array, cu_q_lens: jax.Array, distribution: jax.Array, *,
                            sm_scale: float | None = None, sliding_window: int | None = None,
                            soft_cap: float | None = None, sinks: jax.Array | None = None,
-                           k_scale: float | None = None, v_scale: float | None = None,
+                           k_scale: float | None = None, v_scale: float | None = None, causal: bool = True,
                            block_sizes: BlockSizes | dict | None = None, vmem_limit_bytes: int | None = None,
                            debug_checks: bool = False, dma_bounds_checks: bool = True, interpret: object = False,
                            implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
@@ -240,6 +241,9 @@ def ragged_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: j
         num_seqs) (decode sequences first, each with one new token).
       sm_scale: default 1/sqrt(D); sliding_window, soft_cap, k_scale, v_scale: static numbers (the
         scales dequantize an int8 / float8 cache); sinks: f32[Hq] attention-sink logits.
+      causal: a static Python bool. True: a query at position p sees the keys at positions <= p.
+        False, for the prefill-only sequences of bidirectional encoders: each query of a sequence
+        sees all of its kv_len keys, this step's new ones included (no sliding_window).
       block_sizes: None (table lookup for the running chip), a dict or rpa.BlockSizes (GPU: its sizes).
       vmem_limit_bytes: the scoped-VMEM limit of every TPU group call (default: derived from its
         block sizes by autotune.protocol.vmem_limit_bytes).
@@ -277,6 +281,10 @@ def ragged_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: j
                 or int(sliding_window) <= 0:
             raise ValueError(f"sliding_window: must be a positive static int, got {sliding_window!r}")
         sliding_window = int(sliding_window)
+    if not isinstance(causal, bool):  # numpy and traced bools too: it picks the compiled program
+        raise ValueError(f"causal: must be a static Python bool, got {causal!r}")
+    if not causal and sliding_window is not None:
+        raise ValueError("sliding_window: not supported with causal=False (bidirectional attention sees every key)")
     if vmem_limit_bytes is not None and int(vmem_limit_bytes) <= 0:
         raise ValueError(f"vmem_limit_bytes: must be positive, got {vmem_limit_bytes}")
 
@@ -288,7 +296,8 @@ def ragged_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: j
         kv_lens = _runtime_check(*meta, **sizes)
         meta = (kv_lens, page_indices, cu_q_lens, distribution)
 
-    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale,
+              causal=causal)
     args = (q, k, v, kv_cache, *meta, sinks)
     key = make_key(q.dtype, layout.cache_dtype(kv_cache), num_q_heads, k.shape[1], head_dim, page_size, num_tokens,
                    page_indices.shape[1] * page_size)

@@ -184,6 +184,7 @@ class QueryBlock(NamedTuple):
     first: IntLike  # position of its first query token
     last: IntLike  # position of its last
     lo: IntLike  # the first position it may read: the page-aligned window start (0 without a window)
+    key_last: IntLike  # the last position it may read: `last` (causal), else the sequence's last (kv_len - 1)
     kv_first: IntLike  # the KV blocks it visits: [kv_first, kv_end)
     kv_end: IntLike
     num_q_blocks: IntLike  # query blocks of the sequence
@@ -194,7 +195,9 @@ class LoopBounds:
     """The loop bounds of one group call, for the kernel (rpa/tpu.py: traced int32 scalars, minimum=jnp.minimum,
     maximum=jnp.maximum) and its simulator (rpa/traffic_model.py: Python ints, min and max): a sequence's
     query blocks, the KV blocks and cached slots each reads, the new tokens of each KV block, the page
-    writes of the new tokens, and the compute chunks the causal mask and the sliding window leave."""
+    writes of the new tokens, and the compute chunks the causal mask and the sliding window leave.
+    causal=False (bidirectional encoders, no window): every query reads every key up to its sequence's
+    kv_len."""
 
     bq: int
     kv_pages: int
@@ -203,6 +206,7 @@ class LoopBounds:
     sliding_window: int | None = None
     minimum: Callable[[Any, Any], Any] = min
     maximum: Callable[[Any, Any], Any] = max
+    causal: bool = True
 
     @property
     def bkv(self) -> int:
@@ -220,8 +224,9 @@ class LoopBounds:
         last = first + size - 1
         window, ps = self.sliding_window, self.page_size
         lo = 0 if window is None else self.maximum(first - window + 1, 0) // ps * ps
-        return QueryBlock(q_start, cached, q_start + qb * self.bq, size, first, last, lo, lo // self.bkv,
-                          last // self.bkv + 1, cdiv(q_len, self.bq))
+        key_last = last if self.causal else kv_len - 1
+        return QueryBlock(q_start, cached, q_start + qb * self.bq, size, first, last, lo, key_last, lo // self.bkv,
+                          key_last // self.bkv + 1, cdiv(q_len, self.bq))
 
     def cached_slots(self, blk: QueryBlock, kb: IntLike, j: IntLike) -> IntLike:
         """n: `blk` reads slots [0, n) of page j of KV block kb from the cache (a page lies wholly in the
@@ -244,7 +249,7 @@ class LoopBounds:
         """(row in kv_new, offset in the KV block, count) of the new tokens KV block kb gives `blk`."""
         start = kb * self.bkv
         first = self.maximum(start, blk.cached)
-        count = self.maximum(self.minimum(start + self.bkv, blk.last + 1) - first, 0)
+        count = self.maximum(self.minimum(start + self.bkv, blk.key_last + 1) - first, 0)
         return blk.q_start + first - blk.cached, first - start, count
 
     def written_pages(self, q_len: IntLike, kv_len: IntLike) -> tuple[IntLike, IntLike]:
@@ -277,16 +282,18 @@ class LoopBounds:
         live ones: the causal diagonal, the window's start) with it. Only decode (bq 1) has full
         chunks (see unmasked_loop); elsewhere [full_lo, full_hi) is empty."""
         q_first, q_last, key_lo = token_chunk
+        # the last key the chunk's first query sees, and the last any of its queries sees
+        first_sees, last_sees = (q_first, q_last) if self.causal else (blk.key_last, blk.key_last)
         tc, kc = self.chunks
         base, count = kb * self.bkv, self.bkv // kc
         live_lo = self.minimum(self.maximum(key_lo - base, 0) // kc, count)
-        live_hi = self.maximum(self.minimum(cdiv(self.maximum(q_last - base + 1, 0), kc), count), live_lo)
+        live_hi = self.maximum(self.minimum(cdiv(self.maximum(last_sees - base + 1, 0), kc), count), live_lo)
         # every row sees key0: key0 >= the latest row's window start (and the loaded range's start)
         full_key_lo = blk.lo if self.sliding_window is None else self.maximum(q_last - self.sliding_window + 1,
                                                                               blk.lo)
         full_lo = self.minimum(self.maximum(cdiv(self.maximum(full_key_lo - base, 0), kc), live_lo), live_hi)
-        # every row sees the chunk's last key: key0 + kc - 1 <= q_first (and every row is a real token)
-        full_hi = self.minimum(cdiv(self.maximum(q_first - base - kc + 2, 0), kc), live_hi)
+        # every row sees the chunk's last key: key0 + kc - 1 <= first_sees (and every row is a real token)
+        full_hi = self.minimum(cdiv(self.maximum(first_sees - base - kc + 2, 0), kc), live_hi)
         full_hi = self.maximum(full_hi * (t0 + tc <= blk.size), full_lo)
         return (live_lo, full_lo, full_hi, live_hi) if self.unmasked_loop else (live_lo, live_lo, live_lo, live_hi)
 

@@ -528,7 +528,7 @@ def ragged_paged_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cach
                                sm_scale: float | None = None, sliding_window: int | None = None,
                                soft_cap: float | None = None, sinks: jax.Array | None = None,
                                k_scale: float | None = None, v_scale: float | None = None,
-                               block_sizes: GpuBlockSizes | dict | None = None,
+                               causal: bool = True, block_sizes: GpuBlockSizes | dict | None = None,
                                interpret: Any = False) -> tuple[jax.Array, jax.Array]:
     """The RPA public contract on a Hopper GPU.
 
@@ -538,16 +538,18 @@ def ragged_paged_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cach
       kv_lens: i32[S]; page_indices: i32[S, pages_per_seq]; cu_q_lens: i32[S+1];
         distribution: i32[3] = (decode_end, prefill_end, num_seqs).
       sm_scale (None: 1 / sqrt(D)), sliding_window, soft_cap, sinks (f32 [Hq]), k_scale, v_scale: as
-        reference.ragged_paged_attention.
+        reference.ragged_paged_attention; causal: only True (the kernels' masks are causal).
       block_sizes: None | dict of GpuBlockSizes fields | GpuBlockSizes.
       interpret: True runs the kernels in GPU interpret mode on the CPU (tests), op by op (not under
         an outer jit: interpret mode simulates one GPU per process, so two kernels must not overlap).
     Returns:
       (out [T, Hq, D] in q's dtype, the updated kv_cache).
     Raises:
-      NotImplementedError: what the kernels do not cover (fp8/int8 caches, head_dim not a multiple of
-        64, more than 56 query heads per kv head, ...): fall back to XLA then.
+      NotImplementedError: what the kernels do not cover (causal=False, fp8/int8 caches, head_dim not a
+        multiple of 64, more than 56 query heads per kv head, ...): fall back to XLA then.
     """
+    if not causal:
+        raise NotImplementedError("GPU RPA: causal=False (bidirectional attention)")
     t_total, hq, d = q.shape
     if kv_cache.ndim != 5 or kv_cache.shape[1] != 2:
         raise ValueError(f"kv_cache: expected the GPU layout [P, 2, Hkv, page_size, D], got {kv_cache.shape}")

@@ -33,7 +33,8 @@ read from SMEM, so one compiled kernel serves any batch composition. Per KV step
   * online softmax over the block for every KV head of the head block (GQA rows = q_per_kv x bq;
     packed: one head's keys are a strided load of 32-bit rows, K = word << 16, V = word & 0xffff0000),
     in compute chunks of tc query tokens x kc keys (config.chunk_sizes) that bound the live values
-    and the compile time; chunks wholly outside the causal or sliding window are skipped; in
+    and the compile time; chunks wholly outside the causal or sliding window are skipped (causal=False:
+    every query block reads, and every query sees, all kv_len keys of its sequence); in
     decode, chunks every query sees whole run in a loop without the mask, the rest (the last
     keys, the window's start) in a masked loop;
   * after a query block's last KV step its output is DMA'd to exactly its rows (double-buffered).
@@ -94,6 +95,7 @@ class GroupStatic:
     packed: bool = False  # a packed bfloat16 cache (rows of 32-bit words, one per slot and head)
     splits: int = 1  # packed: grid steps splitting the group's sequences (2 on megacore chips)
     bounds_checks: bool = True  # libtpu's per-DMA bounds checks (rpa.ragged_paged_attention(dma_bounds_checks=))
+    causal: bool = True  # False: every query sees all kv_len keys of its sequence (LoopBounds.causal)
 
 
 def _to_compute(x, dtype):
@@ -115,7 +117,7 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
     bq, page_size, q_per_kv = static.bq, static.page_size, static.q_per_kv
     heads_per_block = static.kv_heads
     window = static.sliding_window
-    loops = LoopBounds(bq, static.bkv_pages, page_size, q_per_kv, window, jnp.minimum, jnp.maximum)
+    loops = LoopBounds(bq, static.bkv_pages, page_size, q_per_kv, window, jnp.minimum, jnp.maximum, static.causal)
     block_kv = loops.bkv
     compute_dtype = q_buf.dtype
     precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
@@ -274,16 +276,17 @@ def _kernel(kv_lens_ref, pt_ref, cu_ref, dist_ref, *refs, static: GroupStatic):
                 key0 = kb * block_kv + ci * kc
                 if masked:
                     kpos = key0 + lax.broadcasted_iota(jnp.int32, (chunk_rows, kc), 1)
+                    # each row sees keys up to its own position, or (not causal) to its sequence's last
                     if bq == 1:
                         qpos = q_first
-                        mask = kpos <= qpos
+                        mask = kpos <= (qpos if static.causal else blk.key_last)
                     else:
                         qpos = q_first + t_iota
-                        mask = (kpos <= qpos) & (t_iota + t0 < blk.size)
+                        mask = (kpos <= (qpos if static.causal else blk.key_last)) & (t_iota + t0 < blk.size)
                     if window is not None:
                         mask = mask & (kpos > qpos - window)
                     vpos = key0 + lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
-                    loaded = (vpos >= blk.lo) & (vpos <= blk.last)
+                    loaded = (vpos >= blk.lo) & (vpos <= blk.key_last)
                 # Three phases over the heads, not one head after another: the MXU runs its matmuls
                 # in program order, so QK(h), PV(h), QK(h + 1) chains every head's softmax between
                 # two matmuls (libtpu's critical path: ~550 cycles a head on v6e, three times a
@@ -566,15 +569,15 @@ def ragged_paged_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cach
                                sm_scale: float, sliding_window: int | None, soft_cap: float | None,
                                sinks: jax.Array | None, k_scale: float | None, v_scale: float | None,
                                groups: dict[str, tuple[int, int, int]], vmem_limits: dict[str, int | None],
-                               core_splits: int = 1, bounds_checks: bool = True,
+                               core_splits: int = 1, bounds_checks: bool = True, causal: bool = True,
                                interpret: object) -> tuple[jax.Array, jax.Array]:
     """The kernel path: the XLA prologue, then one group call per group.
 
     Args: as rpa.ragged_paged_attention's (validated there; kv_cache in a TPU layout), plus groups
       {"decode"|"prefill"|"mixed": (bq, bkv_pages, kv_heads)} (BlockSizes.groups), vmem_limits {group:
       scoped-VMEM bytes, or None: the compiler's default} and core_splits (a packed cache: 1, or 2
-      parts of each group's sequences as a parallel grid axis) and bounds_checks (libtpu's DMA bounds
-      checks on or off).
+      parts of each group's sequences as a parallel grid axis), bounds_checks (libtpu's DMA bounds
+      checks on or off) and causal (False: every query sees all of its sequence's keys).
     Returns: (out [T, Hq, D] in q's dtype, the updated kv_cache). NotImplementedError for block sizes
       the kernel does not handle (check_supported).
     """
@@ -603,7 +606,8 @@ def ragged_paged_attention_tpu(q: jax.Array, k: jax.Array, v: jax.Array, kv_cach
             soft_cap=None if soft_cap is None else float(soft_cap),
             sliding_window=None if sliding_window is None else int(sliding_window),
             has_sinks=sinks is not None, pt_in_smem=page_table_in_smem(max_num_seqs, pages_per_seq),
-            first=gi == 0, zero_tail=gi == len(GROUPS) - 1, packed=packed, splits=splits, bounds_checks=bounds_checks)
+            first=gi == 0, zero_tail=gi == len(GROUPS) - 1, packed=packed, splits=splits, bounds_checks=bounds_checks,
+            causal=bool(causal))
         out, kv_cache = group_call(q_padded, kv_new, kv_cache, out, kv_lens, page_indices, cu_q_lens, distribution,
                                    sinks_f32, static=static, vmem_limit_bytes=vmem_limits.get(name),
                                    interpret=interpret)

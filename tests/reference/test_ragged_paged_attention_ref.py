@@ -139,3 +139,71 @@ def test_padding_tokens_write_nothing(rng):
     changed = np.argwhere(np.any(np.asarray(kc) != cache, axis=(2, 3)))
     assert len(changed) == 2  # exactly the two new tokens of sequence 0
     assert not np.asarray(out[2:]).any()
+
+
+def np_full_attention(q, k, v, k_cache, v_cache, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
+    """Bidirectional attention per sequence in float64 matrices: every query of sequence i over all
+    kv_lens[i] keys (its cached ones read from its pages, then this step's new ones)."""
+    ps = k_cache.shape[1]
+    group = q.shape[1] // k.shape[1]
+    out = np.zeros(q.shape, np.float64)
+    for i in range(num_seqs):
+        lo, hi = int(cu_q_lens[i]), int(cu_q_lens[i + 1])
+        pos = np.arange(int(kv_lens[i]) - (hi - lo))  # the cached positions
+        pages, slots = page_indices[i, pos // ps], pos % ps
+        keys = np.concatenate([k_cache[pages, slots], k[lo:hi]]).astype(np.float64)  # [kv_len, Hkv, D]
+        vals = np.concatenate([v_cache[pages, slots], v[lo:hi]]).astype(np.float64)
+        logits = np.einsum("thd,lhd->htl", q[lo:hi].astype(np.float64), np.repeat(keys, group, axis=1)) * sm_scale
+        w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        w /= w.sum(axis=-1, keepdims=True)
+        out[lo:hi] = np.einsum("htl,lhd->thd", w, np.repeat(vals, group, axis=1))
+    return out
+
+
+@given(batch=ragged_batches(max_seqs=4, max_q=12, max_kv=40, page_sizes=(8, 16)), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=10)
+def test_non_causal_is_full_attention_per_sequence(batch, seed):
+    """causal=False: each query sees every key of its sequence, whatever its position (float32, GQA 3)."""
+    rng = np.random.default_rng(seed)
+    t, hq, hkv, d = batch.num_tokens, 6, 2, 16
+    q, k, v = (rng.standard_normal((t, h, d)).astype(np.float32) for h in (hq, hkv, hkv))
+    shape = (batch.num_pages, batch.page_size, hkv, d)
+    k_cache = np.asarray(nan_poison(rng.standard_normal(shape).astype(np.float32), batch.unused_pages))
+    v_cache = np.asarray(nan_poison(rng.standard_normal(shape).astype(np.float32), batch.unused_pages))
+    meta = (batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.distribution)
+    out, kc, vc = jax.jit(lambda *a: ragged_paged_attention(*a, sm_scale=0.3, causal=False))(
+        q, k, v, k_cache, v_cache, *meta)
+    want = np_full_attention(q, k, v, k_cache, v_cache, batch.kv_lens, batch.page_indices, batch.cu_q_lens,
+                             batch.num_seqs, sm_scale=0.3)
+    n = int(batch.cu_q_lens[batch.num_seqs])
+    if n:
+        assert rel_error(out[:n], want[:n]) <= 1e-5
+    assert not np.asarray(out[n:]).any(), "padding tokens must give zeros"
+    causal_out, ckc, cvc = ragged_paged_attention(q, k, v, k_cache, v_cache, *meta, sm_scale=0.3)
+    for got, exp in ((kc, ckc), (vc, cvc)):  # the same stores as the causal call
+        assert np.array_equal(np.asarray(got).view(np.uint8), np.asarray(exp).view(np.uint8))
+
+
+@given(batch=ragged_batches(max_seqs=4, max_kv=40, page_sizes=(8,), kinds=("decode",)),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=6)
+def test_non_causal_decode_equals_causal(batch, seed):
+    """A decode query sits at its sequence's last position: it sees every key either way."""
+    rng = np.random.default_rng(seed)
+    t = batch.num_tokens
+    q = rng.standard_normal((t, 4, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((t, 2, 16)).astype(np.float32) for _ in range(2))
+    cache = rng.standard_normal((batch.num_pages, 8, 2, 16)).astype(np.float32)
+    meta = (batch.kv_lens, batch.page_indices, batch.cu_q_lens, batch.distribution)
+    for a, b in zip(ragged_paged_attention(q, k, v, cache, cache, *meta, causal=False),
+                    ragged_paged_attention(q, k, v, cache, cache, *meta), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_causal_with_sliding_window_raises(rng):
+    batch = make_ragged_batch([3], [3], decode_end=0, prefill_end=1, page_size=8, rng=rng)
+    x = rng.standard_normal((batch.num_tokens, 1, 8)).astype(np.float32)
+    cache = np.zeros((batch.num_pages, 8, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="^sliding_window"):
+        ragged_paged_attention(x, x, x, cache, cache, batch.kv_lens, batch.page_indices, batch.cu_q_lens,
+                               batch.distribution, sliding_window=4, causal=False)

@@ -29,6 +29,7 @@ MODELS = {
     "llama3-70b": (64, 8, 128, {}),
     "qwen3-32b": (64, 8, 128, {}),
     "gpt-oss-20b": (64, 8, 64, {"sliding_window": 128, "sinks": True}),
+    "llama3-8b-bidirectional": (32, 8, 128, {"causal": False}),  # its heads in a bidirectional encoder
 }
 # A mixed step: 256 tokens, up to 64 sequences, model length 8k.
 NUM_TOKENS, MAX_SEQS, MAX_LEN = 256, 64, 8192

@@ -72,3 +72,18 @@ def test_implementation_dispatch_off_device(rng):
     assert new.shape == gpu_cache.shape
     with pytest.raises(ValueError, match="kv_cache"):  # a 5-D array that is not the GPU layout
         rpa.ragged_paged_attention(q, k, v, gpu_cache[:, :, :1], *meta, implementation="xla")
+
+
+def test_gpu_kernel_refuses_non_causal(rng):
+    """causal=False: the Hopper kernels' masks are causal, so the kernel raises NotImplementedError
+    (the dispatcher then runs the reference) before it looks at anything else."""
+    from rpa import gpu
+
+    shape, b, (q, k, v, _), meta, gpu_cache = _case(rng)
+    with pytest.raises(NotImplementedError, match="causal=False"):
+        gpu.ragged_paged_attention_gpu(q, k, v, gpu_cache, *meta, causal=False)
+    out_g, new_g = rpa.ragged_paged_attention(q, k, v, gpu_cache, *meta, implementation="xla", causal=False)
+    out_c, _ = rpa.ragged_paged_attention(q, k, v, gpu_cache, *meta, implementation="xla")
+    n = int(b.cu_q_lens[b.num_seqs])
+    assert not np.array_equal(np.asarray(out_g[:n], np.float32), np.asarray(out_c[:n], np.float32))
+    assert new_g.shape == gpu_cache.shape

@@ -102,6 +102,16 @@ def test_static_arguments(case):
         jax.jit(lambda s: call(case, k_scale=s))(jnp.float32(0.5))
 
 
+def test_causal_is_a_static_bool_without_a_window(case):
+    for bad in (0, np.bool_(False), "no", None):
+        with pytest.raises(ValueError, match=r"^causal: must be a static Python bool"):
+            call(case, causal=bad)
+    with pytest.raises(ValueError, match=r"^causal:"):
+        jax.jit(lambda c: call(case, causal=c))(jnp.bool_(False))
+    with pytest.raises(ValueError, match=r"^sliding_window: not supported with causal=False"):
+        call(case, causal=False, sliding_window=16)
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("mutate,message", [
     (lambda a: replaced(a, 5, a[5].at[0, 0].set(10_000)), "page_indices: page index out of range"),

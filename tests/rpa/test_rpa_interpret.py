@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rpa
-from tests.common import ragged_batches
+from tests.common import make_ragged_batch, ragged_batches
 from tests.rpa.harness import SMALL_BLOCKS, Shape, batch_from_lengths, check, make_inputs, pad_batch, run_both
 
 pytestmark = pytest.mark.interpret
@@ -92,6 +92,29 @@ def test_quantized_cache(kv_dtype, scales, batch, seed):
 def test_float32_q(kv_dtype, tol, batch, seed):
     """float32 queries on a float32 cache, and on a bfloat16 one."""
     _run(batch, seed, inputs_kw=dict(q_dtype=jnp.float32, kv_dtype=kv_dtype), tol=tol)
+
+
+@st.composite
+def _encoder_batches(draw, *, cached, shape=BASE, max_q=20):
+    """Batches of 1-4 sequences for bidirectional attention: from an empty cache (q_len == kv_len, the
+    prefill group), or (cached) after cached keys (q_len < kv_len: an input prefilled in chunks), split
+    between the prefill and mixed groups. The first sequence spans several query blocks of SMALL_BLOCKS."""
+    n = draw(st.integers(1, shape.max_seqs - 1))
+    q_lens = [draw(st.integers(SMALL_BLOCKS.prefill_q + 1, max_q))]
+    q_lens += draw(st.lists(st.integers(1, max_q), min_size=n - 1, max_size=n - 1))
+    max_kv = shape.page_size * min(6, shape.pages_per_seq)
+    kv_lens = [q + draw(st.integers(1, max_kv - q)) for q in q_lens] if cached else q_lens
+    return make_ragged_batch(q_lens, kv_lens, decode_end=0, prefill_end=draw(st.integers(0, n)) if cached else n,
+                             page_size=shape.page_size, rng=np.random.default_rng(draw(SEEDS)))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["from-empty-cache", "after-cached-keys"])
+@given(data=st.data(), seed=SEEDS)
+@settings(max_examples=3)
+def test_bidirectional(cached, data, seed):
+    """causal=False (bidirectional encoders): every query sees all kv_len keys of its sequence, over
+    several query and KV blocks per sequence (SMALL_BLOCKS)."""
+    _run(data.draw(_encoder_batches(cached=cached)), seed, causal=False)
 
 
 GPT_OSS_LIKE = Shape(num_q_heads=8, num_kv_heads=2, head_dim=64)
@@ -217,9 +240,10 @@ def patch_config(monkeypatch):
     api._kernel_path.clear_cache()
 
 
-@pytest.mark.parametrize("window", [None, 13])
-def test_compute_chunks(patch_config, window):
-    """Token / KV chunks inside a block, and the chunks skipped outside the causal or sliding window."""
+@pytest.mark.parametrize("window,causal", [(None, True), (13, True), (None, False)], ids=["causal", "window", "bidir"])
+def test_compute_chunks(patch_config, window, causal):
+    """Token / KV chunks inside a block, and the chunks skipped outside the causal or sliding window (not
+    causal: past the sequence's last key)."""
     from rpa import config
 
     patch_config(MAX_CHUNK_ROWS=16, MAX_CHUNK_KEYS=16)  # several token and KV chunks per block
@@ -229,7 +253,7 @@ def test_compute_chunks(patch_config, window):
     for q_lens, kv_lens, d0, d1 in ([[1, 20, 11, 3], [70, 20, 90, 44], 1, 2], [[1, 1, 30], [33, 1, 64], 2, 3]):
         b = batch_from_lengths(q_lens, kv_lens, decode_end=d0, prefill_end=d1, shape=BASE, rng=rng)
         inputs = make_inputs(b, BASE, rng, sinks=window is not None)
-        check(b, BASE, inputs, run_both(b, BASE, inputs, block_sizes=bs, sliding_window=window))
+        check(b, BASE, inputs, run_both(b, BASE, inputs, block_sizes=bs, sliding_window=window, causal=causal))
 
 
 @pytest.mark.parametrize("window", [None, 21])

@@ -145,16 +145,26 @@ def test_protocol_inputs_match_specs():
 @settings(max_examples=60, deadline=None)
 @given(page_size=st.sampled_from([16, 32, 128]), kv_pages=st.sampled_from([1, 2, 4, 8]),
        bq=st.sampled_from([1, 8, 32, 128]), q_per_kv=st.sampled_from([1, 4]),
-       window=st.sampled_from([None, 7, 100, 300]), q_len=st.integers(1, 300), cached=st.integers(0, 1200))
-def test_key_chunk_ranges_against_every_score(page_size, kv_pages, bq, q_per_kv, window, q_len, cached):
+       window=st.sampled_from([None, 7, 100, 300]), q_len=st.integers(1, 300), cached=st.integers(0, 1200),
+       causal=st.booleans())
+def test_key_chunk_ranges_against_every_score(page_size, kv_pages, bq, q_per_kv, window, q_len, cached, causal):
     """Every key chunk holding a score some query sees is live; a chunk run without the mask holds
-    only such scores (each row a real token, each key loaded and inside its causal window)."""
+    only such scores (each row a real token, each key loaded and inside its causal window). Not
+    causal: every key of the sequence is seen, so the KV blocks visited and the keys loaded cover it."""
     q_len = 1 if bq == 1 else q_len
-    loops = config.LoopBounds(bq, kv_pages, page_size, q_per_kv, window)
+    window = window if causal else None
+    kv_len = cached + q_len
+    loops = config.LoopBounds(bq, kv_pages, page_size, q_per_kv, window, causal=causal)
     tc, kc = loops.chunks
-    for qb in range(loops.query_block(0, q_len, cached + q_len, 0).num_q_blocks):
-        blk = loops.query_block(0, q_len, cached + q_len, qb)
+    for qb in range(loops.query_block(0, q_len, kv_len, 0).num_q_blocks):
+        blk = loops.query_block(0, q_len, kv_len, qb)
+        seen_keys = set()
         for kb in range(blk.kv_first, blk.kv_end):
+            first, full_end, partial = loops.cached_pages(blk, kb)
+            _, offset, count = loops.new_rows(blk, kb)
+            loaded = {kb * loops.bkv + i for i in range(first * page_size, full_end * page_size + partial)}
+            loaded |= {kb * loops.bkv + i for i in range(offset, offset + count)}
+            block_seen = set()
             for ti in range(loops.num_token_chunks(blk)):
                 lo, full_lo, full_hi, hi = loops.key_chunk_ranges(kb, loops.token_chunk(blk, ti), blk, ti * tc)
                 assert 0 <= lo <= full_lo <= full_hi <= hi <= loops.bkv // kc
@@ -162,12 +172,17 @@ def test_key_chunk_ranges_against_every_score(page_size, kv_pages, bq, q_per_kv,
                 qpos = blk.first + ti * tc + np.arange(tc)[:, None]
                 for ci in range(loops.bkv // kc):
                     kpos = kb * loops.bkv + ci * kc + np.arange(kc)[None, :]
-                    seen = ((np.arange(tc)[:, None] + ti * tc < blk.size) & (kpos <= qpos)
-                            & (kpos >= blk.lo) & (kpos <= blk.last))
+                    seen = ((np.arange(tc)[:, None] + ti * tc < blk.size) & (kpos <= (qpos if causal else kv_len - 1))
+                            & (kpos >= blk.lo) & (kpos <= blk.key_last))
                     if window is not None:
                         seen &= kpos > qpos - window
                     assert not seen.any() or lo <= ci < hi
                     assert seen.all() or not full_lo <= ci < full_hi
+                    block_seen |= set(np.broadcast_to(kpos, seen.shape)[seen].tolist())
+            assert block_seen <= loaded  # a key some query sees was DMA'd into the block
+            seen_keys |= block_seen
+        if not causal:
+            assert seen_keys == set(range(kv_len))
 
 
 @settings(max_examples=60, deadline=None)
