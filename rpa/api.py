@@ -130,15 +130,12 @@ def _check_values(kv_lens, page_indices, cu_q_lens, distribution, *, num_tokens,
 
 def _runtime_check(kv_lens, page_indices, cu_q_lens, distribution, *, num_tokens, num_pages, page_size):
     """Validate metadata values when the step runs (under jit); returns kv_lens made to depend on the
-    check, so the kernel never runs on metadata that failed it."""
-    from jax.experimental import io_callback
-
-    def host_check(kv, pages, cu, dist):
+    check, so the kernel never runs on metadata that failed it (a failure reaches the caller as the
+    ValueError inside autotune.protocol.debug_check_errors())."""
+    def check(kv, pages, cu, dist):
         _check_values(kv, pages, cu, dist, num_tokens=num_tokens, num_pages=num_pages, page_size=page_size)
-        return np.int32(1)
 
-    ok = io_callback(host_check, jax.ShapeDtypeStruct((), jnp.int32), kv_lens, page_indices, cu_q_lens,
-                     distribution)
+    ok = protocol.value_check(check, kv_lens, page_indices, cu_q_lens, distribution)
     return jnp.where(ok == 1, kv_lens, 0)
 
 
@@ -248,7 +245,9 @@ def ragged_paged_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_cache: j
       vmem_limit_bytes: the scoped-VMEM limit of every TPU group call (default: derived from its
         block sizes by autotune.protocol.vmem_limit_bytes).
       debug_checks: validate metadata values at run time under jit (kv_lens within the page table,
-        page indices in range, cu_q_lens monotone and within T).
+        page indices in range, cu_q_lens monotone and within T); a failure is JAX's runtime error
+        where you block on the result, the ValueError itself inside
+        autotune.protocol.debug_check_errors().
       dma_bounds_checks: False compiles the TPU kernel without libtpu's per-DMA bounds checks (half
         the scalar work of each page fetch: 36 -> 18 bundles on v6e, static LLO). Only for metadata
         that is valid by construction (a serving engine's own page tables): with the checks off an

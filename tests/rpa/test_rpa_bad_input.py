@@ -119,10 +119,15 @@ def test_causal_is_a_static_bool_without_a_window(case):
     (lambda a: replaced(a, 4, a[4].at[1].set(1000)), "page_indices: a page table"),
 ])
 def test_debug_checks_at_run_time(case, mutate, message):
-    """Under jit the metadata is traced: debug_checks=True validates its values when the step runs."""
+    """Under jit the metadata is traced: debug_checks=True validates its values when the step runs;
+    JAX reports the failure as its runtime error, debug_check_errors() gives back our ValueError."""
+    from autotune.protocol import debug_check_errors
+
     args = mutate(case)
     step = jax.jit(lambda *a: call(a, debug_checks=True))
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+        jax.block_until_ready(step(*args))
+    with pytest.raises(ValueError, match="^" + message), debug_check_errors():
         jax.block_until_ready(step(*args))
 
 
