@@ -1,6 +1,9 @@
 # Two commands: `make demo` (the main job) and `make test` (the test suite, what CI runs).
 # Each creates .venv with Python 3.12 (.python-version makes pyenv's python3 resolve to it) the first time.
 PYTHON ?= python3
+# pytest worker processes (pytest-xdist, one test file per worker at a time): 2 on this project's
+# 2-core CI host; 0 runs one process, which a host with an attached TPU or GPU needs (one process owns it)
+TEST_WORKERS ?= 2
 VENV := .venv
 STAMP := $(VENV)/.installed
 
@@ -19,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build *.egg-info
