@@ -253,14 +253,22 @@ class LLM:
                 raise ValueError("grammar: structured output is off in this engine (LLM(structured_outputs=True), "
                                  "one process)")
             matcher = self.grammars.matcher(params.grammar)  # ValueError: a grammar llguidance refuses
+        return self._enqueue(request_id, ids, params, params.seed, matcher, Detokenizer(self.tokenizer, params.stop))
+
+    def _enqueue(self, request_id: str | None, ids: list[int], params, seed: int | None, matcher=None,
+                 detok: Detokenizer | None = None) -> str:
+        """Queue a checked request under its id (new unless given; seed None: the engine's own draw);
+        returns the id."""
         rid = request_id or uuid.uuid4().hex
         with self.lock:
             if rid in self._seqs:
                 raise ValueError(f"request id {rid!r} already in use")
-            seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+            if seed is None:
+                seed = self._rng.getrandbits(32)
             seq = Sequence(rid, ids, params, seed, arrival=time.monotonic(), matcher=matcher)
             self._seqs[rid] = seq
-            self._detok[rid] = Detokenizer(self.tokenizer, params.stop)
+            if detok is not None:
+                self._detok[rid] = detok
             self.scheduler.add(seq)
             self.metrics.prompt_tokens += len(ids)
         return rid
@@ -276,15 +284,7 @@ class LLM:
                              f"max_num_batched_tokens={budget} tokens")
         if params.dimensions is not None and params.dimensions > self.config.hidden_size:
             raise ValueError(f"dimensions: {params.dimensions} exceeds the model's {self.config.hidden_size}")
-        rid = request_id or uuid.uuid4().hex
-        with self.lock:
-            if rid in self._seqs:
-                raise ValueError(f"request id {rid!r} already in use")
-            seq = Sequence(rid, ids, params, 0, arrival=time.monotonic())
-            self._seqs[rid] = seq
-            self.scheduler.add(seq)
-            self.metrics.prompt_tokens += len(ids)
-        return rid
+        return self._enqueue(request_id, ids, params, 0)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request now, freeing its pages; False when it is unknown or already finished."""
@@ -295,7 +295,6 @@ class LLM:
             self.scheduler.free(seq)
             seq.status, seq.finish_reason = Status.FINISHED, "abort"
             self._detok.pop(request_id, None)
-            self._finished.pop(request_id, None)
             self.metrics.requests_aborted += 1
             return True
 
@@ -358,10 +357,7 @@ class LLM:
             seq = item.seq
             self.scheduler.advance(item)
             vec = finish_embedding(row, seq.params, self.pooling)
-            seq.status, seq.finish_reason = Status.FINISHED, "stop"
-            self.scheduler.free(seq)
-            self._seqs.pop(seq.request_id, None)
-            self.metrics.requests_finished += 1
+            self._retire(seq, "stop")
             self._finished[seq.request_id] = EmbeddingOutput(seq.request_id, seq.prompt_ids, vec)
             outs.append(StepOutput(seq.request_id, [], [], "", "stop", embedding=vec))
         return outs
@@ -383,15 +379,19 @@ class LLM:
             return "length"
         return None
 
-    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """A finished sequence leaves the engine: its pages freed, counted."""
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.scheduler.free(seq)
+        self._seqs.pop(seq.request_id, None)
+        self.metrics.requests_finished += 1
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        self._retire(seq, reason)
         n = len(seq.output_ids)
         if n > 1 and seq.first_token_time is not None:
             self.metrics.tpot.observe((now - seq.first_token_time) / (n - 1))
-        self.metrics.requests_finished += 1
         detok = self._detok.pop(seq.request_id)
-        self._seqs.pop(seq.request_id, None)
         self._finished[seq.request_id] = RequestOutput(
             seq.request_id, seq.prompt_ids, list(seq.output_ids), detok.text, list(seq.output_logprobs), reason,
             seq.num_cached_tokens, seq.num_preemptions, list(seq.output_top_logprobs))
@@ -404,10 +404,15 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  ) -> list[RequestOutput]:
         """Run prompts (strings or token-id lists) to completion; outputs in the prompts' order."""
+        return self._run_all(prompts, sampling_params)
+
+    def _run_all(self, prompts, params) -> list:
+        """Queue prompts (one, or a list; params one for all or a list) and step until all finish;
+        their outputs in order."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         if single:
             prompts = [prompts]
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        params = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         while self.has_unfinished():
             self.step()
@@ -418,11 +423,7 @@ class LLM:
         if self.task != "embed":
             raise ValueError("embed(): this engine generates text (task 'generate'); load an embedding checkpoint "
                              "or pass task='embed'")
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
-        ids = [self.add_request(p, params) for p in ([prompts] if single else prompts)]
-        while self.has_unfinished():
-            self.step()
-        return [self.pop_finished(i) for i in ids]
+        return self._run_all(prompts, params)
 
     # ------------------------------------------------------------------ several processes
     def follow(self) -> int:

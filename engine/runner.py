@@ -224,14 +224,9 @@ class ModelRunner:
             self._fns[bucket] = fn
         return fn
 
-    @property
-    def mask_words(self) -> int:
-        """int32 words of a token bitmask row (engine.structured)."""
-        return structured.mask_words(self.cfg.vocab_size)
-
     def _any_token_mask(self, rows: int):
         """The bitmask of steps without structured output: every token allowed, made once on the
-        device (no per-step copy of its rows x mask_words words)."""
+        device (no per-step copy of its rows x structured.mask_words words)."""
         mask = self._any_token.get(rows)
         if mask is None:
             make = jax.jit(lambda: structured.any_token_mask(rows, self.cfg.vocab_size, jnp),
@@ -346,45 +341,14 @@ class ModelRunner:
             return 0
         return self.counter.compiles - self.baseline_compiles
 
-    def execute_embed(self, plan: StepPlan) -> np.ndarray:
-        """Run one step of embedding inputs (each whole: engine.scheduler); returns the float32 pooled
-        hidden states [n, hidden] of plan.scheduled."""
+    def _step_inputs(self, plan: StepPlan, first_token: bool = False) -> tuple[int, dict, dict]:
+        """(bucket, batch, sampling inputs) of plan.scheduled with the batch filled: tokens, positions
+        and attention metadata, logits_indices at each sequence's last new token (its first with
+        first_token: "cls" pooling). The sampling inputs are the bucket's empty ones."""
         items = plan.scheduled
         t = bucket_for(plan.num_tokens, self.buckets)
         batch, samp = self._inputs_for(t)
         off = 0
-        for i, it in enumerate(items):
-            seq = it.seq
-            batch["token_ids"][off:off + it.num_new] = seq.all_ids[it.start:it.start + it.num_new]
-            batch["positions"][off:off + it.num_new] = np.arange(it.start, it.start + it.num_new)
-            batch["kv_lens"][i] = it.start + it.num_new
-            batch["page_indices"][i, :len(seq.pages)] = seq.pages
-            # the pooled token of "last" and "cls" ("mean" reads cu_q_lens)
-            batch["logits_indices"][i] = off if self.pooling == "cls" else off + it.num_new - 1
-            off += it.num_new
-            batch["cu_q_lens"][i + 1] = off
-        batch["cu_q_lens"][len(items) + 1:] = off
-        batch["distribution"][:] = (plan.num_decodes, len(items), len(items))
-        t0 = time.perf_counter()
-        pooled = self._run(t, batch, samp)
-        self.step_seconds += time.perf_counter() - t0
-        self.steps += 1
-        self.real_tokens += plan.num_tokens
-        self.padded_tokens += t
-        return pooled[:len(items)]
-
-    def execute(self, plan: StepPlan):
-        """Run one scheduled step; returns host (tokens i32 [n], logprobs f32 [n], alternatives) for
-        plan.scheduled, the alternatives (ids i32 [n, TOP_LOGPROBS], log-probabilities f32 [n,
-        TOP_LOGPROBS]) when a request in the step asked for them, else None."""
-        items = plan.scheduled
-        n_tok = plan.num_tokens
-        t = bucket_for(n_tok, self.buckets)
-        batch, samp = self._inputs_for(t)
-        off = 0
-        any_filter = any_top = False
-        n_bias = 0
-        matched = []  # (row, llguidance matcher) of the structured-output rows that sample
         for i, it in enumerate(items):
             seq = it.seq
             end = it.start + it.num_new
@@ -392,9 +356,41 @@ class ModelRunner:
             batch["positions"][off:off + it.num_new] = np.arange(it.start, end)
             batch["kv_lens"][i] = end
             batch["page_indices"][i, :len(seq.pages)] = seq.pages
+            batch["logits_indices"][i] = off if first_token else off + it.num_new - 1
             off += it.num_new
             batch["cu_q_lens"][i + 1] = off
-            batch["logits_indices"][i] = off - 1
+        batch["cu_q_lens"][len(items) + 1:] = off
+        batch["distribution"][:] = (plan.num_decodes, len(items), len(items))
+        return t, batch, samp
+
+    def _account(self, bucket: int, num_tokens: int, seconds: float) -> None:
+        """One step's statistics (steps, padding, time)."""
+        self.step_seconds += seconds
+        self.steps += 1
+        self.real_tokens += num_tokens
+        self.padded_tokens += bucket
+
+    def execute_embed(self, plan: StepPlan) -> np.ndarray:
+        """Run one step of embedding inputs (each whole: engine.scheduler); returns the float32 pooled
+        hidden states [n, hidden] of plan.scheduled."""
+        # the pooled token of "last" and "cls" ("mean" reads cu_q_lens)
+        t, batch, samp = self._step_inputs(plan, first_token=self.pooling == "cls")
+        t0 = time.perf_counter()
+        pooled = self._run(t, batch, samp)
+        self._account(t, plan.num_tokens, time.perf_counter() - t0)
+        return pooled[:len(plan.scheduled)]
+
+    def execute(self, plan: StepPlan):
+        """Run one scheduled step; returns host (tokens i32 [n], logprobs f32 [n], alternatives) for
+        plan.scheduled, the alternatives (ids i32 [n, TOP_LOGPROBS], log-probabilities f32 [n,
+        TOP_LOGPROBS]) when a request in the step asked for them, else None."""
+        items = plan.scheduled
+        t, batch, samp = self._step_inputs(plan)
+        any_filter = any_top = False
+        n_bias = 0
+        matched = []  # (row, llguidance matcher) of the structured-output rows that sample
+        for i, it in enumerate(items):
+            seq = it.seq
             p = seq.params
             samp["temperature"][i] = p.temperature
             samp["top_k"][i] = p.top_k
@@ -411,9 +407,6 @@ class ModelRunner:
                 samp["bias_ids"][n_bias:n_bias + k] = list(p.logit_bias)
                 samp["bias_values"][n_bias:n_bias + k] = list(p.logit_bias.values())
                 n_bias += k
-        batch["cu_q_lens"][len(items) + 1:] = off
-        n_dec = plan.num_decodes
-        batch["distribution"][:] = (n_dec, len(items), len(items))
         samp["any_filter"] = np.bool_(any_filter)
         samp["any_top"] = np.bool_(any_top)
         samp["any_bias"] = np.bool_(n_bias > 0)
@@ -431,10 +424,7 @@ class ModelRunner:
         tokens, logprobs, top = self._run(t, batch, samp, token_mask)
         if self.channel is not None:
             self.channel.record(tokens)
-        self.step_seconds += time.perf_counter() - t0
-        self.steps += 1
-        self.real_tokens += n_tok
-        self.padded_tokens += t
+        self._account(t, plan.num_tokens, time.perf_counter() - t0)
         n = len(items)
         return tokens[:n], logprobs[:n], (None if top is None else (top[0][:n], top[1][:n]))
 

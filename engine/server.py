@@ -354,23 +354,37 @@ async def _read_body(request: Request, name: str) -> dict:
     return body
 
 
-def _submit(engine: AsyncEngine, prompt, params: SamplingParams, count: int = 1,
+def _submit(engine: AsyncEngine, requests: list[tuple], prompt_param: str = "prompt",
             grammar_param: str = "response_format") -> list[tuple[str, asyncio.Queue]]:
-    """Queue `count` candidates of one request (candidate_params); all or none. A grammar the
-    engine refuses is the fault of `grammar_param`."""
+    """Queue the engine requests of one API request, (prompt, params) each; all or none. An error
+    the engine names a field in is that field's (logit_bias, top_k, dimensions); a grammar it
+    refuses is the fault of `grammar_param`, anything else of `prompt_param`."""
     if not engine.alive:
         raise RequestError("the engine is not running", 503, type_="server_error")
     submitted = []
     try:
-        for i in range(count):
-            submitted.append(engine.submit(prompt, candidate_params(params, i)))
+        for prompt, params in requests:
+            submitted.append(engine.submit(prompt, params))
     except ValueError as err:
         for rid, _ in submitted:
             engine.abort(rid)
-        param = next((p for p in ("logit_bias", "top_k") if str(err).startswith(p)), "prompt")
+        param = next((p for p in ("logit_bias", "top_k", "dimensions") if str(err).startswith(p)), prompt_param)
         param = grammar_param if str(err).startswith("grammar") else param
         raise RequestError(str(err), param=param) from None
     return submitted
+
+
+def _candidates(prompt, params: SamplingParams, count: int) -> list[tuple]:
+    """The (prompt, params) of a request's `count` candidates (candidate_params)."""
+    return [(prompt, candidate_params(params, i)) for i in range(count)]
+
+
+def _engine_failure(item) -> str | None:
+    """What a request's queue item says of an engine fault: the exception its step raised, or the
+    error its StepOutput ends with (None: no fault)."""
+    if isinstance(item, BaseException):
+        return f"engine error: {item}"
+    return None if item.error is None else f"engine error: {item.error}"
 
 
 @dataclasses.dataclass
@@ -407,8 +421,8 @@ async def _collect(engine: AsyncEngine, rid: str, queue: asyncio.Queue, request:
                     raise RequestError("client disconnected", 499)
             if item is None:
                 continue
-            if isinstance(item, BaseException) or item.error is not None:
-                raise RequestError(f"engine error: {getattr(item, 'error', None) or item}", 500, type_="server_error")
+            if (failure := _engine_failure(item)) is not None:
+                raise RequestError(failure, 500, type_="server_error")
             toks += item.new_token_ids
             lps += item.new_logprobs
             tops += item.new_top_logprobs
@@ -448,8 +462,8 @@ def _require_task(llm: LLM, task: str, name: str) -> None:
 
 
 def _embedding_inputs(llm: LLM, req: EmbeddingRequest) -> list[list[int]]:
-    """Each input's token ids, each computed whole in one engine step: at most the token budget
-    and the model length."""
+    """Each input's token ids: texts tokenized up to the token budget and the model length (an
+    input is computed whole in one engine step; token-id inputs the engine checks on submit)."""
     limit = min(llm.max_model_len, llm.scheduler.max_num_batched_tokens)
     out = []
     for i, x in enumerate(req.inputs):
@@ -462,9 +476,6 @@ def _embedding_inputs(llm: LLM, req: EmbeddingRequest) -> list[list[int]]:
             except ValueError as err:
                 raise RequestError(f"'input'[{i}]: {err}: an input is computed in one step of at most {limit} tokens "
                                    "(this engine's max_num_batched_tokens and max_model_len)", param="input") from None
-        elif len(x) > limit:
-            raise RequestError(f"'input'[{i}]: {len(x)} tokens, more than {limit}: an input is computed in one step "
-                               f"of at most {limit} tokens", param="input")
         out.append(x)
     return out
 
@@ -506,10 +517,9 @@ async def _stream_events(engine: AsyncEngine, submitted: list, head: dict, choic
                 yield _sse({**head, "created": int(time.time()), "choices": [first(i)]})
         while running:
             index, item = await merged.get()
-            if isinstance(item, BaseException) or item.error is not None:
+            if (failure := _engine_failure(item)) is not None:
                 running.discard(index)
-                message = f"engine error: {getattr(item, 'error', None) or item}"
-                yield _sse({"error": {"message": message, "type": "server_error"}})
+                yield _sse({"error": {"message": failure, "type": "server_error"}})
                 return
             if item.finish_reason is not None:
                 running.discard(index)
@@ -596,7 +606,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
             prompt = await asyncio.to_thread(_encode_prompt, llm, prompt)
         n_prompt = len(prompt)
         _check_room(llm, n_prompt, params, _explicit_max_tokens(req))
-        submitted = _submit(engine, prompt, params, count)
+        submitted = _submit(engine, _candidates(prompt, params, count))
 
         if req.stream:
             offsets = [0] * count  # per choice, characters of its tokens' texts so far (text_offset)
@@ -635,7 +645,7 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         n_prompt = len(prompt_ids)
         _check_room(llm, n_prompt, params, _explicit_max_tokens(req))
-        submitted = _submit(engine, prompt_ids, params, req.n,
+        submitted = _submit(engine, _candidates(prompt_ids, params, req.n),
                             grammar_param="tools" if tools else "response_format")
 
         if req.stream:
@@ -674,22 +684,9 @@ def create_app(llm: LLM, model_name: str | None = None) -> FastAPI:
         body = await _read_body(request, name)
         req = parse(EmbeddingRequest, body)
         _require_task(llm, "embed", name)
-        if req.dimensions is not None and req.dimensions > llm.config.hidden_size:
-            raise RequestError(f"'dimensions' ({req.dimensions}) exceeds the model's {llm.config.hidden_size}",
-                               param="dimensions")
         inputs = await asyncio.to_thread(_embedding_inputs, llm, req)  # tokenized off the event loop
-        if not engine.alive:
-            raise RequestError("the engine is not running", 503, type_="server_error")
-        params = PoolingParams(dimensions=req.dimensions)
-        submitted = []
-        try:
-            for ids in inputs:
-                submitted.append(engine.submit(ids, params))
-        except ValueError as err:
-            for rid, _ in submitted:
-                engine.abort(rid)
-            raise RequestError(str(err), param="dimensions" if str(err).startswith("dimensions") else "input") \
-                from None
+        params = PoolingParams(dimensions=req.dimensions)  # a size past the model's: the engine names dimensions
+        submitted = _submit(engine, [(ids, params) for ids in inputs], prompt_param="input")
         done, _ = await _collect_all(engine, submitted, request, len(submitted))
         n_prompt = sum(len(ids) for ids in inputs)
         return {"object": "list", "model": name,
