@@ -398,10 +398,10 @@ def test_a_5_mb_prompt_is_refused_at_once_naming_its_field(server):
     for path, body, param in (("/v1/completions", {"prompt": big, "max_tokens": 4}, "prompt"),
                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": big}],
                                                         "max_tokens": 4}, "messages")):
-        t0 = time.monotonic()
         status, payload = _post(base + path, json.dumps(body).encode())
         assert status == 400 and payload["error"]["param"] == param, payload
-        assert time.monotonic() - t0 < 2.0  # not the seconds a 5 MB tokenization takes
+        # the tokenizer's bound refused it, not a count of its tokens (which tokenizing would give)
+        assert "characters, more than" in payload["error"]["message"], payload
     tok, limit = llm.tokenizer, 100
     fits = "the quick brown fox " * 4
     assert len(tok.encode(fits, limit=limit)) <= limit
