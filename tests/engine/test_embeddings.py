@@ -239,6 +239,35 @@ def test_after_any_embeddings_request_nothing_is_held(embedding_server):
     assert np.allclose(out.data[0].embedding, llm.embed([5, 6, 7])[0].embedding, atol=1e-6)
 
 
+def test_bad_embedding_options_and_checkpoints_are_named(tmp_path):
+    """PoolingParams, the checkpoint's is_causal and pooling files, make_tiny_model's options."""
+    import json as json_
+
+    from engine.config import CheckpointError, load_config
+    from engine.make_tiny_model import main
+    from engine.pooling import load_pooling
+
+    for bad, name in ((dict(dimensions=0), "dimensions"), (dict(dimensions=True), "dimensions"),
+                      (dict(normalize="yes"), "normalize")):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            PoolingParams(**bad)
+    model = write_model(tmp_path / "m", "qwen3", weights=False, pooling="mean")
+    cfg = json_.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json_.dumps({**cfg, "is_causal": "no"}))
+    with pytest.raises(CheckpointError, match="is_causal must be true or false"):
+        load_config(model)
+    pool_cfg = model / "1_Pooling" / "config.json"
+    pool_cfg.write_text(json_.dumps({**json_.loads(pool_cfg.read_text()), "pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="pooling_mode_max_tokens"):
+        load_pooling(model)
+    with pytest.raises(ValueError, match="^bidirectional: "):
+        write_model(tmp_path / "n", "qwen3", weights=False, bidirectional=True)
+    with pytest.raises(ValueError, match="^pooling: expected one of"):
+        write_model(tmp_path / "n", "qwen3", weights=False, pooling="max")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "o"), "--bidirectional"])
+
+
 def test_each_endpoint_refuses_the_other_task(embedding_server, tiny_models):
     """Last in the file: the generating engine it starts compiles (the counter is the process's)."""
     _, _, base = embedding_server
