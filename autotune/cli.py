@@ -83,7 +83,8 @@ def _tune_kernel(kernel: str, gen: str, args: argparse.Namespace, compile_mode: 
             with Progress(f"{kernel} key {i + 1}/{len(keys)}", leave=False, lines=False) as inner:
                 res = tune_key(kernel, key, gen, budget=args.budget, compile=compile_mode, measure=measure,
                                study_dir=Path(args.out or ".") / ".studies" if args.budget else None,
-                               progress=inner, static_top=args.static_estimate)
+                               progress=inner, static_top=args.static_estimate,
+                               bundles_top=getattr(args, "bundles", 0))
             outer(i + 1)
             if not res.best.feasible:
                 why = res.best.error or res.default.error
@@ -348,6 +349,10 @@ def _run_parser(sub: argparse._SubParsersAction, kernels: list[str]) -> None:
     run.add_argument("--static-estimate", type=non_negative_int, default=0, metavar="N",
                      help="read libtpu's static cycle estimate for the N best candidates of static-grid "
                           "kernels (slow on large shapes: see autotune/static_estimate.py)")
+    run.add_argument("--bundles", type=non_negative_int, default=0, metavar="N",
+                     help="compile the N best candidates (by the model without bundle counts) with libtpu's "
+                          "bundle dump and pick the best of them by cost model v3 with their counts "
+                          "(TPU chips; ~2-15 s a compile, counts stored in tuned_configs/<chip>/llo/)")
     run.set_defaults(func=cmd_run)
 
 
@@ -401,6 +406,9 @@ def _bundles_parser(sub: argparse._SubParsersAction, kernels: list[str]) -> None
     bundles.add_argument("--rank-check", type=positive_int, metavar="N",
                          help="sample N table keys (M <= 1024) and compare winners")
     bundles.add_argument("--top", type=positive_int, default=4, help="candidates compiled per key")
+    bundles.add_argument("--estimate-dma", action="store_true",
+                         help="what libtpu's static estimate charges for HBM traffic: copy kernels compiled "
+                              "with it, fitted per chip (autotune/estimate_dma.py), against the datasheet")
     bundles.set_defaults(func=cmd_bundles)
 
 

@@ -5,7 +5,13 @@ the two, plus a fixed cost per grid step that neither hides (the pipeline's DMA 
 cycles per extra step in libtpu's static estimate of a copy kernel, KERNEL-NOTES section 1):
 
     t = (max(memory, core) + min(memory, core) / steps + grid_steps * step_overhead / cores) * megacore_imbalance
-    memory = bytes_moved / hbm_bandwidth,  core = max(issue_cycles / clock / cores, useful_flops / peak)
+        + outside_bytes / hbm_bandwidth
+    memory = (bytes_moved - outside_bytes) / hbm_bandwidth,  core = max(issue_cycles / clock / cores, useful_flops / peak)
+
+outside_bytes is the traffic of the XLA ops a call runs around its kernel (RPA's prologue that
+interleaves and quantizes the new K/V, quantized_matmul's activation quantization): separate
+programs that run before or after the kernel, so their time adds to the pipeline's instead of
+hiding under it.
 
 min(memory, core) / steps is the pipeline's fill and drain: with its blocks double-buffered, a
 core's first step waits for its first DMA and its last step's work follows its last DMA, so over
@@ -30,7 +36,7 @@ a single tile), 1 where a device is one core (v4 and tpu7x show each core as its
 
 Version 2 added the megacore term; version 3 the bundle counts, the pipelined max (DMA time against
 the core's issue time instead of their sum) with its fill and drain, and per-core charging of the
-fixed costs.
+fixed costs; 3.1 the XLA ops' traffic outside the pipeline.
 
 Every figure it produces is a model, and is labelled "model" wherever it is reported; a figure that
 used bundle counts is "model (static LLO bundles)".
@@ -42,7 +48,7 @@ import dataclasses
 
 from autotune.hardware import ChipSpec, chip
 
-COST_MODEL_VERSION = "3"
+COST_MODEL_VERSION = "3.1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,7 @@ class Traffic:
     useful_flops: int | None = None  # the minimal FLOPs (MFU's numerator); default: flops
     parallel_tiles: int | None = None  # iterations of the grid's parallel axes (None: no split modelled)
     issue_cycles: float | None = None  # VLIW bundles issued, summed over the device's cores (static LLO bundles x trip counts); None: not read
+    outside_bytes: int = 0  # of bytes_read + bytes_written, those the XLA ops around the kernel move (not pipelined)
 
     @property
     def bytes_moved(self) -> int:
@@ -108,7 +115,8 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
     cores = spec.cores_per_device
     imbalance = megacore_imbalance(traffic.parallel_tiles, spec)
     bandwidth = spec.device_hbm_bytes_per_s
-    mem = traffic.bytes_moved / bandwidth
+    outside = traffic.outside_bytes / bandwidth
+    mem = (traffic.bytes_moved - traffic.outside_bytes) / bandwidth
     peak = spec.device_peak_flops(traffic.flops_kind)
     comp = traffic.flops / peak
     over = traffic.grid_steps * spec.grid_step_overhead_s / cores
@@ -123,9 +131,10 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
         issue = traffic.dmas * spec.dma_overhead_s / cores
         core = comp + issue
     steps = max(1.0, traffic.grid_steps / cores)
-    total = max((max(mem, core) + min(mem, core) / steps + over) * imbalance, 1e-12)
+    total = max((max(mem, core) + min(mem, core) / steps + over) * imbalance + outside, 1e-12)
     useful_b = traffic.useful_bytes if traffic.useful_bytes is not None else traffic.bytes_moved
     useful_f = traffic.useful_flops if traffic.useful_flops is not None else traffic.flops
+    mem += outside  # reported: every byte's time
     parts = {"memory": mem, "compute": comp, "overhead": over + (issue if traffic.issue_cycles is None else 0.0)}
     if traffic.issue_cycles is not None:
         parts["issue"] = issue

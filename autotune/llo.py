@@ -356,14 +356,16 @@ def _identity(kernel: str, key: dict, block_sizes: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _store(path: Path) -> dict:
+def _store(path: Path, *, writable: bool = True) -> dict:
     """The stored counts of one (generation, kernel) file, for this libtpu (a fresh dict when absent,
-    unreadable or made by another version). Parsed once per file version: the tuner asks per candidate."""
+    unreadable or made by another version). Parsed once per file version: the tuner asks per
+    candidate; writable=False returns the parsed dict itself (not to be changed), without a copy."""
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:
         stamp = None
-    return copy.deepcopy(_parsed_store(path, stamp))
+    parsed = _parsed_store(path, stamp)
+    return copy.deepcopy(parsed) if writable else parsed
 
 
 @functools.lru_cache(maxsize=64)
@@ -387,7 +389,7 @@ def cached_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *
     Returns:
       {pallas kernel name: KernelBundles}, or None when this config was not compiled with this libtpu.
     """
-    entry = _store(_cache_path(kernel, generation, cache_dir))["entries"].get(
+    entry = _store(_cache_path(kernel, generation, cache_dir), writable=False)["entries"].get(
         _identity(kernel, key, dict(block_sizes)))
     return None if entry is None else {n: KernelBundles.from_dict(d) for n, d in entry["kernels"].items()}
 
@@ -433,17 +435,8 @@ def kernel_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *
         flags = DUMP_FLAGS.format(directory=Path(tmp) / "dump")
         if estimate:
             flags += f" {static_estimate.FLAG}={Path(tmp) / 'profile'}"
-        env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
-                   LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") + " " + flags).strip())
-        root = Path(__file__).resolve().parent.parent
-        try:
-            done = subprocess.run([sys.executable, "-m", "autotune.llo", str(spec)], cwd=root, env=env,
-                                  capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{kernel} compile for {generation} passed {timeout_s} s") from None
-        if done.returncode != 0:
-            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-            raise RuntimeError(f"{kernel} compile for {generation} failed:\n{tail}")
+        run_child(["autotune.llo", str(spec)], f"{kernel} compile for {generation}", timeout_s=timeout_s,
+                  libtpu_flags=flags)
         found = read_dump(Path(tmp) / "dump")
         if estimate:
             found = {n: dataclasses.replace(b, estimated_cycles=_estimate(Path(tmp) / "profile", n))
@@ -455,6 +448,27 @@ def kernel_bundles(kernel: str, key: dict, block_sizes: dict, generation: str, *
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(store, indent=None, separators=(",", ":"), sort_keys=True) + "\n")
     return found
+
+
+def run_child(module_argv: list[str], what: str, *, timeout_s: float, libtpu_flags: str = "") -> str:
+    """Run `python -m <module_argv>` from the repository root, libtpu started there with `libtpu_flags`
+    (it reads them once per process) beside any parent that holds it; return its stdout.
+
+    Raises:
+      RuntimeError: naming `what`, with the child's last lines, when it failed or ran out of time.
+    """
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+               LIBTPU_INIT_ARGS=(os.environ.get("LIBTPU_INIT_ARGS", "") + " " + libtpu_flags).strip())
+    root = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run([sys.executable, "-m", *module_argv], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what} passed {timeout_s} s") from None
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{what} failed:\n{tail}")
+    return done.stdout
 
 
 def _estimate(directory: Path, name: str) -> int | None:

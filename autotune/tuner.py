@@ -14,6 +14,11 @@ Compile modes (`compile=`):
             way, and the model's ranking of the rest does not change), at one or a few compiles a
             key instead of hundreds. With a measured ranking every candidate runs, so it is "all";
   "none"    no compile (model only; `autotune check` compiles the written entries afterwards).
+With `bundles_top=N` (TPU targets), the N candidates the model without bundle counts ranks first are
+compiled with libtpu's final bundle dump (autotune/llo.py: their counts are stored beside the
+tables) and ranked again by cost model v3 with those counts; the winner is the best of them. That
+compile is the candidate's compile check too. The entry's provenance lists the N candidates with
+their issue cycles and v3 times, and the libtpu version and parser that counted them.
 Where the kernel's grid is static (its tuning module sets STATIC_GRID) and estimates are enabled
 (autotune/static_estimate.py), the top `static_top` compiled candidates also get libtpu's static
 cycle estimate, and the entry records whether it ranks the winner first too.
@@ -49,6 +54,7 @@ class Candidate:
     error: str | None = None
     compiled: bool = False  # libtpu compiled it for the target in this run
     static_cycles: int | None = None  # libtpu's static estimate, when asked for
+    issue_cycles: float | None = None  # v3: issue cycles from its libtpu bundle counts (bundles_top)
 
     @property
     def feasible(self) -> bool:
@@ -64,6 +70,7 @@ class TuneResult:
     default: Candidate
     candidates: list[Candidate]
     static_agrees: bool | None = None  # the static estimate also ranks `best` first (within 5%)
+    bundle_ranked: list[Candidate] = dataclasses.field(default_factory=list)  # bundles_top's candidates, v3 order
 
     @property
     def gain(self) -> float:
@@ -130,12 +137,15 @@ def _compile_mode(compile) -> str:
 def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = None, compile: bool | str = True,
              measure: Callable | None = None, study_dir: Path | None = None, seed: int = 0,
              progress: Callable[[int, int], None] | None = None, static_top: int = 0,
-             max_compile_tries: int = 16) -> TuneResult:
+             max_compile_tries: int = 16, bundles_top: int = 0) -> TuneResult:
     """Tune one table key. `budget` caps the candidates evaluated (optuna TPE when the space is larger).
 
     compile: "all" | "ranked" | "none" (True / False mean "all" / "none"); see the module docstring.
     static_top: read libtpu's static estimate for this many of the best compiled candidates (static-
     grid kernels only, and only where autotune.static_estimate.enable() ran first in the process).
+    bundles_top: compile this many of the candidates the model without bundle counts ranks first
+    with libtpu's bundle dump and pick the best of them by cost model v3 with their counts (TPU
+    targets, model ranking; see the module docstring).
     """
     generation = parse_generation(generation)
     module = tuning_module(kernel, generation)
@@ -158,7 +168,12 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
     else:
         cands += _optuna_search(kernel, key, generation, space, budget, each, measure, study_dir, seed, progress)
     ranked = sorted((c for c in cands if c.feasible), key=lambda c: c.seconds)
-    if mode == "ranked":
+    bundle_ranked = []
+    if bundles_top and measure is None and chip(generation).is_tpu and ranked:
+        bundle_ranked = _bundle_rank(kernel, key, generation, ranked, bundles_top)
+        if bundle_ranked:  # (the default, the plain model's best, is among them: its time is v3's too)
+            ranked = bundle_ranked
+    if mode == "ranked" and not bundle_ranked:  # the bundle compile was the compile check
         # best-first until one compiles; those that fail are recorded and drop out
         for c in ranked[:max_compile_tries]:
             if compile_candidate(kernel, key, c, generation):
@@ -169,10 +184,39 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
             ranked = [Candidate(dict(ranked[0].block_sizes), "compile_error",
                                 error=f"none of the {tries} best-ranked candidates compiled")]
     best = ranked[0] if ranked else default
-    result = TuneResult(kernel, generation, dict(key), best, default, cands)
+    result = TuneResult(kernel, generation, dict(key), best, default, cands, bundle_ranked=bundle_ranked)
     if static_top and module.STATIC_GRID and static_estimate.enabled() and chip(generation).is_tpu:
         result.static_agrees = _static_check(kernel, key, generation, ranked[:static_top])
     return result
+
+
+def _bundle_rank(kernel: str, key: dict, generation: str, ranked: list[Candidate], top: int) -> list[Candidate]:
+    """The `top` candidates the model without bundle counts ranks first (whatever counts are stored,
+    so the set does not depend on earlier runs), each compiled with libtpu's bundle dump, in the
+    order of cost model v3 with their counts; those that do not compile are left out (and marked)."""
+    from autotune import llo
+
+    module = tuning_module(kernel, generation)
+    spec = chip(generation)
+
+    def plain(c: Candidate) -> float:
+        return cost_model.predict(dataclasses.replace(module.cost(key, c.block_sizes, generation),
+                                                      issue_cycles=None), spec).seconds
+
+    counted = []
+    for c in sorted(ranked, key=plain)[:top]:
+        try:
+            llo.kernel_bundles(kernel, key, c.block_sizes, generation)
+        except RuntimeError as err:  # the compiler's verdict: not a candidate
+            c.status, c.error = "compile_error", str(err).splitlines()[0][:300]
+            continue
+        traffic = module.cost(key, c.block_sizes, generation)
+        if traffic.issue_cycles is None:
+            continue
+        c.prediction = cost_model.predict(traffic, spec)
+        c.seconds, c.issue_cycles, c.compiled = c.prediction.seconds, traffic.issue_cycles, True
+        counted.append(c)
+    return sorted(counted, key=lambda c: c.seconds)
 
 
 def _static_check(kernel, key, generation, top: list[Candidate]) -> bool | None:
@@ -242,6 +286,17 @@ def table_entry(result: TuneResult, *, model_version: str = cost_model.COST_MODE
                       "default_predicted_us": round(result.default.seconds * 1e6, 3)
                       if result.default.seconds else None, "bundle_counts": p.from_bundles, "date": today}
     provenance["compiled"] = best.compiled
+    if best.compiled:  # compiled for the target in this run: the record `autotune check --record` writes
+        from autotune.llo import libtpu_version
+
+        provenance["check"] = {"libtpu": libtpu_version(), "date": today, "compiles": True}
+    if result.bundle_ranked:
+        from autotune import llo
+
+        provenance["bundles"] = {
+            "libtpu": llo.libtpu_version(), "parser": llo.PARSER_VERSION,
+            "candidates": [{"block_sizes": dict(c.block_sizes), "issue_cycles": round(c.issue_cycles),
+                            "model_us": round(c.seconds * 1e6, 3)} for c in result.bundle_ranked]}
     if result.default.status != "ok":  # e.g. the heuristic's blocks did not compile: no gain to claim
         provenance["default_status"] = result.default.status
     tops = [c for c in result.candidates if c.static_cycles]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from autotune import tables as _tables
-from autotune.cost_model import predict
+from autotune.cost_model import COST_MODEL_VERSION, predict
 from autotune.hardware import TPU_GENERATIONS, ChipSpec, chip, detect
 from autotune.registry import KERNEL_MODULES, tuning_module
 from autotune.tables import lookup_quietly
@@ -108,7 +108,8 @@ def _row(name: str, sset: str, label: str, key: dict, gen: str, ceilings: dict |
     else:
         seconds = pred.seconds
         source = "model (static LLO bundles)" if traffic.issue_cycles is not None else "model"
-        row.update(source=source, device=None, us=seconds * 1e6, reference_us=None, bound=pred.bound)
+        row.update(source=source, device=None, us=seconds * 1e6, reference_us=None, bound=pred.bound,
+                   cost_model_version=COST_MODEL_VERSION)
     row["bandwidth_GBps"] = row["useful_bytes"] / seconds / 1e9
     row["TFLOPs"] = row["useful_flops"] / seconds / 1e12
     row["MBU"] = row["useful_bytes"] / seconds / spec.device_hbm_bytes_per_s

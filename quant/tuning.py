@@ -256,7 +256,8 @@ def traffic(key: dict, block_sizes: dict, generation: str | None = None) -> Traf
     steps = nm * nn * nk
     useful = int(m * k * xb_in + k * n * wb + scale_rows * (n // max(1, key["block_n"])) * 4 + m * n * ob)
     return Traffic(bytes_read=int(x_reads + w_reads + scale_reads + extra_r),
-                   bytes_written=int(out_w + extra_w), flops=int(flops), grid_steps=int(steps),
+                   bytes_written=int(out_w + extra_w), outside_bytes=int(extra_r + extra_w),
+                   flops=int(flops), grid_steps=int(steps),
                    dmas=int(steps * dmas_per_step + nm * nn), flops_kind=mxu,
                    useful_bytes=useful, useful_flops=int(2 * m * k * n), parallel_tiles=int(nm * nn))
 

@@ -1,5 +1,5 @@
 """The modelled MBU / MFU report of rpa (README): Llama-3-8B decode and prefill scenarios per TPU
-generation, timed by the cost model (version 3) on rpa.traffic with the block sizes the table lookup
+generation, timed by the cost model (autotune.cost_model.COST_MODEL_VERSION) on rpa.traffic with the block sizes the table lookup
 returns, and the bundle report: what libtpu's bundle dump says the compute loop costs."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import warnings
 
-from autotune.cost_model import predict
+from autotune.cost_model import COST_MODEL_VERSION, predict
 from autotune.hardware import TPU_GENERATIONS, chip
 from autotune.tables import lookup
 from rpa.config import BlockSizes, chunk_sizes, make_key
@@ -53,8 +53,8 @@ def model_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = L
         ~15 s each); else only stored counts are used.
     Returns:
       One row per (generation, scenario): generation, scenario, page_size, match, block_sizes,
-      seconds, mbu, mfu, bound, issue_cycles (None without bundle counts) and label: "model (static
-      LLO bundles)" where the bundle counts were used, else "model".
+      seconds, mbu, mfu, bound, issue_cycles (None without bundle counts), cost_model_version and
+      label: "model (static LLO bundles)" where the bundle counts were used, else "model".
     """
     from autotune import llo
 
@@ -74,7 +74,7 @@ def model_report(generations: tuple[str, ...] = TPU_GENERATIONS, model: dict = L
             p = predict(t, gen)
             rows.append(dict(generation=gen, scenario=name, page_size=batch["page_size"], match=match,
                              block_sizes=dict(bs), seconds=p.seconds, mbu=p.mbu, mfu=p.mfu, bound=p.bound,
-                             issue_cycles=t.issue_cycles,
+                             issue_cycles=t.issue_cycles, cost_model_version=COST_MODEL_VERSION,
                              label="model (static LLO bundles)" if bundles else "model"))
     return rows
 

@@ -199,7 +199,8 @@ def traffic(batch: Any, block_sizes: BlockSizes | Mapping[str, int], *, num_q_he
 def traffic_of(s: Mapping[str, Any]) -> Traffic:
     """The Traffic of one simulate() result (what traffic() returns), for callers that also need its loops."""
     return Traffic(bytes_read=s["kernel_read"] + s["prologue_read"],
-                   bytes_written=s["kernel_write"] + s["prologue_write"], flops=s["flops"],
+                   bytes_written=s["kernel_write"] + s["prologue_write"],
+                   outside_bytes=s["prologue_read"] + s["prologue_write"], flops=s["flops"],
                    grid_steps=s["grid_steps"] + s["kv_steps"], dmas=s["dmas"],
                    flops_kind="bf16", useful_bytes=s["useful_bytes"], useful_flops=s["useful_flops"],
                    parallel_tiles=s.get("parallel_tiles"))

@@ -65,3 +65,41 @@ def test_rpa_on_v5p_keeps_both_cores_busy():
     best8 = min(tuning.search_space(key8, "v5p"),
                 key=lambda bs: predict(tuning.cost(key8, bs, "v5p"), "v5p").seconds)
     assert best8["decode_kv_heads"] <= 4  # 8 KV heads in one block would leave a core idle
+
+
+def test_traffic_outside_the_kernel_adds_to_the_pipeline():
+    """The XLA ops around a kernel (RPA's K/V prologue, quantized_matmul's activation quantization)
+    are separate programs: their bytes cost their own time even where the kernel's DMAs hide under
+    its core work."""
+    v6e = chip("v6e")
+    base = dict(bytes_read=10**8, bytes_written=0, flops=0, grid_steps=100, dmas=0)
+    cycles = 10 * 10**8 / v6e.hbm_bytes_per_s * v6e.clock_hz  # the core: ten times the DMA time
+    inside = predict(Traffic(**base, issue_cycles=cycles), v6e)
+    half_out = predict(Traffic(**base, issue_cycles=cycles, outside_bytes=5 * 10**7), v6e)
+    out_time = 5 * 10**7 / v6e.hbm_bytes_per_s
+    # the kernel's half still hides under the core (its fill shrinks with it); the other half adds
+    assert half_out.seconds == pytest.approx(inside.seconds - out_time / 100 + out_time)
+    assert half_out.memory_seconds == pytest.approx(inside.memory_seconds)  # every byte's time reported
+    # memory-bound: moving bytes outside the pipeline changes nothing but the fill (no hiding either way)
+    plain = predict(Traffic(**base), v6e)
+    assert predict(Traffic(**base, outside_bytes=10**8), v6e).seconds == pytest.approx(
+        plain.memory_seconds + plain.overhead_seconds)
+
+
+def test_kernels_report_their_xla_ops_traffic_as_outside():
+    from quant.tuning import traffic as qmm_traffic
+    from rpa.traffic_model import simulate, traffic_of, uniform_batch
+
+    key = {"x_dtype": "bfloat16", "w_dtype": "int8", "act_quant": "none", "block_k": 0, "block_n": 1,
+           "k": 2048, "n": 1024, "m": 64}
+    bs = {"tm": 64, "tn": 512, "tk": 1024}
+    assert qmm_traffic(key, bs, "v6e").outside_bytes == 0
+    act = qmm_traffic({**key, "act_quant": "int8"}, bs, "v6e")
+    # the activation quantization reads bf16 x twice (max, then scale), writes int8 x and f32 scales
+    assert act.outside_bytes == 2 * 64 * 2048 * 2 + 64 * 4 + 64 * 2048 + 64 * 4
+    assert act.outside_bytes < act.bytes_moved
+    batch = uniform_batch([1] * 4 + [96], [300] * 4 + [96], 16, num_tokens=128)
+    sim = simulate(batch, {"decode_kv_pages": 8, "prefill_q": 64, "prefill_kv_pages": 8, "mixed_q": 32,
+                           "mixed_kv_pages": 8}, num_q_heads=8, num_kv_heads=2, head_dim=128)
+    t = traffic_of(sim)
+    assert t.outside_bytes == sim["prologue_read"] + sim["prologue_write"] > 0

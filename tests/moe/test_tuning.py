@@ -138,3 +138,26 @@ def test_model_report():
         assert both[(gen, "prefill T=8192")]["mfu"] > 0.5  # compute-bound at the Mixtral prefill shape
         assert both[(gen, "decode T=64")]["weight_bw"] > 0.5  # weight-streaming at decode
     assert "MFU (model)" in tuning.format_report(rows)
+
+
+def test_blocks_over_the_chips_vmem_are_refused_for_the_reference():
+    """gpt-oss-20b's expert matmul (K = N = 2880: no 128-multiple tile divides it, so one block holds
+    all of K x N) needs 34.6 MB of VMEM: more than v4 has. The TPU path raises NotImplementedError
+    (the public call then falls back to the reference with a warning), where it compiles on v5e."""
+    from moe.api import _tpu_gmm
+
+    key = tuning.make_key(m=64, k=2880, n=2880, num_groups=4, lhs_dtype="bfloat16", rhs_dtype="bfloat16")
+    lhs = jax.ShapeDtypeStruct((64, 2880), jax.numpy.bfloat16)
+    rhs = jax.ShapeDtypeStruct((4, 2880, 2880), jax.numpy.bfloat16)
+    sizes = jax.ShapeDtypeStruct((4,), jax.numpy.int32)
+
+    def call(gen):
+        return jax.eval_shape(lambda a, b, c: _tpu_gmm(
+            a, b, c, gen, key=key, group_offset=0, preferred_element_type=jax.numpy.bfloat16, activation=None,
+            block_sizes=None, interpret=False, fill_zeros=True), lhs, rhs, sizes)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the table lookup's miss on v4
+        with pytest.raises(NotImplementedError, match="VMEM; v4 has"):
+            call("v4")
+        assert call("v5e").shape == (64, 2880)
