@@ -170,8 +170,8 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
     ranked = sorted((c for c in cands if c.feasible), key=lambda c: c.seconds)
     bundle_ranked = []
     if bundles_top and measure is None and chip(generation).is_tpu and ranked:
-        bundle_ranked = _bundle_rank(kernel, key, generation, ranked, bundles_top)
-        if bundle_ranked:  # (the default, the plain model's best, is among them: its time is v3's too)
+        bundle_ranked = _bundle_rank(kernel, key, generation, ranked, bundles_top, default)
+        if bundle_ranked:  # the default is among them: its time is v3's too, so the gain compares like with like
             ranked = bundle_ranked
     if mode == "ranked" and not bundle_ranked:  # the bundle compile was the compile check
         # best-first until one compiles; those that fail are recorded and drop out
@@ -190,10 +190,12 @@ def tune_key(kernel: str, key: dict, generation: str, *, budget: int | None = No
     return result
 
 
-def _bundle_rank(kernel: str, key: dict, generation: str, ranked: list[Candidate], top: int) -> list[Candidate]:
+def _bundle_rank(kernel: str, key: dict, generation: str, ranked: list[Candidate], top: int,
+                 default: Candidate) -> list[Candidate]:
     """The `top` candidates the model without bundle counts ranks first (whatever counts are stored,
-    so the set does not depend on earlier runs), each compiled with libtpu's bundle dump, in the
-    order of cost model v3 with their counts; those that do not compile are left out (and marked)."""
+    so the set does not depend on earlier runs) and the default, each compiled with libtpu's bundle
+    dump, in the order of cost model v3 with their counts; those that do not compile are left out
+    (and marked)."""
     from autotune import llo
 
     module = tuning_module(kernel, generation)
@@ -203,8 +205,11 @@ def _bundle_rank(kernel: str, key: dict, generation: str, ranked: list[Candidate
         return cost_model.predict(dataclasses.replace(module.cost(key, c.block_sizes, generation),
                                                       issue_cycles=None), spec).seconds
 
+    chosen = sorted(ranked, key=plain)[:top]
+    if default.feasible and all(c.block_sizes != default.block_sizes for c in chosen):
+        chosen.append(default)  # (the plain model's best too, but for a tie broken another way)
     counted = []
-    for c in sorted(ranked, key=plain)[:top]:
+    for c in chosen:
         try:
             llo.kernel_bundles(kernel, key, c.block_sizes, generation)
         except RuntimeError as err:  # the compiler's verdict: not a candidate
