@@ -49,7 +49,8 @@ def rank_agreement(kernel: str, generation: str, keys: list[dict], *, top: int =
       One row per key with at least two compiled candidates: key, v3_winner, estimate_winner, agree,
       near (the v3 winner's estimate within 5% of the estimate's best: a near tie in the judge's own
       terms), memory_bound (the model's winner is bound by HBM traffic or grid steps, where the
-      estimate's own DMA model decides: autotune/estimate_dma.py), v3_us (model, per candidate) and estimated_cycles (static LLO, per candidate).
+      estimate's own DMA model decides: autotune/estimate_dma.py), v3_us (model, per candidate) and
+      estimated_cycles (static LLO, per candidate).
     """
     module = tuning_module(kernel, generation)
     rows = []
@@ -102,7 +103,8 @@ def cmd_bundles(args: argparse.Namespace) -> int:
             try:
                 r = probe(gen)
             except RuntimeError as err:  # v4: libtpu's profiler aborts in its DMA latency model
-                print(f"  {gen:6s} no estimate: {str(err).splitlines()[0]} ({str(err).splitlines()[1][:90]})")
+                lines = str(err).splitlines()
+                print(f"  {gen:6s} no estimate: {lines[0]}" + (f" ({lines[1][:90]})" if len(lines) > 1 else ""))
                 continue
             rate = "no charge for the bytes" if r["bytes_per_cycle"] == float("inf") else \
                 f"{r['bytes_per_cycle']:.0f} B/cycle per core ({r['bytes_per_cycle'] / r['datasheet_bytes_per_cycle']:.2f}x the datasheet's {r['datasheet_bytes_per_cycle']:.0f})"
