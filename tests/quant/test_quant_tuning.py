@@ -86,12 +86,15 @@ def test_traffic_counts():
 @pytest.mark.parametrize("gen", ("v5e", "v6e", "v5p", "tpu7x"))
 def test_modelled_speedups_are_sane(gen):
     """Model, Llama-3-8B gate/up: decode reads 2x / 4x fewer weight bytes (bounded by the MXU's
-    weight-tile rate on the bf16 path); prefill gains 2x exactly where the chip has the MXU path."""
+    weight-tile rate on the bf16 path); prefill gains 2x exactly where the chip has the MXU path, in
+    the kernel: quantizing the activations is an XLA op before it (cost model 3.1 charges its bytes
+    after the pipeline, not under it), which keeps the whole call's gain under 2x."""
     spec = chip(gen)
 
-    def best(m, w, a=None):
+    def best(m, w, a=None, kernel_only=False):
         key = tuning.make_key(m=m, k=4096, n=14336, x_dtype="bfloat16", w_dtype=w, act_quant=a)
-        return predict(tuning.traffic(key, tuning.default_block_sizes(key, gen), gen), spec).seconds
+        t = tuning.traffic(key, tuning.default_block_sizes(key, gen), gen)
+        return predict(t, spec).seconds - (t.outside_bytes / spec.device_hbm_bytes_per_s if kernel_only else 0.0)
 
     bf16 = best(16, "bfloat16")
     dec8, dec4 = bf16 / best(16, "int8"), bf16 / best(16, "int4")
@@ -103,10 +106,12 @@ def test_modelled_speedups_are_sane(gen):
     assert (w8a8 > 1.8) if gen in tuning.INT8_MXU else (0.98 * dec8 < w8a8 < 1.02 * dec8)
     pre = best(4096, "bfloat16")
     assert 0.95 < pre / best(4096, "int8") < 1.2  # smaller weight blocks may allow larger tiles
-    pre8 = pre / best(4096, "int8", "int8")
-    assert (pre8 > 1.9) if gen in tuning.INT8_MXU else (0.9 < pre8 < 1.1)
-    pre_fp8 = pre / best(4096, "float8_e4m3fn", "float8_e4m3fn")
-    assert (pre_fp8 > 1.9) if gen in tuning.FP8_MXU else (0.9 < pre_fp8 < 1.1)
+    for dtype, fast in (("int8", tuning.INT8_MXU), ("float8_e4m3fn", tuning.FP8_MXU)):
+        kernel, call = pre / best(4096, dtype, dtype, kernel_only=True), pre / best(4096, dtype, dtype)
+        if gen in fast:  # the kernel twice as fast; the activations' quantization costs the call its share
+            assert kernel > 1.9 and 1.5 < call < kernel
+        else:
+            assert 0.9 < kernel < 1.1 and call < kernel
 
 
 def test_lookup_falls_back_to_the_heuristic():
