@@ -84,7 +84,7 @@ def _tune_kernel(kernel: str, gen: str, args: argparse.Namespace, compile_mode: 
                 res = tune_key(kernel, key, gen, budget=args.budget, compile=compile_mode, measure=measure,
                                study_dir=Path(args.out or ".") / ".studies" if args.budget else None,
                                progress=inner, static_top=args.static_estimate,
-                               bundles_top=getattr(args, "bundles", 0))
+                               bundles_top=args.bundles)
             outer(i + 1)
             if not res.best.feasible:
                 why = res.best.error or res.default.error
@@ -398,7 +398,8 @@ def _bundles_parser(sub: argparse._SubParsersAction, kernels: list[str]) -> None
         description="Compile with libtpu's final bundle dump (a child process per config, ~15 s; counts stored "
                     "in tuned_configs/<chip>/llo/) and print RPA's compute-loop bundles (static LLO) and the "
                     "v3 model's MBU / MFU; with --rank-check, compare the v3 model's winner with libtpu's "
-                    "estimated_cycles on sampled keys of a static-grid kernel (exit 1 below 80 percent agreement).")
+                    "estimated_cycles on sampled keys of a static-grid kernel (exit 1 below 80 percent agreement over "
+                    "the generations checked, with HBM priced the estimate's way: autotune/estimate_dma.py).")
     bundles.add_argument("--chip", type=generation_type(TPU_GENERATIONS, ("all",)), default="all", metavar="CHIP",
                          help=f"a TPU generation ({', '.join(TPU_GENERATIONS)}) or all")
     bundles.add_argument("--kernel", choices=kernels, default="quantized_matmul",

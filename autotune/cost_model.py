@@ -34,9 +34,20 @@ parallel tiles are split between them, so the per-step and issue costs halve, an
 leaves a core idle part of the time: megacore_imbalance = ceil(tiles / cores) * cores / tiles (2 for
 a single tile), 1 where a device is one core (v4 and tpu7x show each core as its own device).
 
+Where the bundles are counted they hold each grid step's own work (DMA issue, index arithmetic,
+semaphore ops), so a step is charged only what it waits beyond them (ChipSpec.step_wait_cycles,
+read from libtpu's estimate of copy kernels less their bundles) instead of grid_step_overhead_s.
+
+HBM is priced at the device's datasheet rate. `predict(dma=DmaModel(...))` prices it another way:
+libtpu's static estimate has its own DMA model (autotune/estimate_dma.py: two DMA queues per core,
+each at a fixed rate, with no cap at the HBM's, so a one-step call's single weight DMA streams at
+one queue's rate and a pipelined call's at two), and the rank check compares with the estimate
+under that model, so that what it tests is this model's structure, not the HBM figure.
+
 Version 2 added the megacore term; version 3 the bundle counts, the pipelined max (DMA time against
 the core's issue time instead of their sum) with its fill and drain, and per-core charging of the
-fixed costs; 3.1 the XLA ops' traffic outside the pipeline.
+fixed costs; 3.1 the XLA ops' traffic outside the pipeline; 3.2 the step wait with bundles (a call
+without bundle counts is priced as by 3.1) and the DmaModel option.
 
 Every figure it produces is a model, and is labelled "model" wherever it is reported; a figure that
 used bundle counts is "model (static LLO bundles)".
@@ -48,7 +59,7 @@ import dataclasses
 
 from autotune.hardware import ChipSpec, chip
 
-COST_MODEL_VERSION = "3.1"
+COST_MODEL_VERSION = "3.2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +81,23 @@ class Traffic:
     @property
     def bytes_moved(self) -> int:
         return self.bytes_read + self.bytes_written
+
+
+@dataclasses.dataclass(frozen=True)
+class DmaModel:
+    """HBM priced by DMA queues instead of the datasheet (libtpu's static estimate's model).
+
+    queues DMAs stream at once per core, each at queue_bytes_per_cycle (inf: bytes cost nothing, as
+    tpu7x's estimate has it); a call of one grid step per core streams its weight block through one.
+    """
+
+    queues: int
+    queue_bytes_per_cycle: float
+
+    def bytes_per_s(self, spec: ChipSpec, steps_per_core: float) -> float:
+        """The device's streaming rate for a call of `steps_per_core` pipelined steps per core."""
+        streams = 1 if steps_per_core < 2 else self.queues
+        return streams * self.queue_bytes_per_cycle * spec.clock_hz * spec.cores_per_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +128,14 @@ def megacore_imbalance(parallel_tiles: int | None, spec: ChipSpec) -> float:
     return -(-parallel_tiles // cores) * cores / parallel_tiles
 
 
-def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
+def predict(traffic: Traffic, spec: ChipSpec | str, *, dma: DmaModel | None = None) -> Prediction:
     """Predicted time of one call (version 3; see the module docstring).
 
     Args:
       traffic: the call's counts (a kernel's traffic() or tuning module's cost()).
       spec: a ChipSpec or generation name.
+      dma: price HBM traffic by these DMA queues instead of the datasheet's bandwidth (None); MBU
+        stays against the datasheet.
     Returns:
       Prediction: seconds, its memory / compute / issue / overhead parts (per core), MBU and MFU
       against the device's peaks, and which term binds.
@@ -115,12 +145,16 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
     cores = spec.cores_per_device
     imbalance = megacore_imbalance(traffic.parallel_tiles, spec)
     bandwidth = spec.device_hbm_bytes_per_s
-    outside = traffic.outside_bytes / bandwidth
-    mem = (traffic.bytes_moved - traffic.outside_bytes) / bandwidth
+    steps = max(1.0, traffic.grid_steps / cores)
+    rate = bandwidth if dma is None else dma.bytes_per_s(spec, steps)
+    outside = traffic.outside_bytes / rate
+    mem = (traffic.bytes_moved - traffic.outside_bytes) / rate
     peak = spec.device_peak_flops(traffic.flops_kind)
     comp = traffic.flops / peak
     over = traffic.grid_steps * spec.grid_step_overhead_s / cores
     if traffic.issue_cycles is not None and spec.clock_hz:
+        if spec.step_wait_cycles is not None:  # the steps' own bundles are in issue_cycles
+            over = traffic.grid_steps * spec.step_wait_cycles / spec.clock_hz / cores
         issue = traffic.issue_cycles / spec.clock_hz / cores
         # The MXU pushes are bundles too (the padded-FLOP count overstates a decode matmul), but a
         # bundle count below the useful FLOPs' time at peak cannot be run in that time: the MXU binds.
@@ -130,7 +164,6 @@ def predict(traffic: Traffic, spec: ChipSpec | str) -> Prediction:
     else:
         issue = traffic.dmas * spec.dma_overhead_s / cores
         core = comp + issue
-    steps = max(1.0, traffic.grid_steps / cores)
     total = max((max(mem, core) + min(mem, core) / steps + over) * imbalance + outside, 1e-12)
     useful_b = traffic.useful_bytes if traffic.useful_bytes is not None else traffic.bytes_moved
     useful_f = traffic.useful_flops if traffic.useful_flops is not None else traffic.flops

@@ -52,6 +52,11 @@ class ChipSpec:
     # per Pod" is chips x ici_bytes_per_s / 2 on v5e and v6e. Each ring step also pays a hop latency.
     ici_bytes_per_s: float | None = None
     ici_hop_latency_s: float = 1e-6
+    # Cycles a pipelined grid step costs beyond the bundles it issues (its DMA-done wait and sync),
+    # charged instead of grid_step_overhead_s where a call's bundles are counted: those already hold
+    # the step's DMA issue and index work. None: not read (the whole overhead is charged). Source:
+    # _STEP_WAIT.
+    step_wait_cycles: float | None = None
 
     @property
     def collective_bytes_per_s(self) -> float | None:
@@ -107,6 +112,9 @@ _ICI = ("ICI: bidirectional inter-chip interconnect bandwidth per chip, Cloud TP
         "not measured")
 _STEP = ("~0.35 us per grid step: libtpu static cycle estimate (+~540 cycles/step on v5e), KERNEL-NOTES 1; "
          "~0.03 us to issue one DMA descriptor (estimate: ~50 scalar cycles; DMAs in flight overlap)")
+_STEP_WAIT = ("step wait: libtpu's static estimate of copy kernels, cycles per grid step (autotune/estimate_dma.py: "
+              "v5e 594, v5p 371, v6e 309, tpu7x 323) less the bundles its grid loop issues per step (61, 78, 76, 52); "
+              "static LLO, libtpu 0.0.51, 2026-12-06; v4's estimate aborts")
 
 CHIPS: dict[str, ChipSpec] = {
     "v4": ChipSpec(
@@ -115,20 +123,20 @@ CHIPS: dict[str, ChipSpec] = {
         ici_bytes_per_s=537e9),
     "v5e": ChipSpec(
         "v5e", "tpu", 16 * 10**9, 819e9, 197e12, 394e12, None, 128 * MiB, 16 * MiB, (128, 128), 4, 1,
-        0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI),
-        ici_bytes_per_s=400e9),
+        0.35e-6, 0.03e-6, "v5e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI, _STEP_WAIT),
+        step_wait_cycles=533, ici_bytes_per_s=400e9),
     "v5p": ChipSpec(
         "v5p", "tpu", 95 * 10**9, 2.765e12, 459e12, 918e12, None, 64 * MiB, 16 * MiB, (128, 128), 4, 2,
-        0.35e-6, 0.03e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI),
-        ici_bytes_per_s=1200e9),
+        0.35e-6, 0.03e-6, "v5p:1x1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI, _STEP_WAIT),
+        step_wait_cycles=293, ici_bytes_per_s=1200e9),
     "v6e": ChipSpec(
         "v6e", "tpu", 32 * 10**9, 1.64e12, 918e12, 1836e12, None, 128 * MiB, 32 * MiB, (256, 256), 4, 1,
-        0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI),
-        ici_bytes_per_s=800e9),
+        0.35e-6, 0.03e-6, "v6e:1x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI, _STEP_WAIT),
+        step_wait_cycles=233, ici_bytes_per_s=800e9),
     "tpu7x": ChipSpec(
         "tpu7x", "tpu", 192 * GiB, 7.37e12, 2307e12, None, 4614e12, 64 * MiB, 32 * MiB, (256, 256), 4, 2,
-        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI), devices_per_chip=2,
-        ici_bytes_per_s=1200e9),
+        0.35e-6, 0.03e-6, "tpu7x:2x2x1", (_DATASHEET, _JAX_TPU_INFO, _AOT_SEEN, _STEP, _CLOCK, _ICI, _STEP_WAIT), devices_per_chip=2,
+        ici_bytes_per_s=1200e9, step_wait_cycles=271),
     "h100": ChipSpec(
         "h100", "gpu", 80 * 10**9, 3.35e12, 989e12, 1979e12, 1979e12, HOPPER_SMEM_PER_BLOCK, HOPPER_SMEM_PER_BLOCK, (0, 0), 0, 132,
         3e-6, 0.0, None,

@@ -163,10 +163,16 @@ def vmem_limit_bytes(needed: int, generation: str | None) -> int | None:
     Returns:
       The limit in bytes; None where the default scoped limit already covers it, or no TPU
       generation is known (interpret mode, GPUs).
+    Raises:
+      NotImplementedError: the blocks need more than the core's physical VMEM (gpt-oss-20b's
+        untileable K = N = 2880 in bf16 against v4's 16 MiB): no limit would compile, so the call
+        falls back to its reference (protocol.dispatch) instead of failing in the compiler.
     """
     if generation is None or not chip(generation).is_tpu:
         return None
     spec = chip(generation)
+    if needed > spec.vmem_bytes:
+        raise NotImplementedError(f"the blocks need {int(needed)} B of VMEM; {generation} has {spec.vmem_bytes}")
     want = -(-(int(needed) * 5 // 4 + 2 * MiB) // MiB) * MiB
     if want <= spec.default_scoped_vmem_bytes:
         return None

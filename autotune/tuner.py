@@ -55,6 +55,7 @@ class Candidate:
     compiled: bool = False  # libtpu compiled it for the target in this run
     static_cycles: int | None = None  # libtpu's static estimate, when asked for
     issue_cycles: float | None = None  # v3: issue cycles from its libtpu bundle counts (bundles_top)
+    plain_seconds: float | None = None  # the model's time without bundle counts (bundles_top's ranking)
 
     @property
     def feasible(self) -> bool:
@@ -93,7 +94,10 @@ def evaluate(kernel: str, key: dict, block_sizes: dict, generation: str, *, comp
         return cand
     if compile and spec.is_tpu and not compile_candidate(kernel, key, cand, generation):
         return cand
-    cand.prediction = cost_model.predict(module.cost(key, cand.block_sizes, generation), spec)
+    traffic = module.cost(key, cand.block_sizes, generation)
+    cand.prediction = cost_model.predict(traffic, spec)
+    cand.plain_seconds = cand.prediction.seconds if traffic.issue_cycles is None else \
+        cost_model.predict(dataclasses.replace(traffic, issue_cycles=None), spec).seconds
     if measure is not None:
         try:
             cand.seconds, cand.source = measure(kernel, key, cand.block_sizes), "measured"
@@ -200,12 +204,8 @@ def _bundle_rank(kernel: str, key: dict, generation: str, ranked: list[Candidate
 
     module = tuning_module(kernel, generation)
     spec = chip(generation)
-
-    def plain(c: Candidate) -> float:
-        return cost_model.predict(dataclasses.replace(module.cost(key, c.block_sizes, generation),
-                                                      issue_cycles=None), spec).seconds
-
-    chosen = sorted(ranked, key=plain)[:top]
+    # evaluate priced them (a trial resumed from an earlier study has its ranking figure only)
+    chosen = sorted(ranked, key=lambda c: c.seconds if c.plain_seconds is None else c.plain_seconds)[:top]
     if default.feasible and all(c.block_sizes != default.block_sizes for c in chosen):
         chosen.append(default)  # (the plain model's best too, but for a tie broken another way)
     counted = []

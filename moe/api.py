@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from autotune import protocol
-from autotune.hardware import chip
 from autotune.kernel_util import dtype_arg
 from autotune.tables import kernel_block_sizes, lookup
 from moe import routing, tpu, tuning
@@ -122,20 +121,16 @@ def _gated(activation: str | None, out: jax.Array, preferred_element_type: jnp.d
 def _tpu_gmm(lhs: jax.Array, rhs: object, group_sizes: jax.Array, generation: str | None, *, key: dict,
              group_offset: object, preferred_element_type: jnp.dtype, activation: str | None, block_sizes: object,
              interpret: object, fill_zeros: bool) -> jax.Array:
-    """moe/tpu.py's kernel; its scoped-VMEM limit derived from the block sizes. Blocks that do not fit
-    the generation's VMEM at all (v4's 16 MiB against gpt-oss-20b's untileable K = N = 2880 in bf16)
-    raise NotImplementedError, so the call falls back to the reference instead of failing to compile."""
+    """moe/tpu.py's kernel; its scoped-VMEM limit derived from the block sizes (blocks over the
+    generation's VMEM raise NotImplementedError there: the reference serves the call)."""
     config = _tpu_config(key, block_sizes, generation)
-    need = tuning.vmem_bytes(key, config.to_dict())
-    if generation is not None and chip(generation).is_tpu and need > chip(generation).vmem_bytes:
-        raise NotImplementedError(f"blocks {config.to_dict()} need {need} B of VMEM; {generation} has "
-                                  f"{chip(generation).vmem_bytes}")
+    limit = protocol.vmem_limit_bytes(tuning.vmem_bytes(key, config.to_dict()), generation)
     values, scales, scale_block, int4 = _kernel_args(rhs)
     fused = activation is None or tpu.fuses_activation(values.shape[-1])
     out = tpu.gmm(lhs, values, group_sizes, scales=scales, scale_block=scale_block, int4=int4,
                   group_offset=group_offset, preferred_element_type=preferred_element_type if fused else jnp.float32,
                   activation=activation if fused else None, tm=config.tm, tk=config.tk, tn=config.tn,
-                  vmem_limit_bytes=protocol.vmem_limit_bytes(tuning.vmem_bytes(key, config.to_dict()), generation),
+                  vmem_limit_bytes=limit,
                   fill_zeros=fill_zeros, interpret=interpret)
     return out if fused else _gated(activation, out, preferred_element_type)
 

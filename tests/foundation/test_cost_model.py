@@ -41,8 +41,11 @@ def test_issue_cycles_bind_when_the_core_is_slower_than_its_dmas():
     cycles = 10 * 10**6 / v6e.hbm_bytes_per_s * v6e.clock_hz  # ten times the DMA time
     slow = predict(Traffic(**base, issue_cycles=cycles), v6e)
     assert slow.bound == "issue"
+    # with bundles counted a step is charged only its wait beyond them (its own bundles are in them)
+    assert slow.overhead_seconds == pytest.approx(v6e.step_wait_cycles / v6e.clock_hz)
+    assert slow.overhead_seconds < without.overhead_seconds == pytest.approx(v6e.grid_step_overhead_s)
     # one step: nothing overlaps the DMA (fill), so memory and issue add up
-    assert slow.seconds == pytest.approx(11 * without.memory_seconds + without.overhead_seconds)
+    assert slow.seconds == pytest.approx(11 * without.memory_seconds + slow.overhead_seconds)
     assert slow.mbu == pytest.approx(without.mbu * without.seconds / slow.seconds)
     assert 1.0e9 < v6e.clock_hz < 2.5e9 and chip("v5p").cores_per_device == 2
 
@@ -103,3 +106,44 @@ def test_kernels_report_their_xla_ops_traffic_as_outside():
                            "mixed_kv_pages": 8}, num_q_heads=8, num_kv_heads=2, head_dim=128)
     t = traffic_of(sim)
     assert t.outside_bytes == sim["prologue_read"] + sim["prologue_write"] > 0
+
+
+def test_step_wait_is_charged_only_where_bundles_are_counted():
+    """3.2: a call without bundle counts is priced as by 3.1 (the whole step overhead); with them, the
+    step's wait beyond its bundles. v4 has no step wait read (its estimate aborts): the whole overhead."""
+    base = dict(bytes_read=10**6, bytes_written=0, flops=10**6, grid_steps=8, dmas=16)
+    for gen in ("v5e", "v5p", "v6e", "tpu7x", "v4"):
+        spec = chip(gen)
+        plain = predict(Traffic(**base), spec)
+        counted = predict(Traffic(**base, issue_cycles=1000.0), spec)
+        cores = spec.cores_per_device
+        assert plain.overhead_seconds == pytest.approx(8 * spec.grid_step_overhead_s / cores)
+        wait = spec.grid_step_overhead_s if spec.step_wait_cycles is None else spec.step_wait_cycles / spec.clock_hz
+        assert counted.overhead_seconds == pytest.approx(8 * wait / cores)
+    assert chip("v4").step_wait_cycles is None and chip("h100").step_wait_cycles is None
+
+
+def test_dma_model_prices_hbm_by_queues_without_an_hbm_cap():
+    """The estimate's DMA model: a one-step call streams through one queue, a pipelined one through
+    all of them, with no cap at the datasheet's HBM; free bytes cost nothing. MBU stays against the
+    datasheet."""
+    from autotune.cost_model import DmaModel
+
+    v6e = chip("v6e")
+    dma = DmaModel(queues=2, queue_bytes_per_cycle=776.0)
+    one = Traffic(bytes_read=2**21, bytes_written=0, flops=0, grid_steps=1, dmas=1, issue_cycles=10.0)
+    four = dataclasses_replace(one, grid_steps=4)
+    assert predict(one, v6e, dma=dma).memory_seconds == pytest.approx(2**21 / 776.0 / v6e.clock_hz)
+    assert predict(four, v6e, dma=dma).memory_seconds == pytest.approx(2**21 / 1552.0 / v6e.clock_hz)
+    assert 1552.0 * v6e.clock_hz > v6e.hbm_bytes_per_s  # two queues outrun the HBM: no cap applied
+    assert predict(four, v6e).memory_seconds == pytest.approx(2**21 / v6e.hbm_bytes_per_s)
+    free = predict(four, chip("tpu7x"), dma=DmaModel(queues=4, queue_bytes_per_cycle=float("inf")))
+    assert free.memory_seconds == 0.0 and free.bound == "overhead"
+    assert predict(four, v6e, dma=dma).mbu == pytest.approx(
+        2**21 / predict(four, v6e, dma=dma).seconds / v6e.hbm_bytes_per_s)
+
+
+def dataclasses_replace(t, **changes):
+    import dataclasses
+
+    return dataclasses.replace(t, **changes)

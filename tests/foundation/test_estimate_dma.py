@@ -37,11 +37,26 @@ def test_fit_needs_steps_and_bytes_varied(points):
         estimate_dma.fit(points)
 
 
+def test_queues_read_from_the_one_step_probes():
+    mib = 2**20
+    q = estimate_dma.queues([(1, mib, 2402), (1, 2 * mib, 3753), (2, mib, 2416), (4, mib, 3784)])
+    assert q.queues == 2 and q.queue_bytes_per_cycle == pytest.approx(mib / 1351)
+    free = estimate_dma.queues([(1, mib, 621), (1, 2 * mib, 621), (2, mib, 621), (4, mib, 630)])
+    assert free.queues == 4 and math.isinf(free.queue_bytes_per_cycle)
+    with pytest.raises(ValueError, match="points"):
+        estimate_dma.queues([(1, mib, 2402), (2, mib, 2416)])
+
+
 @pytest.mark.aot
 def test_probe_reads_the_estimate_of_a_real_compile():
     """v6e's estimate of the copy kernels fits the linear form within 1%, and streams faster than the
-    datasheet's HBM (the finding the rank check reports; libtpu 0.0.51)."""
+    datasheet's HBM (the finding the rank check reports; libtpu 0.0.51): two DMAs at once, each at
+    the rate ESTIMATE_DMA holds, the two together faster than the HBM."""
     r = estimate_dma.probe("v6e")
     assert len(r["points"]) == len(estimate_dma.PROBES) and r["max_error"] < 0.01
     assert r["datasheet_bytes_per_cycle"] == pytest.approx(chip("v6e").hbm_bytes_per_s / chip("v6e").clock_hz)
     assert r["bytes_per_cycle"] > r["datasheet_bytes_per_cycle"] and r["step_cycles"] > 0
+    shipped = estimate_dma.ESTIMATE_DMA["v6e"]
+    assert r["dma"].queues == shipped.queues == 2
+    assert r["dma"].queue_bytes_per_cycle == pytest.approx(shipped.queue_bytes_per_cycle, rel=0.02)
+    assert r["bytes_per_cycle"] == pytest.approx(2 * shipped.queue_bytes_per_cycle, rel=0.02)

@@ -48,7 +48,10 @@ def test_vmem_limit_formula(generation):
     spec = chip(generation)
     cap = max(spec.default_scoped_vmem_bytes, spec.vmem_bytes * 9 // 10 // MiB * MiB)
     assert protocol.vmem_limit_bytes(MiB, generation) is None  # the default scoped limit covers it
-    assert protocol.vmem_limit_bytes(10**9, generation) == cap
+    assert protocol.vmem_limit_bytes(spec.vmem_bytes, generation) == cap
+    # blocks over the core's VMEM: no limit compiles them, so the kernel refuses (the reference serves)
+    with pytest.raises(NotImplementedError, match=f"{spec.vmem_bytes + 1} B of VMEM; {generation} has"):
+        protocol.vmem_limit_bytes(spec.vmem_bytes + 1, generation)
     need = spec.default_scoped_vmem_bytes
     limit = protocol.vmem_limit_bytes(need, generation)
     assert limit % MiB == 0 and spec.default_scoped_vmem_bytes <= limit <= cap
