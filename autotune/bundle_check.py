@@ -77,8 +77,8 @@ def rank_agreement(kernel: str, generation: str, keys: list[dict], *, top: int =
                 continue
             traffic = module.cost(key, bs, generation)
             p = predict(traffic, generation)
-            own = predict(traffic, generation, dma=dma).seconds if dma is not None else None
-            found.append((bs, p.seconds, sum(estimated), p.bound, own))
+            dma_seconds = predict(traffic, generation, dma=dma).seconds if dma is not None else None
+            found.append((bs, p.seconds, sum(estimated), p.bound, dma_seconds))
         if progress is not None:
             progress(done, len(keys))
         if len(found) < 2:
@@ -90,8 +90,8 @@ def rank_agreement(kernel: str, generation: str, keys: list[dict], *, top: int =
                    memory_bound=found[v3][3] in ("memory", "overhead"),
                    v3_us=[round(f[1] * 1e6, 2) for f in found], estimated_cycles=[f[2] for f in found])
         if dma is not None:
-            own = min(range(len(found)), key=lambda i: found[i][4])
-            row.update(agree_estimate_dma=found[own][2] == found[est][2], v3_estimate_dma_winner=found[own][0])
+            by_dma = min(range(len(found)), key=lambda i: found[i][4])
+            row.update(agree_estimate_dma=found[by_dma][2] == found[est][2], v3_estimate_dma_winner=found[by_dma][0])
         rows.append(row)
     return rows
 
@@ -153,15 +153,16 @@ def cmd_bundles(args: argparse.Namespace) -> int:
                 if part:
                     print(f"  keys the model finds {'memory' if memory else 'issue / MXU'}-bound: same winner "
                           f"{sum(r['agree'] for r in part)}/{len(part)}, within 5% {sum(r['near'] for r in part)}/{len(part)}")
-            own = [r for r in rows if "agree_estimate_dma" in r]
-            if own:
+            priced = [r for r in rows if "agree_estimate_dma" in r]
+            if priced:
                 print(f"  with HBM priced the estimate's way (autotune/estimate_dma.py): same winner "
-                      f"{sum(r['agree_estimate_dma'] for r in own)}/{len(own)}")
-        own = [r for r in every if "agree_estimate_dma" in r]
+                      f"{sum(r['agree_estimate_dma'] for r in priced)}/{len(priced)}")
+        priced = [r for r in every if "agree_estimate_dma" in r]
+        agree_dma = sum(r["agree_estimate_dma"] for r in priced)
         print(f"all: same winner {sum(r['agree'] for r in every)}/{len(every)} (HBM at the datasheet's rate), "
-              f"{sum(r['agree_estimate_dma'] for r in own)}/{len(own)} (HBM priced the estimate's way)")
+              f"{agree_dma}/{len(priced)} (HBM priced the estimate's way)")
         # the check passes where the model's structure agrees with the judge on the judge's terms
-        return 1 if own and sum(r["agree_estimate_dma"] for r in own) < 0.8 * len(own) else 0
+        return 1 if priced and agree_dma < 0.8 * len(priced) else 0
     from rpa import report
 
     print("RPA compute loop, static LLO (libtpu final bundles):")

@@ -3,6 +3,8 @@ uneven split of the grid's parallel tiles, and the tuned tables inherit it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from autotune.cost_model import Traffic, megacore_imbalance, predict
@@ -53,7 +55,6 @@ def test_issue_cycles_bind_when_the_core_is_slower_than_its_dmas():
 def test_rpa_on_v5p_keeps_both_cores_busy():
     """v5p's megacore: a packed bfloat16 cache splits each group's sequences between the two cores
     (core_splits 0 = the device's cores); an int8 cache splits head blocks."""
-    import dataclasses
 
     from rpa import tuning
 
@@ -132,7 +133,7 @@ def test_dma_model_prices_hbm_by_queues_without_an_hbm_cap():
     v6e = chip("v6e")
     dma = DmaModel(queues=2, queue_bytes_per_cycle=776.0)
     one = Traffic(bytes_read=2**21, bytes_written=0, flops=0, grid_steps=1, dmas=1, issue_cycles=10.0)
-    four = dataclasses_replace(one, grid_steps=4)
+    four = dataclasses.replace(one, grid_steps=4)
     assert predict(one, v6e, dma=dma).memory_seconds == pytest.approx(2**21 / 776.0 / v6e.clock_hz)
     assert predict(four, v6e, dma=dma).memory_seconds == pytest.approx(2**21 / 1552.0 / v6e.clock_hz)
     assert 1552.0 * v6e.clock_hz > v6e.hbm_bytes_per_s  # two queues outrun the HBM: no cap applied
@@ -141,9 +142,3 @@ def test_dma_model_prices_hbm_by_queues_without_an_hbm_cap():
     assert free.memory_seconds == 0.0 and free.bound == "overhead"
     assert predict(four, v6e, dma=dma).mbu == pytest.approx(
         2**21 / predict(four, v6e, dma=dma).seconds / v6e.hbm_bytes_per_s)
-
-
-def dataclasses_replace(t, **changes):
-    import dataclasses
-
-    return dataclasses.replace(t, **changes)
